@@ -1,0 +1,122 @@
+"""One validated dataclass per concern; `EngineConfig` holds them all.
+
+The deployments build these from their pydantic models; in a notebook they
+are built directly. Every check raises `ConfigError` with a message that
+names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.errors import ConfigError
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache.
+
+    num_blocks fixes the pool size; otherwise it is sized from
+    gpu_memory_utilization on CUDA, or from cpu_kv_cache_bytes on the CPU.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_bytes: int = 256 * 2**20
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"cache.block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ConfigError(f"cache.num_blocks must be >= 2, got {self.num_blocks}")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ConfigError("cache.gpu_memory_utilization must be in [0.05, 0.99]")
+        if self.cpu_kv_cache_bytes < 2**20:
+            raise ConfigError("cache.cpu_kv_cache_bytes must be at least 1 MiB")
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step limits of the continuous-batching scheduler."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError("scheduler.max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 16:
+            raise ConfigError("scheduler.max_num_batched_tokens must be >= 16")
+
+
+@dataclass
+class QuantConfig:
+    """Weight quantization, applied as a module swap at load time."""
+
+    method: Literal["none", "int8", "int4", "fp8"] = "none"
+    group_size: int = 128  # int4 only
+    awq: bool = True  # int4 only: activation-aware scales (False: plain round-to-nearest)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "int8", "int4", "fp8"):
+            raise ConfigError(f"quantization.method must be none|int8|int4|fp8, got {self.method!r}")
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise ConfigError("quantization.group_size must be a power of two >= 16")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: who proposes tokens, and how many per step."""
+
+    method: Literal["none", "draft", "ngram", "remote"] = "none"
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "draft", "ngram", "remote"):
+            raise ConfigError(f"speculative.method must be none|draft|ngram|remote, got {self.method!r}")
+        if self.method == "draft" and not self.draft_model:
+            raise ConfigError("speculative.method 'draft' needs speculative.draft_model")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ConfigError("speculative.num_speculative_tokens must be in [1, 16]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine (one replica, one device) needs.
+
+    model: a local folder with config.json + *.safetensors, a hub id (only
+    where a hub is reachable), or "preset:<name>" for random weights.
+    """
+
+    model: str
+    tokenizer: str | None = None
+    dtype: DType = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    enforce_eager: bool = False  # True: no CUDA graphs
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model must name a folder, a hub id or preset:<name>")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be >= 1")
