@@ -1,0 +1,141 @@
+"""AsyncLLMEngine: an asyncio stream of outputs per request over one LLMEngine.
+
+The step loop runs in one worker thread so the event loop never blocks on a
+forward pass; requests and aborts reach that thread through a lock-guarded
+inbox and take effect at the next step boundary.
+
+    engine = AsyncLLMEngine(EngineConfig(model="models/demo-target"))
+    async for out in engine.generate("def fib(n):", SamplingParams(max_tokens=32), "req-1"):
+        print(out.outputs[0].new_text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.config import EngineConfig
+from engine.engine import EngineStats, LLMEngine, Prompt
+from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        if engine is None:
+            if config is None:
+                raise EngineError("AsyncLLMEngine needs an EngineConfig or an LLMEngine")
+            engine = LLMEngine(config)
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._lock = threading.Lock()
+        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_aborts: list[str] = []
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stats: EngineStats = engine.stats()
+        self.errored: BaseException | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> EngineStats:
+        """Numbers as of the last step boundary (read without touching the worker thread)."""
+        return self._stats
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs step by step; leaving early (cancel, break) aborts it."""
+        token_ids = self.engine.tokenize(prompt)
+        with self._lock:
+            taken = request_id in self._queues
+        if taken:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        # Validation is pure, so it is safe here while the worker thread steps.
+        self.engine.validate(request_id, token_ids, params)
+        self._ensure_loop()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            self._queues[request_id] = queue
+            self._pending_adds.append((request_id, token_ids, params))
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._queues.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._pending_aborts.append(request_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _ensure_loop(self) -> None:
+        if self.errored is not None:
+            raise EngineError(f"the engine's step loop has failed: {self.errored!r}")
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                idle = not (self._pending_adds or self._pending_aborts or self.engine.has_unfinished_requests())
+            if idle:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                outputs, failed = await loop.run_in_executor(self._executor, self._step)
+            except Exception as exc:  # a bug in the step loop: fail every open stream, loudly
+                self.errored = exc
+                with self._lock:
+                    queues = list(self._queues.values())
+                for q in queues:
+                    q.put_nowait(RequestAbortedError(f"engine step failed: {exc!r}"))
+                raise
+            with self._lock:
+                for request_id, item in failed + [(o.request_id, o) for o in outputs]:
+                    queue = self._queues.get(request_id)
+                    if queue is not None:
+                        queue.put_nowait(item)
+
+    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, EngineError]]]:
+        """Runs in the worker thread: apply the inbox, then one engine step."""
+        with self._lock:
+            adds, self._pending_adds = self._pending_adds, []
+            aborts, self._pending_aborts = self._pending_aborts, []
+        failed: list[tuple[str, EngineError]] = []
+        for request_id, token_ids, params in adds:
+            try:
+                self.engine.add_request(request_id, token_ids, params)
+            except EngineError as exc:  # e.g. the same id sent twice at once
+                failed.append((request_id, exc))
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+        outputs = self.engine.step()
+        self._stats = self.engine.stats()
+        return outputs, failed
+
+    def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

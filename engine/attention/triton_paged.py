@@ -1,0 +1,417 @@
+"""Paged attention in Triton: the CUDA path (decode and prefill).
+
+Both kernels read K/V straight from the paged cache, [num_blocks, block_size,
+KVH, D], through the block tables, and give the same result as
+`torch_ref.paged_attention_ref` (the oracle of their tests).
+
+One program serves all `group` query heads of one KV head, so each K/V tile
+is loaded once per group; the group is padded to the 16 rows `tl.dot` needs.
+Softmax is online (running max and sum, in base 2), accumulation in fp32.
+
+Decode splits long contexts over several programs (flash-decoding): each
+writes a partial output and its log-sum-exp, and a small kernel combines
+them. The number of splits comes from shapes only (batch, KV heads, block
+table width), never from device values, so a decode step can be captured
+in a CUDA graph: nothing here syncs with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+# Tile sizes. Decode is bound by K/V reads; prefill by the two matmuls.
+_DECODE_BLOCK_N = 64
+_DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16
+_DECODE_MAX_SPLITS = 64
+_DECODE_MIN_SPLIT_TOKENS = 128  # a split shorter than this costs more to combine than it saves
+_PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
+_PREFILL_BLOCK_N = 64
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr,  # [num_blocks, block_size, KVH, D]
+    v_ptr,
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, H, D], written when NUM_SPLITS == 1
+    mid_o_ptr,  # [B, H, NUM_SPLITS, D] fp32, written when NUM_SPLITS > 1
+    mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (base 2)
+    qk_scale,  # softmax scale * log2(e)
+    num_heads,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    # This split's share of the context, in whole tiles.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < GROUP
+    heads = kvh + rows * 0 + rows
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+
+    # -1e30 rather than -inf: a fully masked row then gives p = 0, never NaN.
+    m_i = tl.full([GROUP_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_M], dtype=tl.float32)
+    acc = tl.zeros([GROUP_M, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + tl.arange(0, BLOCK_N)
+        pos_ok = pos < end
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(
+            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
+            mask=pos_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
+            mask=pos_ok[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        mid = (b * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # -inf: an empty split, weight 0
+        tl.store(mid_lse_ptr + mid, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr,  # [B, H, NUM_SPLITS, D] fp32
+    mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (base 2)
+    out_ptr,  # [B, H, D]
+    num_heads,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_POW2)
+    dims = tl.arange(0, HEAD_DIM)
+    split_ok = splits < NUM_SPLITS
+    base = (b * num_heads + h).to(tl.int64) * NUM_SPLITS
+    lse = tl.load(mid_lse_ptr + base + splits, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty context: every weight 0, output 0
+    w = tl.exp2(lse - m)
+    o = tl.load(mid_o_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
+    num = tl.sum(w[:, None] * o, 0)
+    den = tl.sum(w, 0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, H, D]
+    k_ptr,  # [num_blocks, block_size, KVH, D]
+    v_ptr,
+    block_tables_ptr,  # [B, max_blocks] int32
+    query_start_loc_ptr,  # [B + 1] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [T, H, D]
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_btb,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    tile_q0 = tile * BLOCK_Q
+    if tile_q0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len  # context already cached before this step's tokens
+
+    # Row r of the tile is query token tile_q0 + r // GROUP_PAD, head r % GROUP_PAD of the group.
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_idx = tile_q0 + rows // GROUP_PAD
+    head = kvh * GROUP + rows % GROUP_PAD
+    row_ok = (q_idx < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = prefix + q_idx
+    dims = tl.arange(0, HEAD_DIM)
+    tok = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
+    # Causal: nothing past the tile's last query position is read.
+    kv_end = tl.minimum(seq_len, prefix + tile_q0 + BLOCK_Q)
+    for start_n in range(0, kv_end, BLOCK_N):
+        pos = start_n + tl.arange(0, BLOCK_N)
+        pos_ok = pos < kv_end
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(
+            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
+            mask=pos_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
+            mask=pos_ok[:, None],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """Returns (group, head_dim, block_size, num_kv_heads) after checking the layouts."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"Triton paged attention needs head_dim a power of two >= 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"Triton paged attention needs block_size a power of two, got {block_size}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} do not match q's head_dim")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous last dimension")
+    return num_heads // num_kv_heads, head_dim, block_size, num_kv_heads
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise run as tf32 on the GPU.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter on the CPU: act like an H100
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """How many programs share one (sequence, KV head): enough for ~2 waves on the GPU.
+
+    Shapes only, so the same answer at CUDA-graph capture and replay.
+    """
+    programs = batch * num_kv_heads
+    want = -(-2 * num_sms // programs)
+    by_len = max(1, max_seq_len // _DECODE_MIN_SPLIT_TOKENS)
+    return max(1, min(want, by_len, _DECODE_MAX_SPLITS))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32, context length including the new token
+    scale: float,
+    num_splits: int | None = None,  # None: chosen from the shapes
+) -> torch.Tensor:
+    """One new token per sequence attends to its whole cached context."""
+    group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
+    batch, num_heads = q.shape[0], q.shape[1]
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        max_seq_len = block_tables.shape[1] * block_size  # an upper bound, from shapes only
+        num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _num_sms(q.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_splits > 1:
+        mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # unused by the kernel
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        mid_o,
+        mid_lse,
+        scale * _LOG2E,
+        num_heads,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_M=max(_DECODE_MIN_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=_DECODE_BLOCK_N,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+        num_stages=3,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            mid_o,
+            mid_lse,
+            out,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            SPLITS_POW2=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, H, D], the new tokens of B sequences, flattened
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32, context after this step, new tokens last
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """New tokens attend causally to the cached prefix and to each other, all read from the cache."""
+    group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
+    num_seqs = seq_lens.shape[0]
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0 or max_query_len == 0:
+        return out
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, _PREFILL_BLOCK_M // group_pad)
+    block_q = min(block_q, max(16, triton.next_power_of_2(max_query_len)))  # short queries: smaller tiles
+    if block_q * group_pad < 16:
+        block_q = 16 // group_pad  # tl.dot needs M >= 16
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        out,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=_PREFILL_BLOCK_N,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if block_q * group_pad * head_dim >= 128 * 128 else 4,
+        num_stages=2,
+    )
+    return out
+
+
+__all__ = ["decode_num_splits", "paged_decode_attention", "paged_prefill_attention"]

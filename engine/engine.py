@@ -1,0 +1,310 @@
+"""LLMEngine: add_request / step / abort over one model on one device.
+
+    engine = LLMEngine.from_pretrained("models/demo-target")
+    out = engine.generate(["def fibonacci(n):"], SamplingParams(max_tokens=32, temperature=0))
+    print(out[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError
+from engine.kv_cache.allocator import PagedKVAllocator
+from engine.model.loader import load_model
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.quant import apply_quantization
+from engine.runner import ModelRunner
+from engine.sampler import Sampler, SamplingBatch
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceIds
+from engine.tokenizer import eos_token_ids, load_tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+    emitted: list[int] = field(default_factory=list)  # tokens already reported, per sequence
+    emitted_logprobs: list[int] = field(default_factory=list)
+    new_text: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded = load_model(config.model, config.dtype, config.device, config.seed)
+        self.model, self.arch = loaded.model, loaded.arch
+        apply_quantization(self.model, config.quantization)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)
+        self.eos_token_ids = eos_token_ids(loaded.path, self.arch.eos_token_ids, self.tokenizer)
+        block_size = config.cache.block_size
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = torch.zeros(
+            self.arch.num_layers, 2, num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.allocator = PagedKVAllocator(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.max_model_len = min(
+            config.max_model_len or self.arch.max_position_embeddings,
+            self.arch.max_position_embeddings,
+            self.allocator.capacity_tokens,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, block_size, self.max_model_len, config.scheduler.max_num_seqs,
+            use_cuda_graphs=not config.enforce_eager,
+        )
+        self.sampler = Sampler(self.device, config.seed)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = SequenceIds()
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    @classmethod
+    def from_pretrained(cls, model: str, **kwargs: Any) -> "LLMEngine":
+        return cls(EngineConfig(model=model, **kwargs))
+
+    # ----- requests -----------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send token ids, not text")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return list(prompt)
+
+    def validate(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        """Raises InvalidRequestError for anything the engine cannot serve; changes nothing."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.arch.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt holds token ids outside [0, {vocab}): {bad[:5]}")
+        params.validate()
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None
+    ) -> None:
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        self.validate(request_id, token_ids, params)
+        now = arrival_time or time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(self._seq_ids.new(), request_id, i, token_ids, params, now, gen))
+        dets = [
+            IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None for _ in seqs
+        ]
+        state = RequestState(request_id, token_ids, params, seqs, dets, RequestMetrics(arrival_time=now))
+        state.emitted = [0] * params.n
+        state.emitted_logprobs = [0] * params.n
+        state.new_text = [""] * params.n
+        self.requests[request_id] = state
+        self._prompt_tokens_total += len(token_ids) * params.n
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its blocks; its last output, or None if it is unknown."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(state)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ----- the step loop ------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.monotonic()
+        logits = self.runner.execute(sched)
+        sampled_seqs = [item.seq for item in sched.scheduled if item.completes_sequence]
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.allocator.cache_full_blocks(item.seq)
+            state = self.requests[item.seq.request_id]
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+        touched: dict[str, RequestState] = {}
+        if logits is not None:
+            batch = SamplingBatch.from_seqs(sampled_seqs, self.arch.vocab_size, self.device)
+            result = self.sampler(logits, batch)
+            for seq, token, logprob in zip(sampled_seqs, result.token_ids, result.logprobs):
+                state = self.requests[seq.request_id]
+                self._append(state, seq, token, logprob)
+                touched[state.request_id] = state
+        outputs = [self._output(state) for state in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _append(self, state: RequestState, seq: Sequence, token: int, logprob) -> None:
+        seq.append_token(token)
+        self._generation_tokens_total += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = time.monotonic()
+        det = state.detokenizers[seq.index]
+        stop_string = None
+        if det is not None:
+            new_text, stop_string = det.add([token])
+            state.new_text[seq.index] += new_text
+        reason = self._finish_reason(seq, token, stop_string)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.finish(seq)
+            if state.finished:
+                state.metrics.finished_time = time.monotonic()
+
+    def _finish_reason(self, seq: Sequence, token: int, stop_string: str | None) -> tuple[str, str | int | None] | None:
+        params = seq.params
+        if stop_string is not None:
+            return "stop", stop_string
+        if token in params.stop_token_ids:
+            return "stop", token
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop", None
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        completions = []
+        for seq in state.seqs:
+            i = seq.index
+            out_ids = seq.output_token_ids
+            det = state.detokenizers[i]
+            wants_logprobs = seq.params.logprobs is not None
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    token_ids=out_ids,
+                    text=det.text if det is not None else "",
+                    new_token_ids=out_ids[state.emitted[i] :],
+                    new_text=state.new_text[i],
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if wants_logprobs else None,
+                    new_logprobs=seq.logprobs[state.emitted_logprobs[i] :] if wants_logprobs else None,
+                )
+            )
+            state.emitted[i] = len(out_ids)
+            state.emitted_logprobs[i] = len(seq.logprobs)
+            state.new_text[i] = ""
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=min(s.num_cached_tokens for s in state.seqs),
+            metrics=state.metrics,
+        )
+
+    # ----- conveniences -------------------------------------------------------------
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Runs the prompts to completion; outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        base = self._seq_ids.new()
+        ids = [f"generate-{base}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while any(rid not in final for rid in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    def stats(self) -> EngineStats:
+        s = self.allocator.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.allocator.usage,
+            num_free_blocks=self.allocator.num_free_blocks,
+            prefix_cache_hit_rate=s.hit_rate,
+            prefix_cache_queried_tokens=s.queried_tokens,
+            prefix_cache_hit_tokens=s.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+        )
+
+    def cached_block_hashes(self) -> list[int]:
+        """Hashes of the blocks this engine can serve from its prefix cache (for the router)."""
+        return self.allocator.pool.cached_hashes()
+
+    # ----- sizing ---------------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = 2 * self.arch.num_layers * self.arch.num_kv_heads * self.arch.head_dim * elem * cache.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations and the logits of a full decode batch (fp32, several copies).
+            reserve = (1 - cache.gpu_memory_utilization) * total + 2**30
+            reserve += 4 * self.config.scheduler.max_num_seqs * self.arch.vocab_size * 4
+            reserve += 16 * self.config.scheduler.max_num_batched_tokens * self.arch.intermediate_size * elem
+            budget = free - reserve
+        else:
+            budget = cache.cpu_kv_cache_bytes
+        return max(int(budget // block_bytes), 2)

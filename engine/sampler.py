@@ -1,0 +1,108 @@
+"""Turns the last-position logits of a batch into next tokens, all rows at once on the device.
+
+Greedy rows take the argmax. Other rows are scaled by temperature, cut by
+top-k / top-p, and sampled by the exponential-race trick (argmax of p / E with
+E ~ Exp(1)), which needs only one random draw per vocabulary entry; a request
+with a seed draws its noise from its own generator, so its tokens do not
+depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    temperatures: torch.Tensor  # [N] fp32
+    top_ks: torch.Tensor  # [N] int64, vocab size where off
+    top_ps: torch.Tensor  # [N] fp32
+    generators: list[torch.Generator | None]
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    num_logprobs: list[int | None]
+
+    @classmethod
+    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
+        params = [s.params for s in seqs]
+        return cls(
+            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            top_ks=torch.tensor([p.top_k or vocab_size for p in params], dtype=torch.int64).to(device, non_blocking=True),
+            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            generators=[s.generator for s in seqs],
+            all_greedy=all(p.temperature == 0.0 for p in params),
+            any_top_k=any(0 < p.top_k < vocab_size for p in params),
+            any_top_p=any(p.top_p < 1.0 for p in params),
+            num_logprobs=[p.logprobs for p in params],
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        tokens = self.sample(logits, batch)
+        logprobs = self._logprobs(logits, tokens, batch)
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy
+        scaled = logits / batch.temperatures.clamp_min(1e-5).unsqueeze(1)
+        if batch.any_top_k or batch.any_top_p:
+            scaled = _apply_top_k_top_p(scaled, batch)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, gen in enumerate(batch.generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(batch.temperatures == 0.0, greedy, sampled)
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprob | None]:
+        wanted = [k for k in batch.num_logprobs if k is not None]
+        if not wanted:
+            return [None] * len(batch.num_logprobs)
+        # Log-probabilities of the model's own distribution, before temperature and truncation.
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        k = max(wanted)
+        top_vals, top_ids = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0]))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        token_list = tokens.tolist()
+        out: list[TokenLogprob | None] = []
+        for row, n in enumerate(batch.num_logprobs):
+            if n is None:
+                out.append(None)
+                continue
+            top = {int(t): float(v) for t, v in zip(top_ids[row][:n], top_vals[row][:n])}
+            out.append(TokenLogprob(token_list[row], float(chosen[row]), top))
+        return out
+
+
+def _apply_top_k_top_p(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(scaled.shape[-1], device=scaled.device).unsqueeze(0)
+    drop = ranks >= batch.top_ks.unsqueeze(1)
+    if batch.any_top_p:
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the first token always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= batch.top_ps.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
