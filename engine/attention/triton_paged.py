@@ -76,7 +76,7 @@ def _decode_kernel(
     rows = tl.arange(0, GROUP_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < GROUP
-    heads = kvh + rows * 0 + rows
+    heads = kvh * GROUP + rows
     q = tl.load(
         q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
         mask=row_ok[:, None],
