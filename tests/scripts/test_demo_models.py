@@ -1,0 +1,82 @@
+"""The demo-model scripts, end to end at toy scale on the CPU: tokenizer
+training, model training, saving as an ordinary Hugging Face checkpoint, and
+evaluation. (The real demo models are trained on a GPU by run_all.sh.)"""
+
+import json
+
+import pytest
+import torch
+
+from scripts.demo_models import evaluate, train, train_tokenizer
+from scripts.demo_models.common import EOT
+
+
+def write_corpus(path, n_docs, offset=0):
+    # Small Python-like documents: enough structure for BPE merges and a loss that falls.
+    docs = [
+        f"def add_{i}(a, b):\n    \"\"\"Add {i} to a + b.\"\"\"\n    return a + b + {i}\n\n\nclass Box{i}:\n    value = {i * 7}\n"
+        for i in range(offset, offset + n_docs)
+    ]
+    path.write_text(EOT.join(docs), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    write_corpus(tmp / "train.txt", 300)
+    write_corpus(tmp / "heldout.txt", 20, offset=1000)
+    (tmp / "manifest.json").write_text(json.dumps({"python_version": "3.x", "note": "synthetic"}))
+    tok_dir = tmp / "tok"
+    train_tokenizer.write_folder(train_tokenizer.train(str(tmp / "train.txt"), vocab_size=320), str(tok_dir))
+    train_tokenizer.check(str(tok_dir))  # loads with AutoTokenizer, round-trips, chat template
+    out = tmp / "model"
+    train.main([
+        "--preset", "tiny", "--out", str(out), "--corpus", str(tmp / "train.txt"),
+        "--heldout", str(tmp / "heldout.txt"), "--tokenizer", str(tok_dir), "--steps", "8",
+        "--batch-size", "2", "--seq-len", "32", "--warmup", "2", "--log-every", "4", "--eval-every", "4",
+        "--device", "cpu",
+    ])
+    return out, tmp
+
+
+def test_checkpoint_folder_is_complete(trained):
+    out, _ = trained
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md", "training.json", "corpus_manifest.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "held-out perplexity" in card and "final train loss" in card and "--steps 8" in card
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 8 and info["tokens_seen"] == 8 * 2 * 32
+    assert info["final_train_loss"] > 0 and info["heldout_ppl"] > 1
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [0, 2]  # <|endoftext|> and <|im_end|>
+
+
+def test_transformers_loads_it(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.tie_word_embeddings and model.config.dtype == torch.bfloat16
+    ids = tok("def add_1(a, b):", return_tensors="pt").input_ids
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+
+
+def test_evaluate_writes_numbers_and_card(trained):
+    out, tmp = trained
+    # A model against itself: agreement must be exact.
+    evaluate.main(["--target", str(out), "--draft", str(out), "--heldout", str(tmp / "heldout.txt"),
+                   "--seq-len", "32", "--max-new-tokens", "4", "--device", "cpu"])
+    r = json.loads((out / "evaluation.json").read_text())
+    assert r["heldout"]["greedy_agreement"] == 1.0
+    assert r["on_target_output"]["greedy_agreement_on_target_output"] == 1.0
+    assert r["target_ppl"] == pytest.approx(json.loads((out / "training.json").read_text())["heldout_ppl"], rel=1e-3)
+    card = (out / "README.md").read_text()
+    assert card.count("<!-- evaluation -->") == 1 and "def fibonacci(n):" in card
+    evaluate.update_card(str(out), evaluate.card_section(r))  # re-running replaces, not appends
+    assert (out / "README.md").read_text().count("## Evaluation") == 1
