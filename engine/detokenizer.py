@@ -17,7 +17,8 @@ _PARTIAL = "\ufffd"
 class IncrementalDetokenizer:
     tokenizer: Any
     stop: list[str]
-    text: str = ""
+    text: str = ""  # everything emitted so far; never taken back
+    _held: str = ""  # decoded text not emitted yet: it may be the start of a stop string
     _prefix_offset: int = 0
     _read_offset: int = 0
     _tokens: list[int] = field(default_factory=list)
@@ -25,8 +26,10 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int]) -> tuple[str, str | None]:
         """Appends tokens; returns (new text, the stop string hit or None).
 
-        On a stop hit the text is cut just before the stop string, and the
-        new text is what is left of this step's text.
+        With stop strings, the last len(longest stop) - 1 characters are held
+        back until they can no longer begin a stop string (or `flush`), so the
+        streamed text never shows a piece of a stop string. On a stop hit the
+        text ends just before the stop string.
         """
         self._tokens.extend(token_ids)
         prefix = self.tokenizer.decode(self._tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
@@ -37,21 +40,27 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         return self._append_checking_stop(new_text)
 
+    def flush(self) -> str:
+        """Emits the held-back text; call once the sequence has finished for another reason."""
+        held, self._held = self._held, ""
+        self.text += held
+        return held
+
     def _append_checking_stop(self, new_text: str) -> tuple[str, str | None]:
         if not self.stop:
             self.text += new_text
             return new_text, None
-        longest = max(len(s) for s in self.stop)
-        # A stop string may straddle the old text and the new: search the old tail too.
-        tail_start = max(len(self.text) - longest + 1, 0)
-        window = self.text[tail_start:] + new_text
-        hits = [(window.find(s), s) for s in self.stop if s in window]
-        if not hits:
-            self.text += new_text
-            return new_text, None
-        pos, stop = min(hits)
-        cut = tail_start + pos  # index into the combined text
-        old_len = len(self.text)
-        combined = self.text + new_text
-        self.text = combined[:cut]
-        return combined[old_len:cut] if cut > old_len else "", stop
+        # The held text is at least the last len(longest) - 1 characters, so a stop string
+        # that ends in the new text starts inside this window.
+        pending = self._held + new_text
+        hits = [(pending.find(s), s) for s in self.stop if s in pending]
+        if hits:
+            pos, stop = min(hits)
+            emit, self._held = pending[:pos], ""
+            self.text += emit
+            return emit, stop
+        keep = max(len(s) for s in self.stop) - 1
+        cut = max(len(pending) - keep, 0)
+        emit, self._held = pending[:cut], pending[cut:]
+        self.text += emit
+        return emit, None

@@ -158,6 +158,9 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+                det = state.detokenizers[seq.index]
+                if det is not None:
+                    state.new_text[seq.index] += det.flush()
         return self._output(state)
 
     def has_unfinished_requests(self) -> bool:
@@ -206,6 +209,8 @@ class LLMEngine:
             state.new_text[seq.index] += new_text
         reason = self._finish_reason(seq, token, stop_string)
         if reason is not None:
+            if det is not None:
+                state.new_text[seq.index] += det.flush()
             seq.finish_reason, seq.stop_reason = reason
             self.scheduler.finish(seq)
             if state.finished:
