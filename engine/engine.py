@@ -83,6 +83,10 @@ class LLMEngine:
             self.arch.max_position_embeddings,
             self.allocator.capacity_tokens,
         )
+        if not config.scheduler.enable_chunked_prefill:
+            # Unchunked, a whole sequence (a prompt, or a preempted one being recomputed) must fit
+            # in one step's token budget, or it would wait at the head of the queue forever.
+            self.max_model_len = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
         self.scheduler = Scheduler(config.scheduler, self.allocator)
         self.runner = ModelRunner(
             self.model, self.kv_cache, block_size, self.max_model_len, config.scheduler.max_num_seqs,

@@ -146,3 +146,43 @@ def make_engine():
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_checkpoint):
+    """hf(name) -> transformers' own fp32 model of a tiny preset checkpoint (the oracle), loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(name), dtype=torch.float32).eval()
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_model):
+    """greedy(name, prompt, max_new_tokens) -> HF generate's new tokens (no eos stop), memoised."""
+    import torch
+
+    memo: dict = {}
+
+    def run(name: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+        key = (name, tuple(prompt), max_new_tokens)
+        if key not in memo:
+            out = hf_model(name).generate(
+                torch.tensor([prompt]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            memo[key] = out[0, len(prompt) :].tolist()
+            assert len(memo[key]) == max_new_tokens
+        return memo[key]
+
+    return run
