@@ -142,8 +142,12 @@ def load_safetensors_(net: LlamaForCausalLM, path: Path) -> None:
                     continue
                 pieces.setdefault(name, {})[index] = tensor
                 if len(pieces[name]) == count:
-                    parts = pieces.pop(name)
-                    fused = torch.cat([parts[i] for i in range(count)], dim=0)
+                    by_index = pieces.pop(name)
+                    parts = [by_index[i] for i in range(count)]
+                    if len({tuple(t.shape[1:]) for t in parts}) != 1:
+                        shapes = [tuple(t.shape) for t in parts]
+                        raise ConfigError(f"checkpoint tensors fused into {name} have mismatched shapes {shapes}")
+                    fused = torch.cat(parts, dim=0)
                     _copy(params[name], fused, name)
                     loaded.add(name)
     missing = sorted(set(params) - loaded)
