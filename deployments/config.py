@@ -1,0 +1,253 @@
+"""The application's configuration: serve_config.yaml `args` -> `AppConfig` -> `EngineConfig`.
+
+Everything a user can set lives here, validated once when the app is built,
+so a typo or an impossible combination fails `serve run` with a message that
+names the field instead of crashing a replica later. The groups mirror
+`engine.config` (cache, scheduler, quantization, speculative); the Serve
+knobs of each deployment (replicas, autoscaling, backpressure, resources)
+sit in `llm_server` and `ingress`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfig, SpeculativeConfig
+from engine.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    # A misspelt key must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class CacheOptions(_Strict):
+    block_size: int = Field(16, description="Tokens per KV block (a power of two); also the prefix-routing granularity.")
+    num_blocks: int | None = Field(None, description="Fixed KV pool size; None sizes it from memory.")
+    gpu_memory_utilization: float = Field(0.90, description="Fraction of GPU memory the replica may use (CUDA).")
+    cpu_kv_cache_bytes: int = Field(256 * 2**20, description="KV pool size on the CPU, in bytes.")
+    enable_prefix_caching: bool = True
+
+
+class SchedulerOptions(_Strict):
+    max_num_seqs: int = Field(256, description="Sequences in one batch at most.")
+    max_num_batched_tokens: int = Field(8192, description="Tokens in one forward pass at most.")
+    enable_chunked_prefill: bool = True
+
+
+class QuantizationOptions(_Strict):
+    method: Literal["none", "int8", "int4", "fp8"] = "none"
+    group_size: int = 128
+    awq: bool = True
+
+
+class SpeculativeOptions(_Strict):
+    # "remote" (a draft deployment) is an engine mode this app cannot wire yet.
+    method: Literal["none", "draft", "ngram"] = "none"
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4
+    ngram_min: int = 1
+
+
+class AutoscalingOptions(_Strict):
+    """The usual subset of Serve's autoscaling_config (the rest keeps Serve's defaults)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
+
+
+class ActorOptions(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="Bytes of RAM to reserve (Ray scheduling only).")
+    resources: dict[str, float] = Field(default_factory=dict)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeploymentOptions(_Strict):
+    """Serve options of one deployment; each maps 1:1 onto `serve.deployment(...)`."""
+
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; leave unset with autoscaling.")
+    autoscaling: AutoscalingOptions | None = None
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests a caller may queue for this deployment; beyond it: 503 (-1: no limit)."
+    )
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.autoscaling is not None and self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}) must not exceed "
+                f"max_ongoing_requests ({self.max_ongoing_requests}): replicas would never reach the target"
+            )
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        actor = self.ray_actor_options.model_dump(exclude_none=True)
+        for key in ("resources", "runtime_env"):
+            if not actor[key]:
+                del actor[key]
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+def _ingress_defaults() -> DeploymentOptions:
+    # The ingress does little CPU work per token, so it should not take a whole core of a small machine.
+    return DeploymentOptions(
+        max_ongoing_requests=256, max_queued_requests=1024, ray_actor_options=ActorOptions(num_cpus=0.5)
+    )
+
+
+class RouterOptions(_Strict):
+    prefix_aware: bool = Field(True, description="Route to the replica caching the longest prefix; False: power of two.")
+    imbalance_threshold: int = Field(
+        8, ge=0, description="A prefix hit is ignored on a replica with this many more ongoing requests than the idlest."
+    )
+    index_timeout_s: float = Field(0.05, gt=0, description="Longest wait for the prefix index before plain routing.")
+    publish_interval_s: float = Field(0.1, gt=0, description="How often a busy replica publishes its cache to the index.")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often an idle replica republishes its stats.")
+
+
+class AppConfig(_Strict):
+    """The `args` of the app in serve_config.yaml."""
+
+    # ----- model ----------------------------------------------------------------------
+    model: str = Field(description="Checkpoint folder, hub id, or preset:<name> (random weights).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; default: the model folder.")
+    served_model_name: str | None = Field(None, description="Name clients send as `model`; default: the folder name.")
+    # ----- engine (engine.config.EngineConfig) ----------------------------------------
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda (a GPU needs llm_server.ray_actor_options.num_gpus).")
+    seed: int = 0
+    max_model_len: int | None = Field(None, ge=1)
+    enforce_eager: bool = False
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+    scheduler: SchedulerOptions = Field(default_factory=SchedulerOptions)
+    quantization: QuantizationOptions = Field(default_factory=QuantizationOptions)
+    speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions)
+    # ----- serving --------------------------------------------------------------------
+    api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <api_key>`.")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens when a request gives none (None: 16 for completions, the rest of the context for chat)."
+    )
+    stream_interval_s: float = Field(
+        0.0, ge=0, description="Replicas send stream chunks at most this often (0: every engine step)."
+    )
+    router: RouterOptions = Field(default_factory=RouterOptions)
+    llm_server: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _quantization_shorthand(cls, v: Any) -> Any:
+        # `quantization: int8` reads better in yaml than a one-key mapping.
+        return {"method": v} if isinstance(v, str) else v
+
+    @field_validator("model", "tokenizer")
+    @classmethod
+    def _resolve_path(cls, v: str | None) -> str | None:
+        return resolve_model_path(v) if v is not None else None
+
+    @model_validator(mode="after")
+    def _check(self) -> AppConfig:
+        if self.speculative.draft_model is not None:
+            self.speculative.draft_model = resolve_model_path(self.speculative.draft_model)
+        wants_gpu = self.device.startswith("cuda")
+        if wants_gpu and self.llm_server.ray_actor_options.num_gpus <= 0:
+            raise ValueError(f"device {self.device!r} needs llm_server.ray_actor_options.num_gpus >= 1")
+        try:
+            self.to_engine_config()
+        except ConfigError as exc:  # the engine's own checks, with its own field names
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith("preset:"):
+            return self.model.removeprefix("preset:")
+        return Path(self.model).name or self.model
+
+    def to_engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            dtype=self.dtype,
+            device=self.device,
+            seed=self.seed,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager,
+            cache=CacheConfig(**self.cache.model_dump()),
+            scheduler=SchedulerConfig(**self.scheduler.model_dump()),
+            quantization=QuantConfig(**self.quantization.model_dump()),
+            speculative=SpeculativeConfig(**self.speculative.model_dump()),
+        )
+
+
+def resolve_model_path(value: str) -> str:
+    """An existing local folder becomes an absolute path (replicas may run in another cwd).
+
+    Relative paths are tried against the cwd, then the project root, so the
+    bundled `models/...` work from anywhere. Anything else is left alone: a
+    hub id or a preset, which the engine resolves.
+    """
+    if value.startswith("preset:"):
+        return value
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if value.startswith(("/", "./", "../", "~")) or value.startswith("models/"):
+        raise ValueError(f"model folder {value!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+    return value
+
+
+def parse_app_config(args: dict[str, Any]) -> AppConfig:
+    """`AppConfig` from yaml args, or a ValueError that lists every bad field in one message."""
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "args"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ValueError("invalid app config (serve_config.yaml args):\n" + "\n".join(lines)) from None

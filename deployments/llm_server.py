@@ -1,0 +1,238 @@
+"""The LLM deployment: one `AsyncLLMEngine` per replica, shared by every request it gets.
+
+Requests from many HTTP clients land here concurrently (up to
+max_ongoing_requests) and all join the engine's running batch: that is the
+continuous batching across HTTP requests. A request whose caller goes away
+(client disconnect -> Serve cancels the call) leaves the engine's stream
+early, which aborts it and frees its blocks at the next step boundary.
+
+A background task publishes the replica's cached block hashes, load and
+engine stats to the prefix index (see prefix_index.py) for the router and
+for /metrics. It only awaits Ray calls, never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from ray import serve
+from ray.actor import ActorHandle
+
+from deployments.config import AppConfig, RouterOptions
+from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
+from engine.outputs import RequestOutput
+
+logger = logging.getLogger("ray.serve")
+
+PREFIX_INDEX_ACTOR = "prefix_index"
+
+
+@serve.deployment(name="LLMServer")
+class LLMServer:
+    def __init__(self, config: AppConfig) -> None:
+        from engine.async_engine import AsyncLLMEngine  # torch is imported by replicas only
+
+        self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+        self._config = config
+        self.engine = AsyncLLMEngine(config.to_engine_config())
+        self._ongoing = 0
+        self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
+        self._index_address: tuple[str, str] | None = None
+        self._publisher: CachePublisher | None = None
+
+    # ----- Serve hooks -------------------------------------------------------------------
+
+    async def record_replica_metadata(self) -> dict[str, Any]:
+        """Called once when the replica is ready; routers read it as `replica.replica_metadata`."""
+        self._index_address = tuple(await self._index.address.remote())
+        self._start_publisher()
+        return {"prefix_index": list(self._index_address)}
+
+    def check_health(self) -> None:
+        if self.engine.errored is not None:
+            raise RuntimeError(f"engine step loop failed: {self.engine.errored!r}")
+
+    def __del__(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop()
+        self.engine.shutdown()
+
+    # ----- calls from the ingress ----------------------------------------------------------
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            max_model_len=self.engine.max_model_len,
+            vocab_size=self.engine.engine.arch.vocab_size,
+            block_size=self._config.cache.block_size,
+            prefix_index=self._index_address,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {"replica_id": self.replica_id, "ongoing_requests": self._ongoing, **dataclasses.asdict(self.engine.stats())}
+
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        """The whole completion in one answer."""
+        result: GenerateOutput | None = None
+        async for out in self._run(request, flush_interval_s=math.inf):
+            result = out
+        assert result is not None  # _run always ends with a finished output
+        return result
+
+    async def generate_many(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """Several prompts of one HTTP request, batched together here.
+
+        One call, not one per prompt: Serve's router matches routing decisions
+        to calls by their parent request's id, which these would all share.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.generate(r)) for r in requests]
+        except BaseExceptionGroup as eg:  # the caller gets the first failure itself, not a group
+            raise eg.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Deltas as the engine makes them (at most one per stream_interval_s)."""
+        async for out in self._run(request, flush_interval_s=self._config.stream_interval_s):
+            yield out
+
+    async def _run(self, request: GenerateRequest, flush_interval_s: float) -> AsyncIterator[GenerateOutput]:
+        self._start_publisher()
+        self._ongoing += 1
+        start = last_flush = time.monotonic()
+        last_token: float | None = None
+        timing = RequestTiming()
+        pending: GenerateOutput | None = None
+        try:
+            # aclosing: when our caller stops early, the engine's stream is closed right
+            # away (which aborts the request), not whenever it is garbage-collected.
+            stream = self.engine.generate(request.prompt_token_ids, request.params, request.request_id)
+            async with aclosing(stream):
+                async for out in stream:
+                    now = time.monotonic()
+                    delta = self._delta(out)
+                    new_tokens = max((len(c.token_ids) for c in delta.choices), default=0)
+                    if new_tokens:
+                        if last_token is None:
+                            timing.time_to_first_token_s = now - start
+                        else:
+                            timing.inter_token_latencies_s.extend([(now - last_token) / new_tokens] * new_tokens)
+                        last_token = now
+                    if pending is None:
+                        pending = delta
+                    else:
+                        pending.merge(delta)
+                    if out.finished:
+                        pending.timing = timing
+                    if out.finished or now - last_flush >= flush_interval_s:
+                        yield pending
+                        pending, last_flush = None, now
+        finally:
+            self._ongoing -= 1
+
+    def _delta(self, out: RequestOutput) -> GenerateOutput:
+        choices = [
+            ChoiceDelta(c.index, c.new_text, list(c.new_token_ids), c.new_logprobs, c.finish_reason)
+            for c in out.outputs
+            if c.new_token_ids or c.new_text or c.finish_reason
+        ]
+        return GenerateOutput(
+            request_id=out.request_id,
+            replica_id=self.replica_id,
+            prompt_tokens=len(out.prompt_token_ids),
+            cached_tokens=out.num_cached_tokens,
+            choices=choices,
+            finished=out.finished,
+        )
+
+    def _start_publisher(self) -> None:
+        if self._publisher is None:
+            self._publisher = CachePublisher(
+                replica_id=self.replica_id,
+                index=self._index,
+                resolve_index=lambda: serve.get_deployment_actor(PREFIX_INDEX_ACTOR),
+                cached_hashes=self.engine.engine.cached_block_hashes,
+                stats=lambda: dataclasses.asdict(self.engine.stats()),
+                load=lambda: self._ongoing,
+                options=self._config.router,
+            )
+            self._publisher.start()
+
+
+class CachePublisher:
+    """Keeps the prefix index's view of one replica fresh, sending only what changed.
+
+    Busy or changed: every publish_interval_s. Idle: a heartbeat every
+    heartbeat_s, so the index knows the replica is alive.
+    """
+
+    def __init__(
+        self,
+        replica_id: str,
+        index: ActorHandle,
+        resolve_index: Callable[[], ActorHandle],
+        cached_hashes: Callable[[], list[int]],
+        stats: Callable[[], dict[str, Any]],
+        load: Callable[[], int],
+        options: RouterOptions,
+    ) -> None:
+        self._replica_id = replica_id
+        self._index = index
+        # Without prefix routing nobody reads the hashes: publish stats only.
+        self._cached_hashes = cached_hashes if options.prefix_aware else (lambda: [])
+        self._stats = stats
+        self._load = load
+        self._options = options
+        self._published: set[int] = set()
+        self._index_token: str | None = None  # None: send everything next time
+        self._last_stats: dict[str, Any] = {}
+        self._last_publish = -math.inf
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._options.publish_interval_s)
+            stats = self._stats()
+            busy = self._load() > 0 or stats["num_running"] > 0 or stats["num_waiting"] > 0
+            heartbeat_due = time.monotonic() - self._last_publish >= self._options.heartbeat_s
+            # Changed stats catch work that started and ended between two rounds.
+            if not (busy or heartbeat_due or stats != self._last_stats):
+                continue
+            try:
+                await self.publish(stats)
+            except Exception as exc:  # the index may be restarting: find it again, resend everything
+                logger.warning("publishing to the prefix index failed: %r", exc)
+                self._index_token = None
+                try:
+                    self._index = await asyncio.to_thread(self._resolve_index)
+                except Exception:  # not back yet; the next round tries again
+                    pass
+
+    async def publish(self, stats: dict[str, Any]) -> None:
+        # The engine's worker thread may be mid-step; the hash list is copied in one C call.
+        current = set(self._cached_hashes())
+        reset = self._index_token is None
+        added = current if reset else current - self._published
+        removed = set() if reset else self._published - current
+        token = await self._index.update.remote(
+            self._replica_id, list(added), list(removed), reset=reset, load=self._load(), stats=stats
+        )
+        # A new token after a diff: the index restarted and never saw our earlier sets.
+        self._index_token = token if reset or token == self._index_token else None
+        self._published = current
+        self._last_stats = stats
+        self._last_publish = time.monotonic()
