@@ -171,3 +171,20 @@ def test_duplicate_request_id_while_streaming_is_refused(async_engine):
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].prompt_token_ids == PROMPTS[1]
     assert len(outs[-1].outputs[0].token_ids) == 12
+
+
+def test_a_failing_step_fails_open_streams_and_later_requests(async_engine, monkeypatch):
+    from engine.errors import EngineError, RequestAbortedError
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    async def main():
+        monkeypatch.setattr(async_engine.engine, "step", broken_step)
+        with pytest.raises(RequestAbortedError, match="boom"):
+            await collect(async_engine, PROMPTS[1], GREEDY, "victim")
+        await wait_until(lambda: async_engine.errored is not None)
+        with pytest.raises(EngineError, match="failed"):
+            await collect(async_engine, PROMPTS[1], GREEDY, "later")
+
+    asyncio.run(main())
