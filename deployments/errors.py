@@ -56,7 +56,7 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
     message = str(first.get("msg", "invalid request body")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return bad_request(f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", code="invalid_json")
-    if not path:  # the body as a whole: not an object at all
+    if not path and first.get("type") in ("model_type", "model_attributes_type", "dict_type"):
         return bad_request("the body must be a JSON object", code="invalid_json")
     if first.get("type") == "extra_forbidden":
         return bad_request(f"unrecognized request argument: {param}", param=param)

@@ -1,0 +1,92 @@
+"""serve_config.yaml args -> AppConfig -> EngineConfig / Serve options, and the error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments.config import AppConfig, parse_app_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shipped_args() -> dict[str, Any]:
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    return app["args"]
+
+
+def test_shipped_yaml_is_valid_and_maps_onto_the_engine() -> None:
+    config = parse_app_config(shipped_args())
+    assert Path(config.model).is_absolute() and config.model.endswith("models/demo-target")
+    assert config.model_name == "demo"
+    engine = config.to_engine_config()
+    assert engine.max_model_len == 2048
+    assert engine.cache.block_size == 16 and engine.cache.enable_prefix_caching
+    assert engine.scheduler.max_num_seqs == 64
+    assert engine.quantization.method == "none" and not engine.speculative.enabled
+    llm = config.llm_server.serve_options()
+    assert llm["autoscaling_config"]["target_ongoing_requests"] == 16
+    assert llm["max_ongoing_requests"] == 64 and llm["max_queued_requests"] == 128
+    assert llm["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert "num_replicas" not in llm
+
+
+def test_gpu_edit_of_the_yaml() -> None:
+    args = shipped_args()
+    args["device"] = "cuda"
+    args["dtype"] = "bfloat16"
+    args["quantization"] = "int8"
+    args["speculative"] = {"method": "draft", "draft_model": "models/demo-draft"}
+    args["llm_server"]["ray_actor_options"]["num_gpus"] = 1
+    args["llm_server"]["autoscaling"]["max_replicas"] = 8
+    config = parse_app_config(args)
+    engine = config.to_engine_config()
+    assert engine.device == "cuda" and engine.quantization.method == "int8"
+    assert engine.speculative.method == "draft" and Path(engine.speculative.draft_model).is_absolute()
+    assert config.llm_server.serve_options()["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_build_app_from_args() -> None:
+    from ray.serve import Application
+
+    from deployments.app import build_app
+
+    assert isinstance(build_app({"model": "preset:tiny-llama"}), Application)
+
+
+def test_preset_model_name() -> None:
+    assert AppConfig(model="preset:tiny-llama").model_name == "tiny-llama"
+
+
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        ({"modle": "x"}, "modle: Extra inputs are not permitted"),
+        ({"cache": {"block_size": 12}}, "block_size must be a power of two"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"device": "cuda"}, "num_gpus >= 1"),
+        ({"model": "models/no-such-model"}, "model folder 'models/no-such-model' not found"),
+        ({"quantization": "int3"}, "quantization.method"),
+        ({"speculative": {"method": "draft"}}, "draft_model"),
+        ({"llm_server": {"num_replicas": 2, "autoscaling": {"max_replicas": 2}}}, "either num_replicas or autoscaling"),
+        ({"llm_server": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) > max_replicas (2)"),
+        (
+            {"llm_server": {"max_ongoing_requests": 4, "autoscaling": {"target_ongoing_requests": 8}}},
+            "must not exceed max_ongoing_requests",
+        ),
+        ({"llm_server": {"max_queued_requests": -2}}, "llm_server.max_queued_requests"),
+        ({"router": {"index_timeout_s": 0}}, "router.index_timeout_s"),
+    ],
+)
+def test_bad_config_names_the_field(patch: dict[str, Any], message: str) -> None:
+    args = {"model": "preset:tiny-llama", **patch}
+    with pytest.raises(ValueError) as err:
+        parse_app_config(args)
+    assert message in str(err.value)
+    assert str(err.value).startswith("invalid app config")

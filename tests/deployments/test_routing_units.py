@@ -1,0 +1,93 @@
+"""The prefix index and the router's policy, without Ray."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from deployments.messages import GenerateRequest
+from deployments.prefix_index import PrefixIndexState
+from deployments.router import RecentRoutes, prefer_cached, prompt_token_ids
+from engine.kv_cache.hashing import iter_block_hashes
+from engine.sampling_params import SamplingParams
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hashes(tokens: list[int], block_size: int = 4) -> list[int]:
+    return list(iter_block_hashes(tokens, block_size))
+
+
+PROMPT = list(range(100, 116))  # 4 blocks of 4
+H = hashes(PROMPT)
+
+
+def test_match_counts_the_leading_run_per_replica() -> None:
+    index = PrefixIndexState()
+    index.update("a", H[:3], [], reset=True, load=1, stats={})
+    index.update("b", H[:1] + H[2:], [], reset=True, load=0, stats={})  # a gap after the first block
+    index.update("c", [], [], reset=True, load=5, stats={})
+    assert index.match(H, ["a", "b", "c", "unknown"]) == {"a": (3, 1), "b": (1, 0), "c": (0, 5)}
+
+
+def test_diffs_reset_and_forget() -> None:
+    index = PrefixIndexState()
+    index.update("a", H, [], reset=True, load=0, stats={})
+    index.update("a", [], H[2:], reset=False, load=0, stats={})  # evicted the tail
+    assert index.match(H, ["a"]) == {"a": (2, 0)}
+    index.update("a", H[:1], [], reset=True, load=0, stats={})  # full resend replaces everything
+    assert index.match(H, ["a"]) == {"a": (1, 0)}
+    index.forget("a")
+    assert index.match(H, ["a"]) == {}
+    assert index.stats() == {}
+
+
+def test_silent_replicas_expire_and_stats_are_kept() -> None:
+    clock = Clock()
+    index = PrefixIndexState(stale_after_s=10, clock=clock)
+    token = index.update("a", H, [], reset=True, load=2, stats={"kv_cache_usage": 0.5})
+    assert token == index.token
+    assert index.stats() == {"a": {"kv_cache_usage": 0.5, "ongoing_requests": 2, "cached_blocks": 4}}
+    clock.now = 11
+    assert index.match(H, ["a"]) == {} and index.stats() == {}
+
+
+def test_prefer_cached_longest_prefix_unless_overloaded() -> None:
+    ids = ["a", "b", "c"]
+    assert prefer_cached(ids, {"a": 2, "b": 4}, {"a": 0, "b": 3, "c": 0}, imbalance_threshold=8) == ["b"]
+    # b holds more, but is far busier than the idlest replica: take the best of the rest.
+    assert prefer_cached(ids, {"a": 2, "b": 4}, {"a": 0, "b": 9, "c": 0}, imbalance_threshold=8) == ["a"]
+    # Nothing cached anywhere worth it: no preference (power of two choices decides).
+    assert prefer_cached(ids, {"b": 4}, {"a": 0, "b": 9, "c": 0}, imbalance_threshold=8) == []
+    assert prefer_cached(ids, {}, {}, imbalance_threshold=8) == []
+    # Ties are all returned; Serve picks the shorter queue among them.
+    assert prefer_cached(ids, {"a": 3, "c": 3}, {}, imbalance_threshold=0) == ["a", "c"]
+
+
+def test_recent_routes_expire() -> None:
+    clock = Clock()
+    recent = RecentRoutes(ttl_s=5, clock=clock)
+    recent.add("a", H[:2])
+    assert recent.match(H, ["a", "b"]) == {"a": 2, "b": 0}
+    clock.now = 6
+    assert recent.match(H, ["a"]) == {"a": 0}
+
+
+def test_recent_routes_are_bounded() -> None:
+    recent = RecentRoutes(max_entries=3)
+    recent.add("a", H)  # 4 entries: the oldest (the first block) goes
+    assert recent.match(H, ["a"]) == {"a": 0}
+    assert recent.match(H[1:], ["a"]) == {"a": 3}
+
+
+def test_router_reads_the_prompt_from_the_call() -> None:
+    req = GenerateRequest("r", [1, 2, 3], SamplingParams())
+    other = GenerateRequest("s", [9], SamplingParams())
+    assert prompt_token_ids(SimpleNamespace(args=[req], kwargs={})) == [1, 2, 3]
+    assert prompt_token_ids(SimpleNamespace(args=[[req, other]], kwargs={})) == [1, 2, 3]
+    assert prompt_token_ids(SimpleNamespace(args=["other"], kwargs={})) is None
