@@ -54,6 +54,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         query_lens: list[int] = []
         logits_indices: list[int] = []
+        tables: list[list[int]] = []
         bs = self.block_size
         for item in sched.scheduled:
             seq = item.seq
@@ -61,18 +62,20 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             block_ids = seq.block_ids
+            tables.append(block_ids)
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
             query_lens.append(item.num_new_tokens)
             if item.completes_sequence:
                 logits_indices.append(query_start[-1] - 1)
-        width = max(len(item.seq.blocks) for item in sched.scheduled)
-        table = [item.seq.block_ids + [0] * (width - len(item.seq.blocks)) for item in sched.scheduled]
+        width = max(len(t) for t in tables)
+        table = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
 
         def to_dev(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+            # Small pageable copies: pinning a fresh buffer each step costs more than it saves.
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
         meta = AttentionMetadata(
             slot_mapping=to_dev(slots, torch.int64),

@@ -19,9 +19,9 @@ from engine.sequence import Sequence
 
 @dataclass
 class SamplingBatch:
-    temperatures: torch.Tensor  # [N] fp32
-    top_ks: torch.Tensor  # [N] int64, vocab size where off
-    top_ps: torch.Tensor  # [N] fp32
+    temperatures: torch.Tensor | None  # [N] fp32; None when every row is greedy
+    top_ks: torch.Tensor | None  # [N] int64, vocab size where off
+    top_ps: torch.Tensor | None  # [N] fp32
     generators: list[torch.Generator | None]
     all_greedy: bool
     any_top_k: bool
@@ -31,12 +31,18 @@ class SamplingBatch:
     @classmethod
     def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
         params = [s.params for s in seqs]
+        all_greedy = all(p.temperature == 0.0 for p in params)
+
+        def to_dev(values: list, dtype: torch.dtype) -> torch.Tensor | None:
+            # An all-greedy batch reads none of these: skip the copies.
+            return None if all_greedy else torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
         return cls(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True),
-            top_ks=torch.tensor([p.top_k or vocab_size for p in params], dtype=torch.int64).to(device, non_blocking=True),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True),
+            temperatures=to_dev([p.temperature for p in params], torch.float32),
+            top_ks=to_dev([p.top_k or vocab_size for p in params], torch.int64),
+            top_ps=to_dev([p.top_p for p in params], torch.float32),
             generators=[s.generator for s in seqs],
-            all_greedy=all(p.temperature == 0.0 for p in params),
+            all_greedy=all_greedy,
             any_top_k=any(0 < p.top_k < vocab_size for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params),
             num_logprobs=[p.logprobs for p in params],

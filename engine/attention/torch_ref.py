@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata
 
@@ -14,24 +15,24 @@ def paged_attention_ref(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    head_dim = q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    # Low-precision inputs are upcast: this path is the oracle, so it must be the accurate one.
+    compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     out = torch.empty_like(q)
     start = 0
     for b, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         n_blocks = -(-seq_len // block_size)
         blocks = meta.block_tables[b, :n_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        k = k.repeat_interleave(group, dim=1).float()
-        v = v.repeat_interleave(group, dim=1).float()
-        qi = q[start : start + q_len].float()
-        scores = torch.einsum("lhd,shd->hls", qi, k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start : start + q_len] = torch.einsum("hls,shd->lhd", probs, v).to(q.dtype)
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1).to(compute_dtype)
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1).to(compute_dtype)
+        qi = q[start : start + q_len].transpose(0, 1).to(compute_dtype)  # [H, L, D]
+        mask = None
+        if q_len > 1:
+            # New token j sits at position seq_len - q_len + j and sees keys up to there.
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + q_len] = o.transpose(0, 1).to(q.dtype)
         start += q_len
     return out

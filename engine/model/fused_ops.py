@@ -1,0 +1,78 @@
+"""Fused elementwise stages of the forward pass: Triton on CUDA, plain torch elsewhere.
+
+Each of these is several small kernels in eager torch (casts, pow, mean,
+rsqrt, muls, cat); on a decode step of a small model those launches and the
+extra passes over memory cost more than the matrix products. The torch
+versions are the reference: they are what runs on the CPU and what the
+Triton versions are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ----- torch reference ---------------------------------------------------------------
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in fp32 and cast back before the weight, as transformers does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotary embedding; x [T, heads, D], cos/sin [T, D] (fp32)."""
+    cos = cos.to(x.dtype).unsqueeze(1)
+    sin = sin.to(x.dtype).unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----- dispatch ----------------------------------------------------------------------
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual), x + residual); with no residual, x itself is the new residual."""
+    if x.is_cuda:
+        from engine.model import triton_ops
+
+        return triton_ops.add_rmsnorm(x, residual, weight, eps)
+    summed = x if residual is None else x + residual
+    return rmsnorm_ref(summed, weight, eps), summed
+
+
+def qk_norm_rope(
+    q: torch.Tensor,  # [T, H, D] (may be a strided view of the fused qkv output)
+    k: torch.Tensor,  # [T, KVH, D]
+    cos_table: torch.Tensor,  # [max_positions, D] fp32
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,  # [T]
+    q_weight: torch.Tensor | None,  # per-head RMSNorm weights (Qwen3), or None
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional per-head RMSNorm of q and k, then rotary; contiguous outputs."""
+    if q.is_cuda:
+        from engine.model import triton_ops
+
+        return triton_ops.qk_norm_rope(q, k, cos_table, sin_table, positions, q_weight, k_weight, eps)
+    if q_weight is not None:
+        q, k = rmsnorm_ref(q, q_weight, eps), rmsnorm_ref(k, k_weight, eps)
+    cos, sin = cos_table[positions], sin_table[positions]
+    return rotate_ref(q, cos, sin), rotate_ref(k, cos, sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
+    if gate_up.is_cuda:
+        from engine.model import triton_ops
+
+        return triton_ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
