@@ -21,5 +21,14 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Load test of a server that is already up: start `make serve` in another terminal
+# first; this starts nothing. Steps of 1,2,4,...,256 users, 15 s each; writes
+# runs/loadtest-<time>/ (report.md, plot.png, locust CSVs and HTML). Options:
+#   make loadtest LOADTEST_HOST=http://host:port LOADTEST_ARGS="--steps 1,8,64 --step-time 30"
+LOADTEST_HOST ?= http://127.0.0.1:8000
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/python -m loadtest.run --host $(LOADTEST_HOST) $(LOADTEST_ARGS)
+
 clean:
 	rm -rf $(VENV)

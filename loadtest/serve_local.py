@@ -1,14 +1,14 @@
 """Serve the app on a fresh local Ray, HTTP on loopback only, until SIGINT / SIGTERM.
 
-    python -m loadtest.serve_local --port 8000                          # the demo model
-    python -m loadtest.serve_local --config serve_config.yaml --set device=cuda \
-        --set llm_server.ray_actor_options.num_gpus=1
+    python -m loadtest.serve_local --port 8000                  # serve_config.yaml's app (the demo model)
+    python -m loadtest.serve_local --set device=cuda --set llm_server.ray_actor_options.num_gpus=1
 
 This is the server half of `loadtest/run_local.py` and of the load test's own
 test; users normally run `serve run serve_config.yaml` instead. It takes the
-app's `args` from a serve config (the application whose import path is
-`deployments.app:build_app`) or the demo defaults, applies `--set` overrides,
-starts a new Ray (never joins a running cluster), and prints
+app's `args` from a serve config (default: the project's serve_config.yaml; the
+application whose import path is `deployments.app:build_app`), applies `--set`
+overrides, starts a new Ray (never joins a running cluster), serves HTTP on
+127.0.0.1:<port> whatever the config's http_options say, and prints
 `READY <url>` once every deployment is up.
 """
 
@@ -22,18 +22,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-# One LLM replica that can batch all 256 users of the default step plan.
-DEMO_ARGS: dict[str, Any] = {
-    "model": "models/demo-target",
-    "llm_server": {"max_ongoing_requests": 256, "max_queued_requests": 1024},
-    "ingress": {"max_ongoing_requests": 1024, "max_queued_requests": 1024},
-}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
 
 def app_args(config: str | None, sets: list[str], args_json: str | None = None) -> dict[str, Any]:
     """The app's args: the config's (or the demo defaults), then `--args-json`, then each `--set key.path=value`."""
     import yaml
 
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = str(DEFAULT_CONFIG)
     if config:
         doc = yaml.safe_load(Path(config).read_text()) or {}
         apps = doc.get("applications") or []
@@ -42,7 +40,7 @@ def app_args(config: str | None, sets: list[str], args_json: str | None = None) 
         app = next((a for a in apps if str(a.get("import_path", "")).endswith(":build_app")), apps[0])
         args = json.loads(json.dumps(app.get("args") or {}))
     else:
-        args = json.loads(json.dumps(DEMO_ARGS))
+        args = {"model": "models/demo-target"}
     if args_json:
         args.update(json.loads(args_json))
     for item in sets:
@@ -66,7 +64,7 @@ def set_dotted(args: dict[str, Any], key: str, value: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--config", help="A serve config yaml to take the app's args from (default: the demo model).")
+    p.add_argument("--config", help="Serve config yaml to take the app's args from (default: serve_config.yaml).")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one arg (dotted path, yaml value).")
     p.add_argument("--args-json", help="Args to merge (a JSON object), before --set.")
     p.add_argument("--num-cpus", type=float, default=None, help="Logical CPUs of the local Ray (default: the cores).")
@@ -87,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         address="local",
         num_cpus=a.num_cpus,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": a.port})
