@@ -1,0 +1,268 @@
+"""W2 of shared/BENCHMARK.md: streaming requests at fixed concurrency, through Ray Serve over HTTP
+and, in the same run, against the engine driven directly in one process.
+
+    python bench/serve_throughput.py                                   # demo model, device auto
+    python bench/serve_throughput.py --model preset:qwen3-0.6b --concurrency 1,16,64,256
+    python bench/serve_throughput.py --concurrency 2 --requests-per-level 4 --output-len 8   # CPU smoke run
+
+Figures per concurrency: output tok/s, TTFT and inter-token latency p50/p99, errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "output_tokens": self.output_tokens,
+            "seconds": self.seconds,
+            "tok_s": self.output_tokens / self.seconds if self.seconds else 0.0,
+            "ttft_p50_ms": _pct(self.ttft_s, 50) * 1e3,
+            "ttft_p99_ms": _pct(self.ttft_s, 99) * 1e3,
+            "itl_p50_ms": _pct(self.itl_s, 50) * 1e3,
+            "itl_p99_ms": _pct(self.itl_s, 99) * 1e3,
+        }
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab, (prompt_len,), generator=gen).tolist() for _ in range(n)]
+
+
+async def run_level(prompts: list[list[int]], concurrency: int, one_request) -> LevelResult:
+    """Runs every prompt with at most `concurrency` in flight; one_request(prompt, result) does one."""
+    result = LevelResult(concurrency)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def guarded(p: list[int]) -> None:
+        async with sem:
+            try:
+                await one_request(p, result)
+            except Exception as exc:  # counted, and the first few shown: errors are a figure here
+                result.errors += 1
+                if result.errors <= 3:
+                    print(f"  request failed: {exc!r}", flush=True)
+            result.requests += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(guarded(p) for p in prompts))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _record(result: LevelResult, start: float, arrivals: list[float], tokens: int) -> None:
+    """One request's figures: TTFT, and its mean inter-token latency (the same rule on both paths)."""
+    result.output_tokens += tokens
+    if arrivals:
+        result.ttft_s.append(arrivals[0] - start)
+        if tokens > 1:
+            result.itl_s.append((arrivals[-1] - arrivals[0]) / (tokens - 1))
+
+
+# ----- engine direct ------------------------------------------------------------------
+
+
+async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_len: int) -> list[dict]:
+    from deployments.config import parse_app_config
+    from engine import AsyncLLMEngine, SamplingParams
+
+    engine = AsyncLLMEngine(parse_app_config(app_args).to_engine_config())
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    counter = iter(range(10**9))
+
+    async def one(prompt: list[int], result: LevelResult) -> None:
+        start = time.perf_counter()
+        arrivals: list[float] = []
+        tokens = 0
+        async for out in engine.generate(prompt, params, f"direct-{next(counter)}"):
+            n = len(out.outputs[0].new_token_ids)
+            if n:
+                arrivals.append(time.perf_counter())
+                tokens += n
+        _record(result, start, arrivals, tokens)
+
+    await run_level(prompts_for(4), 4, one)  # warm-up
+    out = []
+    for c in levels:
+        out.append((await run_level(prompts_for(c), c, one)).summary())
+        print(f"  direct  c={c:<4} {out[-1]['tok_s']:8.0f} tok/s", flush=True)
+    engine.shutdown()
+    del engine
+    return out
+
+
+# ----- through Ray Serve over HTTP ----------------------------------------------------
+
+
+async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for, output_len: int) -> list[dict]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(levels) + 8, max_keepalive_connections=max(levels) + 8)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+
+        async def one(prompt: list[int], result: LevelResult) -> None:
+            body = {
+                "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            }
+            start = time.perf_counter()
+            async with client.stream("POST", "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                arrivals: list[float] = []
+                completion_tokens = 0
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        completion_tokens = chunk["usage"]["completion_tokens"]
+                    elif any(c.get("text") for c in chunk.get("choices", [])):
+                        arrivals.append(time.perf_counter())
+            # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
+            _record(result, start, arrivals, completion_tokens)
+
+        await run_level(prompts_for(4), 4, one)  # warm-up
+        out = []
+        for c in levels:
+            out.append((await run_level(prompts_for(c), c, one)).summary())
+            print(f"  serve   c={c:<4} {out[-1]['tok_s']:8.0f} tok/s  errors {out[-1]['errors']}", flush=True)
+        return out
+
+
+def start_serve(app_args: dict, num_gpus: int) -> str:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args), name="llm", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/demo-target")
+    p.add_argument("--concurrency", default="1,16,64,256")
+    p.add_argument("--requests-per-level", type=int, default=0, help="0: 4 x concurrency, at least 32")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    cuda = torch.cuda.is_available()
+    max_seqs = min(args.max_num_seqs, max(levels))
+    app_args = {
+        "model": args.model,
+        "served_model_name": "bench",
+        "max_model_len": args.prompt_len + args.output_len + 64,
+        "scheduler": {"max_num_seqs": max_seqs, "max_num_batched_tokens": 8192},
+        "llm_server": {
+            "max_ongoing_requests": max(levels) + 8,
+            "max_queued_requests": 4 * max(levels) + 64,
+            "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if cuda else 0},
+        },
+        "ingress": {"max_ongoing_requests": 4 * max(levels) + 64},
+    }
+    vocab_size = _vocab_size(args.model)
+    n_for = (lambda c: args.requests_per_level or max(4 * c, 32))
+    prompts_for = lambda c: make_prompts(n_for(c), args.prompt_len, vocab_size, seed=c)  # noqa: E731
+    print("engine direct:", flush=True)
+    direct = asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len))
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print("through Ray Serve over HTTP:", flush=True)
+    base_url = start_serve(app_args, num_gpus=1 if cuda else 0)
+    served = asyncio.run(bench_serve(base_url, "bench", levels, prompts_for, args.output_len))
+    results = {
+        "device": torch.cuda.get_device_name() if cuda else "CPU",
+        "model": args.model,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "direct": direct,
+        "serve": served,
+    }
+    report(results, argv)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    from ray import serve
+
+    serve.shutdown()
+    return results
+
+
+def _vocab_size(model: str) -> int:
+    from engine.model.loader import PRESET_PREFIX
+    from engine.model.presets import preset_config
+
+    if model.startswith(PRESET_PREFIX):
+        return preset_config(model[len(PRESET_PREFIX) :])["vocab_size"]
+    return json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+
+
+def report(results: dict, argv: list[str] | None) -> None:
+    print(f"\nW2 serving on {results['device']} ({results['model']}, prompt {results['prompt_len']}, "
+          f"output {results['output_len']} tokens, streaming)")
+    print(f"{'conc':>5}{'direct tok/s':>14}{'serve tok/s':>13}{'kept':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}{'errors':>8}")
+    for d, s in zip(results["direct"], results["serve"]):
+        kept = s["tok_s"] / d["tok_s"] if d["tok_s"] else 0.0
+        print(f"{d['concurrency']:>5}{d['tok_s']:>14.0f}{s['tok_s']:>13.0f}{kept:>7.0%}"
+              f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}")
+    d, s = results["direct"][-1], results["serve"][-1]
+    cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(
+        f"W2: {s['tok_s']:.0f} tok/s via Serve HTTP, {d['tok_s']:.0f} tok/s engine direct, "
+        f"{s['tok_s'] / d['tok_s']:.0%} kept, TTFT p50 {s['ttft_p50_ms']:.0f} ms, ITL p50 {s['itl_p50_ms']:.1f} ms "
+        f"at {s['concurrency']} concurrent ({results['device']}, {cmd.strip()})"
+    )
+
+
+if __name__ == "__main__":
+    main()
