@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.ceiling import measure_device_rates, offline_floor_seconds, weight_bytes
+from bench.step_profile import print_profile, profile_decode
 from bench.hf_peers import hf_generate_batch, hf_padded_generate
 from bench.workloads import OfflineWorkload, offline_workload
 from engine import EngineConfig, SamplingParams, SchedulerConfig
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--variants", default="graphs", help="comma list of: graphs, eager")
     p.add_argument("--peers", default="generate_batch,padded", help="comma list of: generate_batch, padded; or none")
+    p.add_argument("--profile", action="store_true", help="also profile decode steps at full batch")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -61,6 +63,9 @@ def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, eager:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     stats = engine.stats()
+    profile = profile_decode(engine, work.prompts[: args.max_num_seqs]) if args.profile else None
+    if profile:
+        print_profile(profile)
     result = {
         "seconds": seconds,
         "tokens": tokens,
@@ -69,6 +74,7 @@ def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, eager:
         "num_kv_blocks": engine.allocator.pool.num_usable_blocks,
         "preemptions": stats.num_preemptions,
         "first_tokens": [o.outputs[0].token_ids[0] for o in outs],
+        "profile": profile,
     }
     del engine, outs
     _free_memory()
