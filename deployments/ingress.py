@@ -13,13 +13,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -38,6 +39,8 @@ from engine.errors import InvalidRequestError
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="rayllm: OpenAI-compatible API")
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 # Tokenizing a prompt longer than this many characters goes to a thread, off the event loop.
 _INLINE_TOKENIZE_CHARS = 8192
@@ -116,20 +119,30 @@ class OpenAIIngress:
     # ----- generation ------------------------------------------------------------------------
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._answer("completions", request, lambda: self._completions(body))
+    async def completions(self, request: Request) -> Response:
+        return await self._answer("completions", request, CompletionRequest, self._completions)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._answer("chat", request, lambda: self._chat(body))
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._answer("chat", request, ChatCompletionRequest, self._chat)
 
-    async def _answer(self, endpoint: str, request: Request, handler: Callable[[], Any]) -> Response:
-        """Runs a generation handler: auth, error mapping, request metrics."""
+    async def _answer(
+        self, endpoint: str, request: Request, body_type: type[BodyT], handler: Callable[[BodyT], Awaitable[Response]]
+    ) -> Response:
+        """Auth, body validation, error mapping and request metrics around one generation handler.
+
+        The body is validated here rather than by FastAPI, so that rejected
+        bodies are counted in the metrics like every other answer.
+        """
         status = "500"
         self._metrics.in_progress.inc()
         try:
             self._authorize(request)
-            response = await handler()
+            try:
+                body = body_type.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise errors.from_validation_errors(list(exc.errors(include_url=False))) from None
+            response = await handler(body)
             status = str(response.status_code)
             return response
         except asyncio.CancelledError:

@@ -111,7 +111,6 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         imbalance_threshold: int = 8,
         index_timeout_s: float = 0.05,
         recent_routes_ttl_s: float = 10.0,
-        **_: Any,
     ) -> None:
         self._block_size = block_size
         self._imbalance_threshold = imbalance_threshold

@@ -117,14 +117,18 @@ def sampling_params(
             code="context_length_exceeded",
         )
     if isinstance(request, ChatCompletionRequest):
-        max_tokens = request.requested_max_tokens or config.default_max_tokens or room
+        requested = request.requested_max_tokens
+        default = config.default_max_tokens or room
         max_tokens_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         logprobs = request.num_logprobs
     else:
         explicit = "max_tokens" in request.model_fields_set and request.max_tokens is not None
-        max_tokens = request.max_tokens if explicit else (config.default_max_tokens or 16)
+        requested = request.max_tokens if explicit else None
+        default = config.default_max_tokens or 16
         max_tokens_param = "max_tokens"
         logprobs = request.logprobs
+    # A default shrinks to fit the context; only an explicit request too large is an error.
+    max_tokens = requested if requested is not None else min(default, room)
     if max_tokens > room:
         raise bad_request(
             f"max_tokens is too large: the prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "

@@ -345,26 +345,40 @@ def test_client_disconnect_unary_frees_blocks(base_url: str) -> None:
     assert after["generation_tokens_total"] - before["generation_tokens_total"] < 1000
 
 
-def test_metrics_parse(client: httpx.Client) -> None:
+def scrape(client: httpx.Client) -> dict[str, list[Any]]:
     from prometheus_client.parser import text_string_to_metric_families
 
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+
+def requests_total(samples: dict[str, list[Any]], endpoint: str, status: str) -> float:
+    return sum(
+        s.value
+        for s in samples.get("llm_requests", [])
+        if s.name == "llm_requests_total" and s.labels == {"endpoint": endpoint, "status": status}
+    )
+
+
+def test_metrics_parse(client: httpx.Client) -> None:
+    before = scrape(client)
     assert client.post("/v1/completions", json={"prompt": "metrics please", "max_tokens": 4}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": "hi", "n": 0}).status_code == 400
+    assert client.post("/v1/chat/completions", content=b"{oops").status_code == 400
     deadline = time.monotonic() + 10
     while True:
-        r = client.get("/metrics")
-        assert r.status_code == 200
-        families = {f.name: f for f in text_string_to_metric_families(r.text)}
-        samples = {f: fam.samples for f, fam in families.items()}
+        samples = scrape(client)
         if samples.get("llm_replica_prompt_tokens") and samples["llm_replica_prompt_tokens"][0].value > 0:
             break
         assert time.monotonic() < deadline, "replica stats never reached /metrics"
         time.sleep(0.2)
-    statuses = {s.labels["status"] for s in samples["llm_requests"] if s.name == "llm_requests_total"}
-    assert {"200", "400"} <= statuses
+    for endpoint, status in (("completions", "200"), ("completions", "400"), ("chat", "400")):
+        assert requests_total(samples, endpoint, status) == requests_total(before, endpoint, status) + 1
     ttft_count = [s.value for s in samples["llm_time_to_first_token_seconds"] if s.name.endswith("_count")]
     assert ttft_count and ttft_count[0] > 0
     assert any(s.name.endswith("_count") and s.value > 0 for s in samples["llm_inter_token_latency_seconds"])
+    assert samples["llm_generation_tokens"][0].value > 0
     for name in ("llm_replica_kv_cache_usage_ratio", "llm_replica_prefix_cache_hit_rate", "llm_replica_waiting_requests"):
         (sample,) = samples[name]
         assert sample.labels["replica"].startswith("SERVE_REPLICA::single#LLMServer#")

@@ -82,20 +82,24 @@ def test_serve_run_answers(served: str) -> None:
 
 
 def test_overload_is_a_quick_503(served: str) -> None:
-    """2 running + 2 queued fit; the rest of 10 simultaneous requests are refused at once."""
+    """2 running + 2 queued fit; most of 16 simultaneous requests are refused at once.
+
+    (Not exactly 12: on a busy machine the burst reaches the ingress spread out,
+    and an early request may finish before a late one arrives.)
+    """
 
     async def one(c: httpx.AsyncClient) -> tuple[int, float, dict]:
         start = time.monotonic()
-        r = await c.post("/v1/completions", json={"prompt": "import os\n", "max_tokens": 48, "ignore_eos": True})
+        r = await c.post("/v1/completions", json={"prompt": "import os\n", "max_tokens": 64, "ignore_eos": True})
         return r.status_code, time.monotonic() - start, r.json()
 
     async def burst() -> list[tuple[int, float, dict]]:
         async with httpx.AsyncClient(base_url=served, timeout=120) as c:
-            return await asyncio.gather(*(one(c) for _ in range(10)))
+            return await asyncio.gather(*(one(c) for _ in range(16)))
 
     results = asyncio.run(burst())
     codes = sorted(code for code, _, _ in results)
-    assert codes.count(200) >= 2 and codes.count(503) >= 4, codes
+    assert codes.count(200) >= 2 and codes.count(503) >= 6, codes
     slowest_ok = max(t for code, t, _ in results if code == 200)
     for code, elapsed, body in results:
         if code == 503:

@@ -26,6 +26,7 @@ def test_max_tokens_defaults_and_limits() -> None:
     with_default = AppConfig(model="preset:tiny-llama", default_max_tokens=7)
     assert sampling_params(CompletionRequest(prompt="x"), 10, INFO, with_default).max_tokens == 7
     assert sampling_params(CompletionRequest(prompt="x", max_tokens=3), 10, INFO, with_default).max_tokens == 3
+    assert sampling_params(CompletionRequest(prompt="x"), 95, INFO, CONFIG).max_tokens == 5  # the default shrinks
     with pytest.raises(OpenAIError) as err:
         sampling_params(CompletionRequest(prompt="x", max_tokens=91), 10, INFO, CONFIG)
     assert err.value.status == 400 and err.value.param == "max_tokens" and err.value.code == "context_length_exceeded"
