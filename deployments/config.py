@@ -6,10 +6,15 @@ names the field instead of crashing a replica later. The groups mirror
 `engine.config` (cache, scheduler, quantization, speculative); the Serve
 knobs of each deployment (replicas, autoscaling, backpressure, resources)
 sit in `llm_server` and `ingress`.
+
+The engine groups are the engine's own dataclasses: pydantic validates them
+field by field (unknown keys and wrong types included) and runs their checks,
+so this file never drifts from what the engine accepts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,35 +29,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class _Strict(BaseModel):
     # A misspelt key must fail loudly, not be ignored.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class CacheOptions(_Strict):
-    block_size: int = Field(16, description="Tokens per KV block (a power of two); also the prefix-routing granularity.")
-    num_blocks: int | None = Field(None, description="Fixed KV pool size; None sizes it from memory.")
-    gpu_memory_utilization: float = Field(0.90, description="Fraction of GPU memory the replica may use (CUDA).")
-    cpu_kv_cache_bytes: int = Field(256 * 2**20, description="KV pool size on the CPU, in bytes.")
-    enable_prefix_caching: bool = True
-
-
-class SchedulerOptions(_Strict):
-    max_num_seqs: int = Field(256, description="Sequences in one batch at most.")
-    max_num_batched_tokens: int = Field(8192, description="Tokens in one forward pass at most.")
-    enable_chunked_prefill: bool = True
-
-
-class QuantizationOptions(_Strict):
-    method: Literal["none", "int8", "int4", "fp8"] = "none"
-    group_size: int = 128
-    awq: bool = True
-
-
-class SpeculativeOptions(_Strict):
-    # "remote" (a draft deployment) is an engine mode this app cannot wire yet.
-    method: Literal["none", "draft", "ngram"] = "none"
-    draft_model: str | None = None
-    num_speculative_tokens: int = 4
-    ngram_max: int = 4
-    ngram_min: int = 1
 
 
 class AutoscalingOptions(_Strict):
@@ -158,10 +134,10 @@ class AppConfig(_Strict):
     seed: int = 0
     max_model_len: int | None = Field(None, ge=1)
     enforce_eager: bool = False
-    cache: CacheOptions = Field(default_factory=CacheOptions)
-    scheduler: SchedulerOptions = Field(default_factory=SchedulerOptions)
-    quantization: QuantizationOptions = Field(default_factory=QuantizationOptions)
-    speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    quantization: QuantConfig = Field(default_factory=QuantConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     # ----- serving --------------------------------------------------------------------
     api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <api_key>`.")
     default_max_tokens: int | None = Field(
@@ -187,6 +163,8 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
+        if self.speculative.method == "remote":
+            raise ValueError("speculative.method 'remote' (a draft deployment) is not available yet: use draft or ngram")
         if self.speculative.draft_model is not None:
             self.speculative.draft_model = resolve_model_path(self.speculative.draft_model)
         wants_gpu = self.device.startswith("cuda")
@@ -215,10 +193,11 @@ class AppConfig(_Strict):
             seed=self.seed,
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
-            cache=CacheConfig(**self.cache.model_dump()),
-            scheduler=SchedulerConfig(**self.scheduler.model_dump()),
-            quantization=QuantConfig(**self.quantization.model_dump()),
-            speculative=SpeculativeConfig(**self.speculative.model_dump()),
+            # Copies: the engine may adjust its config; the app's stays as validated.
+            cache=dataclasses.replace(self.cache),
+            scheduler=dataclasses.replace(self.scheduler),
+            quantization=dataclasses.replace(self.quantization),
+            speculative=dataclasses.replace(self.speculative),
         )
 
 
@@ -249,5 +228,5 @@ def parse_app_config(args: dict[str, Any]) -> AppConfig:
         lines = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "args"
-            lines.append(f"  {where}: {err['msg']}")
+            lines.append(f"  {where}: {str(err['msg']).removeprefix('Value error, ')}")
         raise ValueError("invalid app config (serve_config.yaml args):\n" + "\n".join(lines)) from None

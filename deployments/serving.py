@@ -267,7 +267,10 @@ class ChatShaper:
 
     def _chunk(self, choice: ChatChunkChoice) -> dict[str, Any]:
         body = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=[choice])
-        return body.model_dump(exclude={"usage"})
+        out = body.model_dump(exclude={"usage"})
+        # As OpenAI: a delta holds only what it sets ({} on the closing chunk).
+        out["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)
+        return out
 
     def _logprobs(self, choice: ChoiceDelta) -> ChatLogprobs | None:
         if not self.request.logprobs or choice.logprobs is None:

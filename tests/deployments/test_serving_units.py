@@ -91,9 +91,9 @@ def test_chat_stream_shapes() -> None:
     deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in first + last]
     assert deltas == [
         ({"role": "assistant", "content": ""}, None),
-        ({"role": None, "content": "He"}, None),
-        ({"role": None, "content": "y"}, None),
-        ({"role": None, "content": None}, "stop"),
+        ({"content": "He"}, None),
+        ({"content": "y"}, None),
+        ({}, "stop"),
     ]
     assert all("usage" not in c for c in first + last)
     assert shaper.usage_chunk(output(ChoiceDelta(0, "Hey", [1, 2])))["usage"]["completion_tokens"] == 2
