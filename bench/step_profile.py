@@ -25,6 +25,7 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int = 16,
     # Prefill everything first, so the measured steps are pure decode at full batch.
     while any(seq.num_output_tokens == 0 for seq in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
+    kv = kv_memory(engine)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -43,6 +44,7 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int = 16,
     for rid in ids:
         engine.abort_request(rid)
     return {
+        **kv,
         "batch": len(prompts),
         "wall_ms_per_step": wall_ms,
         "gpu_busy_ms_per_step": device_us / steps / 1e3,
@@ -53,10 +55,28 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int = 16,
     }
 
 
+def kv_memory(engine: LLMEngine) -> dict:
+    """KV cache in use at this moment, and the share of it lost to partly filled last blocks."""
+    bs = engine.allocator.block_size
+    seqs = engine.scheduler.running
+    slots = sum(len(s.blocks) * bs for s in seqs)
+    used = sum(s.num_tokens for s in seqs)
+    block_bytes = engine.kv_cache[:, :, 0].numel() * engine.kv_cache.element_size()
+    return {
+        "kv_pool_gib": engine.kv_cache.numel() * engine.kv_cache.element_size() / 2**30,
+        "kv_in_use_gib": slots // bs * block_bytes / 2**30,
+        "kv_waste_fraction": (slots - used) / slots if slots else 0.0,
+    }
+
+
 def print_profile(p: dict) -> None:
+    print(
+        f"\nKV cache: pool {p['kv_pool_gib']:.1f} GiB, in use {p['kv_in_use_gib']:.2f} GiB at batch {p['batch']}, "
+        f"{p['kv_waste_fraction']:.1%} of allocated slots unfilled (fragmentation)"
+    )
     gap = p["wall_ms_per_step"] - p["gpu_busy_ms_per_step"]
     print(
-        f"\ndecode step at batch {p['batch']}: {p['wall_ms_per_step']:.2f} ms wall, "
+        f"decode step at batch {p['batch']}: {p['wall_ms_per_step']:.2f} ms wall, "
         f"{p['gpu_busy_ms_per_step']:.2f} ms GPU busy, {gap:.2f} ms host-bound gap"
     )
     for k in p["top_kernels"]:
