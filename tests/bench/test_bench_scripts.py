@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end at tiny sizes on the CPU (their figures are measured on the GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import scale, throughput
+
+
+def test_throughput_runs_ours_and_the_padded_peer():
+    results = throughput.main(
+        ["--preset", "tiny-qwen3", "--num-requests", "3", "--min-len", "5", "--max-len", "20",
+         "--output-len", "3", "--peers", "padded", "--variants", "graphs,eager", "--profile"]
+    )
+    for key in ("ours_graphs", "ours_eager", "hf_padded_generate"):
+        assert results[key]["tokens"] == 9  # 3 requests x 3 tokens, EOS ignored
+    assert results["ours_graphs"]["first_tokens"] == results["ours_eager"]["first_tokens"]
+    assert results["ceiling"]["floor_seconds"] > 0
+    assert results["ours_graphs"]["profile"]["batch"] == 3
+    assert 0.0 <= results["ours_graphs"]["profile"]["kv_waste_fraction"] < 1.0
+
+
+def test_scale_runs_every_config_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = scale.main(["--preset", "tiny-qwen3", "--configs", "2:5-20,4:30-40", "--output-len", "3", "--out", str(tmp_path)])
+    assert [r["requests"] for r in rows] == [2, 4]
+    assert all(r["tok_s"] > 0 and math.isfinite(r["ceiling_fraction"]) for r in rows)
+    assert (tmp_path / "scale.png").stat().st_size > 0
