@@ -15,6 +15,7 @@ so this file never drifts from what the engine accepts.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,9 @@ from engine.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfi
 from engine.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# `api_key: null` (the default) takes the key from this environment variable, if it is set.
+API_KEY_ENV = "RAYLLM_API_KEY"
 
 
 class _Strict(BaseModel):
@@ -71,17 +75,49 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    # ----- placement over a cluster (cluster/README.md) ---------------------------------
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, le=100, description="At most this many replicas on one node (1: every replica on its own node)."
+    )
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None, min_length=1, description="A replica's resources as several bundles, e.g. [{CPU: 2, GPU: 1}, {GPU: 1}]; the replica runs in the first."
+    )
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None, description="How the bundles are placed; STRICT_PACK: all on one node (needs placement_group_bundles)."
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> DeploymentOptions:
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        self._check_placement()
         if self.autoscaling is not None and self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError(
                 f"autoscaling.target_ongoing_requests ({self.autoscaling.target_ongoing_requests}) must not exceed "
                 f"max_ongoing_requests ({self.max_ongoing_requests}): replicas would never reach the target"
             )
         return self
+
+    def _check_placement(self) -> None:
+        """Serve's own rules for placement groups, checked here so they name our fields."""
+        bundles = self.placement_group_bundles
+        if bundles is None:
+            if self.placement_group_strategy is not None:
+                raise ValueError("placement_group_strategy needs placement_group_bundles")
+            return
+        if self.max_replicas_per_node is not None:
+            raise ValueError("set either max_replicas_per_node or placement_group_bundles, not both")
+        for i, bundle in enumerate(bundles):
+            if not bundle or any(v < 0 for v in bundle.values()) or not any(v > 0 for v in bundle.values()):
+                raise ValueError(f"placement_group_bundles[{i}] must ask for some resource, e.g. {{CPU: 1, GPU: 1}}")
+        # The replica actor is placed in the first bundle, so it must fit there.
+        first, actor = bundles[0], self.ray_actor_options
+        for resource, wanted in (("CPU", actor.num_cpus), ("GPU", actor.num_gpus), *actor.resources.items()):
+            if wanted > first.get(resource, 0):
+                raise ValueError(
+                    f"the replica runs in placement_group_bundles[0], which has {first.get(resource, 0)} {resource}; "
+                    f"ray_actor_options asks for {wanted}"
+                )
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
@@ -97,6 +133,9 @@ class DeploymentOptions(_Strict):
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
+        for key in ("max_replicas_per_node", "placement_group_bundles", "placement_group_strategy"):
+            if getattr(self, key) is not None:
+                opts[key] = getattr(self, key)
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         else:
@@ -139,7 +178,11 @@ class AppConfig(_Strict):
     quantization: QuantConfig = Field(default_factory=QuantConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     # ----- serving --------------------------------------------------------------------
-    api_key: str | None = Field(None, description="If set, clients must send `Authorization: Bearer <api_key>`.")
+    api_key: str | None = Field(
+        None,
+        description=f"If set, clients must send `Authorization: Bearer <api_key>`; null: ${API_KEY_ENV} if set.",
+        validate_default=True,
+    )
     default_max_tokens: int | None = Field(
         None, ge=1, description="max_tokens when a request gives none (None: 16 for completions, the rest of the context for chat)."
     )
@@ -155,6 +198,17 @@ class AppConfig(_Strict):
     def _quantization_shorthand(cls, v: Any) -> Any:
         # `quantization: int8` reads better in yaml than a one-key mapping.
         return {"method": v} if isinstance(v, str) else v
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_from_env(cls, v: str | None) -> str | None:
+        # Read where the app is built (serve run / serve deploy's build task), so a key kept in
+        # the environment (a Kubernetes Secret) never has to be written into the yaml.
+        if v is None:
+            v = os.environ.get(API_KEY_ENV) or None
+        if v is not None and not v.strip():
+            raise ValueError("api_key must not be blank (null turns authentication off)")
+        return v
 
     @field_validator("model", "tokenizer")
     @classmethod
