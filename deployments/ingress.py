@@ -5,10 +5,14 @@ LLM replica through a Serve handle and shapes the answer; `stream: true`
 answers are server-sent events. The responding replica's id is returned in
 the `x-replica-id` header. Client errors are 4xx with an OpenAI error body,
 overload is 503 (`max_queued_requests` exceeded), never a 500.
+
+No `from __future__ import annotations` here: FastAPI must resolve the route
+signatures of the Serve-wrapped class. And every helper the class uses is
+defined above it, because Serve serializes the class when it is decorated.
 """
 
-
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -254,7 +258,7 @@ class OpenAIIngress:
         key = self._config.api_key
         if key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {key}":
+        if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
             raise OpenAIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", "authentication_error", code="invalid_api_key")
 
     def _check_model(self, model: str | None) -> None:

@@ -16,6 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deploy_helpers import ServeCluster, build_tiny_model, free_port  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Ray Serve's own pydantic models warn on import; not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:ray.*")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
