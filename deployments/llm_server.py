@@ -206,14 +206,13 @@ class CachePublisher:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._options.publish_interval_s)
-            stats = self._stats()
-            busy = self._load() > 0 or stats["num_running"] > 0 or stats["num_waiting"] > 0
-            heartbeat_due = time.monotonic() - self._last_publish >= self._options.heartbeat_s
-            # Changed stats catch work that started and ended between two rounds.
-            if not (busy or heartbeat_due or stats != self._last_stats):
-                continue
             try:
-                await self.publish(stats)
+                stats = self._stats()
+                busy = self._load() > 0 or stats["num_running"] > 0 or stats["num_waiting"] > 0
+                heartbeat_due = time.monotonic() - self._last_publish >= self._options.heartbeat_s
+                # Changed stats catch work that started and ended between two rounds.
+                if busy or heartbeat_due or stats != self._last_stats:
+                    await self.publish(stats)
             except Exception as exc:  # the index may be restarting: find it again, resend everything
                 logger.warning("publishing to the prefix index failed: %r", exc)
                 self._index_token = None

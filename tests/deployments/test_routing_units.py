@@ -91,3 +91,43 @@ def test_router_reads_the_prompt_from_the_call() -> None:
     assert prompt_token_ids(SimpleNamespace(args=[req], kwargs={})) == [1, 2, 3]
     assert prompt_token_ids(SimpleNamespace(args=[[req, other]], kwargs={})) == [1, 2, 3]
     assert prompt_token_ids(SimpleNamespace(args=["other"], kwargs={})) is None
+
+
+class FakeIndex:
+    """Stands in for the PrefixIndex actor handle: `update.remote(...)` is awaitable."""
+
+    def __init__(self) -> None:
+        self.state = PrefixIndexState()
+        self.calls: list[tuple[list[int], list[int], bool]] = []
+        self.update = SimpleNamespace(remote=self._update)
+
+    async def _update(self, replica_id, added, removed, *, reset, load, stats):
+        self.calls.append((sorted(added), sorted(removed), reset))
+        return self.state.update(replica_id, added, removed, reset=reset, load=load, stats=stats)
+
+
+def test_publisher_sends_diffs_and_resends_all_after_an_index_restart() -> None:
+    import asyncio
+
+    from deployments.config import RouterOptions
+    from deployments.llm_server import CachePublisher
+
+    cached = [1, 2, 3]
+    index = FakeIndex()
+    publisher = CachePublisher(
+        "r", index, resolve_index=lambda: index, cached_hashes=lambda: list(cached),
+        stats=lambda: {}, load=lambda: 0, options=RouterOptions(),
+    )
+
+    async def run() -> None:
+        await publisher.publish({})
+        cached[:] = [2, 3, 4]
+        await publisher.publish({})
+        index.state = PrefixIndexState()  # the index restarted: a new token
+        cached[:] = [2, 3, 4, 5]
+        await publisher.publish({})  # a diff the new index cannot apply...
+        await publisher.publish({})  # ...so the next publish resends everything
+
+    asyncio.run(run())
+    assert index.calls == [([1, 2, 3], [], True), ([4], [1], False), ([5], [], False), ([2, 3, 4, 5], [], True)]
+    assert index.state.match([2, 3, 4, 5], ["r"]) == {"r": (4, 0)}
