@@ -18,7 +18,8 @@ What lands in locust's statistics:
   (last text chunk - first text chunk) / (completion tokens - 1).
   TTFT and ITL rows are measurements, not requests: locust's "Aggregated" row counts them too.
 Token counts (from the server's `usage`) and per-request timings go to the request log,
-`<--csv prefix>_requests.csv` (or `--request-log`), which `loadtest/report.py` reads.
+`<--csv prefix>_requests.csv` (or `--request-log`), which `loadtest/report.py` reads, and
+locust's totals at exit to `<--csv prefix>_final_stats.csv` / `_final_failures.csv`.
 
 Every option also reads an environment variable (LOADTEST_MODEL, LOADTEST_MAX_TOKENS, ...; see --help).
 """
@@ -135,8 +136,27 @@ def _init(environment: Environment, **_: Any) -> None:
         raise SystemExit(2) from None
     environment.loadtest_settings = settings  # type: ignore[attr-defined]
     _OpenAIUser.network_timeout = opts.request_timeout
+    if opts.csv_prefix:  # None on --processes workers: the master has the totals
+        environment.events.quit.add_listener(lambda **_: _write_final_csv(environment, opts.csv_prefix))
     if settings.log is None and not opts.worker:
         logger.warning("no --csv or --request-log: token counts and per-stage TTFT are not recorded")
+
+
+def _write_final_csv(environment: Environment, prefix: str) -> None:
+    """`<prefix>_final_stats.csv` and `_final_failures.csv`: the totals at exit.
+
+    Locust rewrites `<prefix>_stats.csv` once a second and not at exit, so that
+    file misses the last second of the run; report.py reads these instead.
+    """
+    import csv
+
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    with open(f"{prefix}_final_stats.csv", "w", newline="", encoding="utf-8") as f:
+        writer.requests_csv(csv.writer(f))
+    with open(f"{prefix}_final_failures.csv", "w", newline="", encoding="utf-8") as f:
+        writer.failures_csv(csv.writer(f))
 
 
 @events.test_stop.add_listener

@@ -6,7 +6,8 @@ Reads what a locust run with `--csv <prefix>` left behind:
 - `<prefix>_stats_history.csv`: the user count over time (locust writes a row each second),
   which cuts the run into stages (one per user count held at least `--min-stage-s`);
 - `<prefix>_requests*.csv`: one row per request from `locustfile.py` (tokens, TTFT, ITL);
-- `<prefix>_stats.csv` and `<prefix>_failures.csv`: locust's own totals and failure messages.
+- `<prefix>_final_stats.csv` and `<prefix>_final_failures.csv` (written by the locustfile at exit;
+  else locust's `<prefix>_stats.csv` and `_failures.csv`): locust's totals and failure messages.
 
 Per stage [start, end) it reports, over the requests that *started* in it
 (after `--warmup-s`): TTFT, ITL and whole-request latency p50/p99, and
@@ -103,20 +104,21 @@ def request_logs(prefix: Path) -> list[Path]:
 def find_stages(timeline: list[tuple[float, int]], records: list[RequestRecord], min_stage_s: float) -> list[Stage]:
     """Windows of constant user count: from the history, else (no history) from the records' own `users`."""
     if timeline and any(users > 0 for _, users in timeline):
-        end_of_run = max([timeline[-1][0] + 1.0] + [r.end for r in records])
-        segments: list[list[float]] = []  # [users, start, end]
-        prev_t, prev_users = None, 0
+        segments: list[list[float]] = []  # runs of one user count: [users, first sample, last sample]
         for t, users in timeline:
-            if not segments or segments[-1][0] != users:
-                if segments:
-                    segments[-1][2] = t
-                # Rising from idle, nothing ran before: the stage began right after the last idle sample.
-                start = prev_t if prev_users == 0 and prev_t is not None else t
-                segments.append([users, start, end_of_run])
-            prev_t, prev_users = t, users
+            if segments and segments[-1][0] == users:
+                segments[-1][2] = t
+            else:
+                segments.append([users, t, t])
         by_users: dict[int, Stage] = {}
-        for users, start, end in segments:
+        for i, (users, first, last) in enumerate(segments):
             users = int(users)
+            prev = segments[i - 1] if i else None
+            nxt = segments[i + 1] if i + 1 < len(segments) else None
+            # A count changed somewhere between two samples; that gap (the ramp) belongs to no stage,
+            # except when rising from idle (nothing ran before) or stopping (nothing new started).
+            start = prev[2] if prev is not None and prev[0] == 0 else first
+            end = last + 1.0 if nxt is None else (nxt[1] if nxt[0] == 0 else last)
             if users <= 0 or end - start < min_stage_s:
                 continue  # idle, or a count passed through while ramping
             if users in by_users:  # the same count again later: one stage, from its first start to its last end
@@ -207,14 +209,19 @@ def build_report(
     records = read_records(logs)
     timeline = read_timeline(Path(f"{prefix}_stats_history.csv"))
     stages = [fill_stage(s, records, warmup_s) for s in find_stages(timeline, records, min_stage_s)]
-    locust_stats = read_locust_stats(Path(f"{prefix}_stats.csv"))
-    failures = read_locust_stats(Path(f"{prefix}_failures.csv"))
+    # The locustfile's totals at exit; locust's own files miss the run's last second.
+    locust_stats = read_locust_stats(_first_file(f"{prefix}_final_stats.csv", f"{prefix}_stats.csv"))
+    failures = read_locust_stats(_first_file(f"{prefix}_final_failures.csv", f"{prefix}_failures.csv"))
     aggregated = next((row for row in locust_stats if row.get("Name") == "Aggregated"), None)
     total_failures = sum(1 for r in records if not r.ok)
     if aggregated is not None:
         # Locust's count also has failures the request log cannot see (GET /v1/models).
         total_failures = max(total_failures, int(aggregated["Failure Count"]))
     return Report(stages, len(records), total_failures, locust_stats, failures, device, command, title)
+
+
+def _first_file(*paths: str) -> Path:
+    return next((Path(p) for p in paths if Path(p).is_file()), Path(paths[-1]))
 
 
 # ----- outputs --------------------------------------------------------------------------------

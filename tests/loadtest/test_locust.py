@@ -60,7 +60,8 @@ def test_locust_headless(server: str, tmp_path: Path, capsys: pytest.CaptureFixt
     done = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
-    stats = {(r["Type"], r["Name"]): r for r in _rows(Path(f"{prefix}_stats.csv"))}
+    # The locustfile's totals at exit (locust's own _stats.csv lags up to a second).
+    stats = {(r["Type"], r["Name"]): r for r in _rows(Path(f"{prefix}_final_stats.csv"))}
     total = stats[("", "Aggregated")]
     assert int(total["Failure Count"]) == 0
     posts = {name: int(r["Request Count"]) for (kind, name), r in stats.items() if kind == "POST"}
@@ -107,3 +108,4 @@ def test_step_shape_with_two_locust_processes(server: str, tmp_path: Path) -> No
     assert data["stages"][-1]["cached_pct"] > 50  # the shared preamble comes from the prefix cache
     assert data["load_line"].startswith("Load: 3 users, ")
     assert (out / "report.md").is_file() and (out / "command.txt").is_file()
+    assert (out / "locust_final_stats.csv").is_file()  # written by the master

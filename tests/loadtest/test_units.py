@@ -174,10 +174,10 @@ def _write_synthetic_run(prefix: Path) -> None:
             w.writerow([int(t0 + i), users, "", "Aggregated", 0, 0, "N/A", 0])
             w.writerow([int(t0 + i), users, "POST", "/v1/completions", 0, 0, "N/A", 0])  # not Aggregated: ignored
     log = RequestLog(f"{prefix}_requests.csv")
-    # Stage 1 (users 1, [1000, 1011)): 5 streamed requests of 2 s, 20 tokens, TTFT 100..500 ms.
+    # Stage 1 (users 1, [1000, 1010)): 5 streamed requests of 1.5 s, 20 tokens, TTFT 100..500 ms.
     for i in range(5):
-        s = t0 + 0.5 + 2 * i
-        log.write(RequestRecord(s, s + 2, "chat", True, "shared", True, 2000.0, ttft_ms=100.0 * (i + 1), itl_ms=10.0,
+        s = t0 + 0.2 + 1.9 * i
+        log.write(RequestRecord(s, s + 1.5, "chat", True, "shared", True, 1500.0, ttft_ms=100.0 * (i + 1), itl_ms=10.0,
                                 first_token=s + 0.1 * (i + 1), prompt_tokens=100, cached_tokens=50, completion_tokens=20, users=1))
     # Stage 2 (users 4, [1012, 1021)): 8 non-streamed requests of 1 s, 10 tokens each, one failure.
     for i in range(8):
@@ -211,13 +211,13 @@ def test_report_on_a_synthetic_run(tmp_path: Path) -> None:
     r = report.build_report(prefix, device="test box", command="make loadtest")
     assert [s.users for s in r.stages] == [1, 4]  # the 2-user ramp sample is not a stage
     one, four = r.stages
-    assert (one.start, one.end) == (1000.0, 1011.0)  # from the last idle sample
-    assert (four.start, four.end) == (1012.0, 1021.0)
+    assert (one.start, one.end) == (1000.0, 1010.0)  # from the last idle sample to its own last sample
+    assert (four.start, four.end) == (1012.0, 1021.0)  # to the idle sample: stopping starts nothing new
     assert one.requests == 5 and one.failures == 0
     assert one.ttft_p50 == pytest.approx(300.0) and one.ttft_p99 == pytest.approx(496.0)
-    assert one.itl_p50 == 10.0 and one.latency_p50 == 2000.0
-    assert one.tok_s == pytest.approx(5 * 20 / 11)  # every token of stage 1 fell inside it
-    assert one.req_s == pytest.approx(5 / 11)
+    assert one.itl_p50 == 10.0 and one.latency_p50 == 1500.0
+    assert one.tok_s == pytest.approx(5 * 20 / 10)  # every token of stage 1 fell inside it
+    assert one.req_s == pytest.approx(5 / 10)
     assert one.cached_pct == pytest.approx(50.0)
     assert four.requests == 9 and four.failures == 1
     assert four.ttft_p50 is None  # nothing streamed
@@ -229,7 +229,7 @@ def test_report_on_a_synthetic_run(tmp_path: Path) -> None:
 
     written = report.write_report(r, tmp_path / "out")
     md = written["markdown"].read_text()
-    assert "| 1 | 11 | 5 | 0.45 | 9 | 300 | 496 |" in md
+    assert "| 1 | 10 | 5 | 0.50 | 10 | 300 | 496 |" in md
     assert "HTTP 503: overloaded" in md and line in md
     data = json.loads(written["json"].read_text())
     assert [s["users"] for s in data["stages"]] == [1, 4] and data["load_line"] == line
@@ -247,13 +247,14 @@ def test_report_cli_and_a_request_spanning_stages(tmp_path: Path, capsys: pytest
         for i, users in enumerate([0, 2, 2, 2, 2, 8, 8, 8, 8]):
             w.writerow([100 + i, users, "", "Aggregated"])
     log = RequestLog(f"{prefix}_requests.csv")
-    # first token at 103, last byte at 107: 40 tokens over 4 s, half in each stage (2 users [100, 105), 8 users [105, 109)).
+    # First token at 103, last byte at 107: 40 tokens over 4 s; 2 users [100, 104), ramp, 8 users [105, 109).
     log.write(RequestRecord(101.0, 107.0, "chat", True, "long", True, 6000.0, ttft_ms=2000.0, itl_ms=100.0,
                             first_token=103.0, prompt_tokens=1000, completion_tokens=40, users=2))
     log.close()
     assert report.main([str(prefix), "--device", "cpu", "--command", "x", "--min-stage-s", "2"]) == 0
     two, eight = report.build_report(prefix, min_stage_s=2).stages
-    assert two.tok_s == pytest.approx(20 / 5) and eight.tok_s == pytest.approx(20 / 4)
+    assert (two.start, two.end, eight.start, eight.end) == (100, 104, 105, 109)
+    assert two.tok_s == pytest.approx(10 / 4) and eight.tok_s == pytest.approx(20 / 4)  # the ramp second counts nowhere
     assert two.requests == 1 and eight.requests == 0 and two.req_s == 0 and eight.req_s == pytest.approx(1 / 4)
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("Load: 8 users, 0.2 req/s, 5 tok/s")
