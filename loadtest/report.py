@@ -308,7 +308,11 @@ def plot(report: Report, path: Path) -> None:
     ax_rq.set_ylabel("requests / s", color="tab:orange")
     ax_tp.set_title("Throughput")
     handles = ax_tp.get_legend_handles_labels()[0] + ax_rq.get_legend_handles_labels()[0]
-    ax_tp.legend(handles, [h.get_label() for h in handles], loc="upper left")
+    ax_tp.legend(handles, [h.get_label() for h in handles], loc="best")
+    for s in stages:
+        if s.failures:
+            ax_tp.annotate(f"{s.failures} failed", (s.users, s.tok_s), textcoords="offset points", xytext=(0, 8),
+                           ha="center", fontsize=8, color="tab:red")
 
     def series(ax: Any, attr: str, label: str, color: str) -> None:
         for q, style in (("p50", "o-"), ("p99", "^--")):
@@ -330,8 +334,9 @@ def plot(report: Report, path: Path) -> None:
         ax.set_xticks(users)
         ax.set_xticklabels([str(u) for u in users])
         ax.grid(True, alpha=0.3)
-    ax_tp.set_ylim(bottom=0)
-    ax_rq.set_ylim(bottom=0)
+    for ax in (ax_tp, ax_rq):
+        ax.margins(y=0.12)
+        ax.set_ylim(bottom=0)
     for ax in (ax_lat, ax_itl):
         if not ax.lines:
             continue
@@ -340,8 +345,9 @@ def plot(report: Report, path: Path) -> None:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         else:
+            ax.margins(y=0.12)
             ax.set_ylim(bottom=0)
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")
     title = report.title or "Load test"
     fig.suptitle(f"{title} ({report.device})" if report.device else title)
     fig.tight_layout()
