@@ -91,6 +91,7 @@ class Settings:
     ignore_eos: bool
     stream_usage: bool
     api_key: str
+    timeout: float
     seed: int | None
     log: RequestLog | None
     user_numbers: itertools.count = field(default_factory=itertools.count)
@@ -115,6 +116,7 @@ class Settings:
             ignore_eos=not opts.no_ignore_eos,
             stream_usage=not opts.no_stream_usage,
             api_key=opts.api_key,
+            timeout=opts.request_timeout,
             seed=opts.seed,
             log=RequestLog(log_path(base, worker)) if base else None,
         )
@@ -135,7 +137,6 @@ def _init(environment: Environment, **_: Any) -> None:
         logger.error("%s", exc)
         raise SystemExit(2) from None
     environment.loadtest_settings = settings  # type: ignore[attr-defined]
-    _OpenAIUser.network_timeout = opts.request_timeout
     if opts.csv_prefix:  # None on --processes workers: the master has the totals
         environment.events.quit.add_listener(lambda **_: _write_final_csv(environment, opts.csv_prefix))
     if settings.log is None and not opts.worker:
@@ -177,8 +178,11 @@ class _OpenAIUser(FastHttpUser):
     abstract = True
     endpoint = ""  # "completions" | "chat"
     path = ""
-    network_timeout = 600.0
     connection_timeout = 30.0
+
+    def __init__(self, environment: Environment) -> None:
+        self.network_timeout = settings_of(environment).timeout  # read when the client is built
+        super().__init__(environment)
 
     def wait_time(self) -> float:
         low, high = self.settings.think
