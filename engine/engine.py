@@ -66,7 +66,10 @@ class LLMEngine:
         self.config = config
         loaded = load_model(config.model, config.dtype, config.device, config.seed)
         self.model, self.arch = loaded.model, loaded.arch
-        apply_quantization(self.model, config.quantization)
+        apply_quantization(
+            self.model, config.quantization, checkpoint=loaded.quantization,
+            calibration_source=config.tokenizer or loaded.path,
+        )
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)

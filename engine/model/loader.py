@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from engine.config import QuantConfig
 from engine.errors import ConfigError
 from engine.model.arch import ModelArch
 from engine.model.llama import LlamaForCausalLM, Rotary
@@ -38,6 +40,7 @@ class LoadedModel:
     model: LlamaForCausalLM
     arch: ModelArch
     path: Path | None  # the checkpoint folder; None for a preset
+    quantization: QuantConfig | None = None  # the scheme of a checkpoint quantized offline (engine.quant)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -81,17 +84,35 @@ def load_model(model: str, dtype: str = "auto", device: str = "auto", seed: int 
         random_init_(net, seed)
         return LoadedModel(net, arch, None)
     path = resolve_model_path(model)
-    arch = ModelArch.from_hf_config(json.loads((path / "config.json").read_text()))
+    hf_config = json.loads((path / "config.json").read_text())
+    arch = ModelArch.from_hf_config(hf_config)
+    if "quantization_config" in hf_config:
+        # Written by `python -m engine.quant.convert`: quantized modules, filled as they are.
+        from engine.quant.checkpoint import load_quantized_, read_quantization_config
+        from engine.quant.swap import build_empty_quantized_
+
+        quant = read_quantization_config(hf_config, path)
+        net = _empty_model(arch, dev, torch_dtype, lambda n: build_empty_quantized_(n, quant, torch_dtype))
+        load_quantized_(net, path)
+        return LoadedModel(net, arch, path, quant)
     net = _empty_model(arch, dev, torch_dtype)
     load_safetensors_(net, path)
     return LoadedModel(net, arch, path)
 
 
-def _empty_model(arch: ModelArch, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    # Build on the meta device so that no memory is touched twice, then place it.
+def _empty_model(
+    arch: ModelArch,
+    device: torch.device,
+    dtype: torch.dtype,
+    prepare: Callable[[LlamaForCausalLM], None] | None = None,
+) -> LlamaForCausalLM:
+    # Build on the meta device so that no memory is touched twice, then place it; `prepare`
+    # may swap modules while still on meta (quantized ones keep their own dtypes).
     with torch.device("meta"):
-        net = LlamaForCausalLM(arch)
-    net = net.to_empty(device=device).to(dtype)
+        net = LlamaForCausalLM(arch).to(dtype)
+        if prepare is not None:
+            prepare(net)
+    net = net.to_empty(device=device)
     net.rotary = Rotary(arch, arch.max_position_embeddings).to(device)
     for module in net.modules():
         if module.__class__.__name__ == "RMSNorm":

@@ -1,0 +1,286 @@
+"""Triton kernels for quantized linear layers: y = x @ W^T (+ bias), W dequantized in registers.
+
+Weights are read once in their packed form and never written back in a
+wider type: on a decode step (a few rows of x) the matrix product is bound
+by the bytes of W, so int8 reads half and int4 a quarter of bf16's bytes.
+Accumulation is fp32.
+
+Formats (the `FMT` constexpr):
+  0  int8, per output channel:   W[n, k] = q[n, k] * s[n]
+  1  int4, per group of GROUP k:  W[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k // GROUP;
+     q packed two per byte along k, the even k in the low nibble: byte[n, j] = q[n, 2j] | q[n, 2j+1] << 4
+  2  fp8 e4m3, per output channel, with per-row (per-token) fp8 activations:
+     y[m, n] = sum_k fp8(x[m, k] / a[m]) * q[n, k] * a[m] * s[n], a[m] = max_k |x[m, k]| / 448
+
+Two kernels: `_matvec_kernel` for one row of x (batch-1 decode: plain fp32
+multiply-add and reductions, many small programs to keep the memory system
+busy) and `_matmul_kernel` for more rows (tensor-core tl.dot on the
+dequantized tiles). The layers call them for small M (decode, speculative
+verification) and dequantize + cuBLAS for large M (prefill).
+
+Everything here also runs under the Triton interpreter (TRITON_INTERPRET=1)
+on the CPU, which is how tests/engine/quant/test_kernels.py checks it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FMT_INT8, FMT_INT4, FMT_FP8 = 0, 1, 2
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+# ----- kernels -------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_fp8_scale(x_row_ptr, K, BLOCK_K: tl.constexpr):
+    """max|x| / 448 of one row (the per-token scale), at least 1e-12 / 448."""
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    return tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+
+
+@triton.jit
+def _matvec_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, K, stride_wn, stride_sn,
+    FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[n] = sum_k x[k] W[n, k] for one row x; a program owns BLOCK_N outputs and loops over K."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if FMT == 1:
+        # Tiles [BLOCK_N, NG, HALF] bytes: NG whole groups per step, so the scale and zero of a
+        # group apply to its partial sum: s * (sum_k q x - z sum_k x).
+        NG: tl.constexpr = BLOCK_K // GROUP
+        HALF: tl.constexpr = GROUP // 2
+        num_groups = K // GROUP
+        g_ar = tl.arange(0, NG)
+        j_ar = tl.arange(0, HALF)
+        for g0 in range(0, num_groups, NG):
+            g = g0 + g_ar
+            g_mask = g < num_groups
+            byte = g[:, None] * HALF + j_ar[None, :]  # [NG, HALF] byte index within a row
+            wq = tl.load(
+                w_ptr + offs_n[:, None, None] * stride_wn + byte[None, :, :],
+                mask=n_mask[:, None, None] & g_mask[None, :, None],
+                other=0,
+            )
+            xe = tl.load(x_ptr + 2 * byte, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 2 * byte + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            lo = (wq & 0xF).to(tl.float32)
+            hi = (wq >> 4).to(tl.float32)
+            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
+            xsum = tl.sum(xe + xo, axis=1)  # [NG]
+            sz_off = offs_n[:, None] * stride_sn + g[None, :]
+            sz_mask = n_mask[:, None] & g_mask[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
+            acc += tl.sum(s * (part - z * xsum[None, :]), axis=1)
+    else:
+        if FMT == 2:
+            a = _row_fp8_scale(x_ptr, K, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                mask=n_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            if FMT == 2:
+                x = tl.clamp(x / a, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if FMT == 2:
+            acc = acc * a
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """A [BLOCK_M, BLOCK_N] tile of y per program, tl.dot on tiles dequantized to x's dtype."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    ct = x_ptr.dtype.element_ty  # the dot's operand type: integers up to 255 and fp8 values are exact in it
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FMT == 1:
+        # One group per step (BLOCK_K is unused): the even and odd k of the group are two dots.
+        HALF: tl.constexpr = GROUP // 2
+        j_ar = tl.arange(0, HALF)
+        for g in range(0, K // GROUP):
+            byte = g * HALF + j_ar
+            wq = tl.load(w_ptr + offs_n[None, :] * stride_wn + byte[:, None], mask=n_mask[None, :], other=0)
+            lo = (wq & 0xF).to(ct)  # [HALF, BLOCK_N]
+            hi = (wq >> 4).to(ct)
+            x_off = offs_m[:, None] * stride_xm + 2 * byte[None, :]
+            xe = tl.load(x_ptr + x_off, mask=m_mask[:, None], other=0.0)  # [BLOCK_M, HALF]
+            xo = tl.load(x_ptr + x_off + 1, mask=m_mask[:, None], other=0.0)
+            part = tl.dot(xe, lo, input_precision=DOT_PRECISION)
+            part = tl.dot(xo, hi, part, input_precision=DOT_PRECISION)
+            xsum = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
+            acc += s[None, :] * (part - xsum[:, None] * z[None, :])
+    else:
+        if FMT == 2:
+            # Per-row fp8 scales of this program's rows, in a first pass over K.
+            amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            a = tl.maximum(tl.max(amax, axis=1), 1e-12) / 448.0  # [BLOCK_M]
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                mask=n_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            ).to(ct)  # [BLOCK_K, BLOCK_N]
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if FMT == 2:
+                x = tl.clamp(x.to(tl.float32) / a[:, None], -448.0, 448.0).to(tl.float8e4nv).to(ct)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if FMT == 2:
+            acc = acc * a[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+# ----- autotuning ------------------------------------------------------------------------
+
+# Matvec: (BLOCK_N, BLOCK_K, warps, stages). Small BLOCK_N gives many programs, which is
+# what keeps enough loads in flight when N is 4096; a long BLOCK_K makes each load wide.
+_MATVEC = [
+    (8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 4, 3), (32, 256, 4, 3),
+    (32, 512, 8, 3), (64, 256, 8, 2), (8, 1024, 4, 2), (16, 1024, 8, 2),
+]
+_MATMUL = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (128, 64, 8, 3)]  # (BLOCK_N, BLOCK_K, warps, stages)
+
+
+def _bench(fn, quantiles):
+    # Shorter than Triton's default (25 ms warm-up, 100 ms of reps): an engine start tunes
+    # every distinct layer shape once, and these kernels take microseconds.
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _prune_int4(configs, named_args, **kwargs):
+    # int4 matvec steps over whole groups: BLOCK_K must be a multiple of GROUP.
+    group = kwargs.get("GROUP", named_args.get("GROUP"))
+    fmt = kwargs.get("FMT", named_args.get("FMT"))
+    if fmt != FMT_INT4:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
+    if kept:
+        return kept
+    return [triton.Config({"BLOCK_N": 16, "BLOCK_K": group}, num_warps=4, num_stages=2)]
+
+
+_matvec_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _MATVEC],
+    key=["N", "K", "FMT", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_int4},
+    do_bench=_bench,
+)(_matvec_kernel)
+
+_matmul_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _MATMUL],
+    key=["N", "K", "FMT", "GROUP", "BLOCK_M"],
+    do_bench=_bench,
+)(_matmul_kernel)
+
+
+# ----- host side -------------------------------------------------------------------------
+
+
+def block_m_for(m: int) -> int:
+    """Rows per program of the matmul kernel: 16 (tl.dot's smallest), 32 or 64."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def quant_matmul(
+    x: torch.Tensor,  # [M, K], contiguous rows
+    fmt: int,
+    qweight: torch.Tensor,  # int8 [N, K] | uint8 [N, K // 2] | float8_e4m3fn [N, K]
+    scales: torch.Tensor,  # [N] (int8, fp8) | [N, K // group] (int4)
+    zeros: torch.Tensor | None = None,  # uint8 [N, K // group] (int4)
+    bias: torch.Tensor | None = None,
+    group: int = 0,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x @ W^T (+ bias) in x's dtype. `config` pins the tile sizes (tests); otherwise autotuned."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    z = zeros if zeros is not None else scales  # an unused pointer for int8 / fp8
+    b = bias if bias is not None else scales
+    stride_sn = scales.stride(0)
+    common = dict(FMT=fmt, GROUP=max(group, 1), HAS_BIAS=bias is not None)
+    if m == 1:
+        args = (x, qweight, scales, z, b, y, n, k, qweight.stride(0), stride_sn)
+        if config is None:
+            _matvec_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **common)
+        else:
+            cfg = dict(config)
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+            _matvec_kernel[grid](*args, **common, **_launch(cfg))
+        return y
+    block_m = config.get("BLOCK_M", block_m_for(m)) if config else block_m_for(m)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    args = (x, qweight, scales, z, b, y, m, n, k, x.stride(0), qweight.stride(0), stride_sn, y.stride(0))
+    common.update(DOT_PRECISION=precision, BLOCK_M=block_m)
+    if config is None:
+        _matmul_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))](*args, **common)
+    else:
+        cfg = {key: v for key, v in config.items() if key != "BLOCK_M"}
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
+        _matmul_kernel[grid](*args, **common, **_launch(cfg))
+    return y
+
+
+def _launch(cfg: dict) -> dict:
+    out = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+    out["num_warps"] = cfg.get("num_warps", 4)
+    out["num_stages"] = cfg.get("num_stages", 2)
+    return out
