@@ -539,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="rlc-", dir="/tmp"))
     cluster = LocalCluster(workdir)
     ok = False
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the finally below: the cluster is stopped
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         report = rehearse(cluster, timeout_s=a.timeout)
         ok = True
