@@ -9,7 +9,6 @@ the same scheme per row (one scale per token), gathered row by row.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.quant.base import KERNEL_MAX_ROWS, QuantLinear
@@ -79,7 +78,9 @@ class Int8Embedding(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.qweight).to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+        flat = ids.reshape(-1)
+        rows = self.qweight.index_select(0, flat).to(self.scales.dtype) * self.scales.index_select(0, flat)[:, None]
+        return rows.view(*ids.shape, self.embedding_dim)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]

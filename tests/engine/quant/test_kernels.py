@@ -1,0 +1,128 @@
+"""The Triton quantized-matmul kernels against the layers' torch reference, on the CPU.
+
+The kernels run under the Triton interpreter (TRITON_INTERPRET=1, read when a
+kernel is decorated, so it is set before engine.quant.kernels is imported).
+That checks the numbers, not the speed (bench/quant.py times them on a GPU).
+Tile sizes are pinned per test (the autotuner needs a GPU): several shapes,
+masks on every edge, both kernels (one row: matvec; more: tl.dot).
+
+fp8: the interpreter's float -> e4m3 conversion rounds some values wrongly
+(a mantissa carry into the exponent, e.g. 125.2 -> 64), so activations here
+are chosen to be exact e4m3 values times a power of two, with a row maximum
+of 448 times it: the per-token quantization is then exact and the kernel
+must agree with the reference to fp32 rounding. The GPU check in
+bench/quant.py covers the rounding itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from engine.quant.fp8 import Fp8Linear  # noqa: E402
+from engine.quant.int4 import Int4Linear  # noqa: E402
+from engine.quant.int8 import Int8Linear  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    from triton.runtime import interpreter
+
+    from engine.quant import kernels
+
+    if not isinstance(kernels._matvec_kernel, interpreter.InterpretedFunction):
+        pytest.skip("engine.quant.kernels was imported before TRITON_INTERPRET=1 was set")
+
+    # triton 3.6's interpreter calls int() on 1-element arrays (loop bounds computed from
+    # arguments), which numpy >= 2.4 refuses (triton-lang/triton#9171).
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    return kernels
+
+
+def linear(k: int, n: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).requires_grad_(False)
+    nn.init.normal_(lin.weight, std=0.05)
+    return lin
+
+
+def run(kernels, q, x, config):
+    fmt = {Int8Linear: kernels.FMT_INT8, Int4Linear: kernels.FMT_INT4, Fp8Linear: kernels.FMT_FP8}[type(q)]
+    extra = {"zeros": q.zeros, "group": q.group_size} if isinstance(q, Int4Linear) else {}
+    return kernels.quant_matmul(x, fmt, q.qweight, q.scales, bias=q.bias, config=config, **extra)
+
+
+def check(y, ref):
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y.float(), ref.float(), atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
+MATVEC = [{"BLOCK_N": 16, "BLOCK_K": 128}, {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 2}]
+MATMUL = [{"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_M": 16}, {"BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_M": 32}]
+
+
+@pytest.mark.parametrize("m", [1, 5, 20])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("cfg", [0, 1])
+def test_int8(kernels, m, bias, cfg):
+    lin = linear(320, 40, bias)  # K not a multiple of BLOCK_K, N not of BLOCK_N
+    q = Int8Linear.from_float(lin)
+    x = torch.randn(m, 320)
+    config = MATVEC[cfg] if m == 1 else MATMUL[cfg]
+    check(run(kernels, q, x, config), q.forward_reference(x))
+
+
+@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4(kernels, m, group):
+    lin = linear(384, 24, bias=m == 3)  # 384 = 3 groups of 128: the matvec's last step is partial
+    q = Int4Linear.from_float(lin, group)
+    x = torch.randn(m, 384)
+    config = {"BLOCK_N": 16, "BLOCK_K": 256} if m == 1 else {"BLOCK_N": 16, "BLOCK_K": 0}
+    check(run(kernels, q, x, config), q.forward_reference(x))
+
+
+def test_int4_fp16_tensor_core_path(kernels):
+    # The dot path in half precision (bf16 needs a GPU: numpy has no bf16).
+    lin = linear(256, 64, bias=True)
+    q = Int4Linear.from_float(lin, 64)
+    q.scales = q.scales.half()
+    q.bias = q.bias.half()
+    x = torch.randn(7, 256).half()
+    y = run(kernels, q, x, {"BLOCK_N": 32, "BLOCK_K": 0})
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), q.forward_reference(x.float()), atol=2e-2, rtol=2e-2)
+
+
+def exact_fp8_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    vals = (torch.randn(m, k, generator=gen) * 60).clamp(-440, 440).to(torch.float8_e4m3fn).float()
+    vals[:, 0] = 448.0  # the row maximum: the per-token scale is then exactly 2^e
+    return vals * (2.0 ** torch.arange(-3, m - 3)).float()[:, None]
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_fp8_weights_and_per_token_activations(kernels, m):
+    lin = linear(256, 40, bias=True)
+    q = Fp8Linear.from_float(lin)
+    x = exact_fp8_rows(m, 256)
+    config = {"BLOCK_N": 16, "BLOCK_K": 64} if m == 1 else {"BLOCK_N": 16, "BLOCK_K": 64, "BLOCK_M": 16}
+    check(run(kernels, q, x, config), q.forward_reference(x))
+
+
+def test_empty_batch(kernels):
+    q = Int8Linear.from_float(linear(64, 16, False))
+    assert run(kernels, q, torch.randn(0, 64), MATMUL[0]).shape == (0, 16)
