@@ -55,6 +55,9 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad(f"seed must be an integer, got {self.seed!r}")
+        # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; choice i is seeded with seed + i.
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - self.n:
+            raise bad(f"seed must lie in [-2**63, 2**64 - n], got {self.seed}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
