@@ -53,42 +53,85 @@ def _matvec_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[n] = sum_k x[k] W[n, k] for one row x; a program owns BLOCK_N outputs and loops over K."""
+    """y[n] = sum_k x[k] W[n, k] for one row x; a program owns BLOCK_N outputs and loops over K.
+
+    int8 and int4 weights arrive as int32 words (4 int8 or 8 int4 codes each, k ascending
+    from the low bits) and are turned into floats without int-to-float conversions, whose
+    hardware rate (1/8 of fp32's) would cap the kernel below the memory bandwidth: a code c
+    of b bits is shifted into the top of an fp32 mantissa and OR-ed with the exponent of
+    1.0, which reads as 1 + c / 2^b. Then sum_k (1 + c/2^b) x = X + sum_k c x / 2^b with
+    X = sum_k x, so sum_k c x = 2^b (sum_k (1 + c/2^b) x - X): one shift, one logic op
+    and one multiply-add per weight.
+    """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if FMT == 1:
-        # Tiles [BLOCK_N, NG, HALF] bytes: NG whole groups per step, so the scale and zero of a
+        # Tiles [BLOCK_N, NG, WPG] words: NG whole groups per step, so the scale and zero of a
         # group apply to its partial sum: s * (sum_k q x - z sum_k x).
         NG: tl.constexpr = BLOCK_K // GROUP
-        HALF: tl.constexpr = GROUP // 2
+        WPG: tl.constexpr = GROUP // 8  # words per group
         num_groups = K // GROUP
         g_ar = tl.arange(0, NG)
-        j_ar = tl.arange(0, HALF)
+        j_ar = tl.arange(0, WPG)
         for g0 in range(0, num_groups, NG):
             g = g0 + g_ar
             g_mask = g < num_groups
-            byte = g[:, None] * HALF + j_ar[None, :]  # [NG, HALF] byte index within a row
-            wq = tl.load(
-                w_ptr + offs_n[:, None, None] * stride_wn + byte[None, :, :],
+            word = g[:, None] * WPG + j_ar[None, :]  # [NG, WPG] word index within a row
+            w = tl.load(
+                w_ptr + offs_n[:, None, None] * stride_wn + word[None, :, :],
                 mask=n_mask[:, None, None] & g_mask[None, :, None],
                 other=0,
             )
-            xe = tl.load(x_ptr + 2 * byte, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + 2 * byte + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            lo = (wq & 0xF).to(tl.float32)
-            hi = (wq >> 4).to(tl.float32)
-            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
-            xsum = tl.sum(xe + xo, axis=1)  # [NG]
+            part = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
+            xsum = tl.zeros([NG, WPG], dtype=tl.float32)
+            for i in tl.static_range(8):  # code i of a word is k = 8 * word + i, at bits 4i..4i+3
+                if i <= 4:
+                    t = w << (19 - 4 * i)
+                else:
+                    t = w >> (4 * i - 19)
+                f = ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                xi = tl.load(x_ptr + 8 * word + i, mask=g_mask[:, None], other=0.0).to(tl.float32)
+                part += f * xi[None, :, :]
+                xsum += xi
+            qx = tl.sum(part, axis=2)  # [BLOCK_N, NG]: sum (1 + q/16) x
+            xg = tl.sum(xsum, axis=1)  # [NG]: sum x
             sz_off = offs_n[:, None] * stride_sn + g[None, :]
             sz_mask = n_mask[:, None] & g_mask[None, :]
             s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0).to(tl.float32)
-            acc += tl.sum(s * (part - z * xsum[None, :]), axis=1)
+            # sum (q - z) x = 16 (qx - X) - z X
+            acc += tl.sum(s * (16.0 * qx - (16.0 + z) * xg[None, :]), axis=1)
+    elif FMT == 0:
+        NW: tl.constexpr = BLOCK_K // 4
+        j_ar = tl.arange(0, NW)
+        num_words = K // 4
+        part = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+        xsum = tl.zeros([NW], dtype=tl.float32)
+        for j0 in range(0, num_words, NW):
+            word = j0 + j_ar
+            j_mask = word < num_words
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + word[None, :],
+                mask=n_mask[:, None] & j_mask[None, :],
+                other=0,
+            )
+            w = w ^ -2139062144  # 0x80808080: each signed byte q becomes q + 128 in 1..255
+            for i in tl.static_range(4):  # byte i of a word is k = 4 * word + i
+                if i <= 1:
+                    t = w << (15 - 8 * i)
+                else:
+                    t = w >> (8 * i - 15)
+                f = ((t & 0x007F8000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + (q + 128) / 256
+                xi = tl.load(x_ptr + 4 * word + i, mask=j_mask, other=0.0).to(tl.float32)
+                part += f * xi[None, :]
+                xsum += xi
+        # sum q x = 256 (sum (1 + (q+128)/256) x - X) - 128 X
+        acc = 256.0 * tl.sum(part, axis=1) - 384.0 * tl.sum(xsum, axis=0)
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     else:
-        if FMT == 2:
-            a = _row_fp8_scale(x_ptr, K, BLOCK_K)
+        a = _row_fp8_scale(x_ptr, K, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
@@ -98,12 +141,9 @@ def _matvec_kernel(
                 other=0.0,
             ).to(tl.float32)
             x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            if FMT == 2:
-                x = tl.clamp(x / a, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+            x = tl.clamp(x / a, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
-        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if FMT == 2:
-            acc = acc * a
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * a
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -269,8 +309,13 @@ def quant_matmul(
     b = bias if bias is not None else scales
     stride_sn = scales.stride(0)
     common = dict(FMT=fmt, GROUP=max(group, 1), HAS_BIAS=bias is not None)
-    if m == 1:
-        args = (x, qweight, scales, z, b, y, n, k, qweight.stride(0), stride_sn)
+    if m == 1 and fmt != FMT_FP8 and k % (8 if fmt == FMT_INT4 else 4):
+        m_path = "matmul"  # the word-wise matvec needs whole int32 words per row
+    else:
+        m_path = "matvec" if m == 1 else "matmul"
+    if m_path == "matvec":
+        w = qweight.view(torch.int32) if fmt != FMT_FP8 else qweight  # int8 / int4 codes as words
+        args = (x, w, scales, z, b, y, n, k, w.stride(0), stride_sn)
         if config is None:
             _matvec_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **common)
         else:

@@ -126,3 +126,33 @@ def test_fp8_weights_and_per_token_activations(kernels, m):
 def test_empty_batch(kernels):
     q = Int8Linear.from_float(linear(64, 16, False))
     assert run(kernels, q, torch.randn(0, 64), MATMUL[0]).shape == (0, 16)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_bf16_matvec(kernels, cls):
+    # One row in bf16, as a decode step on the GPU runs it (the matvec has no tl.dot, so the
+    # interpreter can run it in bf16).
+    lin = linear(256, 40, bias=True).to(torch.bfloat16)
+    q = cls.from_float(lin) if cls is Int8Linear else cls.from_float(lin, 64)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    y = run(kernels, q, x, {"BLOCK_N": 16, "BLOCK_K": 128})
+    assert y.dtype == torch.bfloat16
+    ref = q.forward_reference(x.float())
+    torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
+def test_rows_that_are_not_whole_words_take_the_matmul_kernel(kernels):
+    q = Int8Linear.from_float(linear(66, 24, True))  # 66 int8 codes: not whole int32 words
+    x = torch.randn(1, 66)
+    check(run(kernels, q, x, {"BLOCK_N": 16, "BLOCK_K": 32}), q.forward_reference(x))
+
+
+def test_autotune_pruning(kernels):
+    cfgs = kernels._matvec_tuned.configs
+    kept = kernels._prune_int4(cfgs, {}, FMT=kernels.FMT_INT4, GROUP=512)
+    assert kept and all(c.kwargs["BLOCK_K"] % 512 == 0 for c in kept)
+    assert kernels._prune_int4(cfgs, {}, FMT=kernels.FMT_INT4, GROUP=4096)[0].kwargs["BLOCK_K"] == 4096
+    assert kernels._prune_int4(cfgs, {}, FMT=kernels.FMT_INT8, GROUP=1) == cfgs
+    mm = kernels._matmul_tuned.configs
+    int4 = kernels._prune_matmul(mm, {}, FMT=kernels.FMT_INT4)
+    assert len({(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in int4}) == len(int4)
