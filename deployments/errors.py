@@ -52,7 +52,7 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
     first = errors[0] if errors else {"msg": "invalid request body", "loc": ()}
     # loc starts with "body"; the rest is the field path, with union-member names mixed in.
     path = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(p for p in path if not p.startswith(("function-", "list[", "str", "int"))) or None
+    param = ".".join(p for p in path if not _is_union_member(p)) or None
     message = str(first.get("msg", "invalid request body")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return bad_request(f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", code="invalid_json")
@@ -63,3 +63,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
     if first.get("type") == "missing":
         return bad_request(f"missing required parameter: {param}", param=param)
     return bad_request(f"{param}: {message}" if param else message, param=param)
+
+
+def _is_union_member(part: str) -> bool:
+    """A union member's name in an error location (`str`, `list[int]`, ...), not a field name such as `stream`."""
+    return part in ("str", "int", "float", "bool") or part.startswith(("function-", "list[", "dict["))
