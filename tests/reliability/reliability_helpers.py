@@ -40,7 +40,7 @@ def app_args(**overrides: Any) -> dict[str, Any]:
         "model": "models/demo-target",
         "served_model_name": "demo",
         "device": "cpu",
-        "max_model_len": 512,
+        "max_model_len": 2048,
         "cache": {"num_blocks": 256},
         "scheduler": {"max_num_seqs": 16, "max_num_batched_tokens": 1024},
         "router": {"publish_interval_s": 0.05},
