@@ -188,6 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--num-kv-blocks", type=int, default=16384)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "served_model_name": "bench",
         "max_model_len": args.prompt_len + args.output_len + 64,
+        # A fixed pool (1 GiB for the demo model): the direct engine and the Serve replica
+        # run one after the other, and the second must not size itself from what the first left.
+        "cache": {"num_blocks": args.num_kv_blocks},
         "scheduler": {"max_num_seqs": max_seqs, "max_num_batched_tokens": 8192},
         "llm_server": {
             "max_ongoing_requests": max(levels) + 8,

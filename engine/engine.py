@@ -15,7 +15,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError
+from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache.allocator import PagedKVAllocator
 from engine.model.loader import load_model
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -319,4 +319,10 @@ class LLMEngine:
             budget = free - reserve
         else:
             budget = cache.cpu_kv_cache_bytes
-        return max(int(budget // block_bytes), 2)
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 2:
+            raise ConfigError(
+                f"no room for the KV cache: {budget / 2**30:.2f} GiB left for it on {self.device}; "
+                "raise cache.gpu_memory_utilization, free the device, or set cache.num_blocks"
+            )
+        return num_blocks
