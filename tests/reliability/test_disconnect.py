@@ -7,6 +7,7 @@ request asked for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from reliability_helpers import assert_serves, replica_values, sse_data, wait_fo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-MAX_TOKENS = 2000  # at several ms a token, far longer than the test keeps the connection open
+MAX_TOKENS = 2000  # at several ms a token: seconds longer than the test keeps the connection open
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,15 @@ def client(basic_url: str) -> Iterator[httpx.Client]:
 
 
 def one(samples: dict[str, list[Any]], family: str, sample: str | None = None) -> float:
-    (value,) = replica_values(samples, family, sample).values()  # the app has one LLM replica
-    return value
+    """The value of the app's one LLM replica (NaN before it has published)."""
+    values = list(replica_values(samples, family, sample).values())
+    assert len(values) <= 1, values
+    return values[0] if values else math.nan
 
 
 def idle(samples: dict[str, list[Any]]) -> bool:
     return (
-        bool(replica_values(samples, "llm_replica_running_requests"))
-        and one(samples, "llm_replica_running_requests") == 0
+        one(samples, "llm_replica_running_requests") == 0
         and one(samples, "llm_replica_waiting_requests") == 0
         and one(samples, "llm_replica_kv_cache_usage_ratio") == 0
     )
@@ -66,7 +68,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(basic_url: str, client: httpx.Cli
         # Leaving both blocks closes the connection mid-stream.
     after = wait_for_metrics(client, idle, 15, "the aborted stream's blocks back in the pool")
     assert one(after, "llm_replica_free_kv_blocks") == one(before, "llm_replica_free_kv_blocks")
-    assert generated(after) - generated(before) < MAX_TOKENS / 2
+    assert generated(after) - generated(before) < MAX_TOKENS  # aborted, not run to its end
     assert_serves(client)
 
 
@@ -78,5 +80,5 @@ def test_disconnect_while_waiting_for_a_unary_answer_frees_kv_blocks(basic_url: 
             impatient.post("/v1/completions", json=body)
     after = wait_for_metrics(client, idle, 15, "the abandoned request's blocks back in the pool")
     assert one(after, "llm_replica_free_kv_blocks") == one(before, "llm_replica_free_kv_blocks")
-    assert generated(after) - generated(before) < MAX_TOKENS / 2
+    assert generated(after) - generated(before) < MAX_TOKENS
     assert_serves(client)

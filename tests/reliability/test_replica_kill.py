@@ -129,18 +129,20 @@ async def scenario(host: ServeHost, url: str) -> None:
         answers = await asyncio.gather(*in_flight)
 
         for s in streams:
-            if s.replica == victim:
-                assert s.outcome == "error-event", (s.outcome, s.events[-3:])
+            # On the victim: cleanly ended by an error event (or, on a slow machine, done before the kill).
+            allowed = ("error-event", "complete") if s.replica == victim else ("complete",)
+            assert s.outcome in allowed, (s.replica == victim, s.outcome, s.events[-3:])
+            if s.outcome == "error-event":
                 (error,) = [e["error"] for e in s.events if isinstance(e, dict) and "error" in e]
                 assert error["code"] == "unavailable" and error["message"], error
                 assert s.events[-1] == "[DONE]"
             else:
-                assert s.outcome == "complete", (s.replica, s.outcome, s.events[-3:])
                 last = [e for e in s.events if isinstance(e, dict) and e.get("choices")][-1]
                 assert last["choices"][0]["finish_reason"] == "length"
+        assert any(s.outcome == "error-event" for s in streams), "no stream was still running on the killed replica"
         for status, body, replica in answers:
             if status == 200:
-                assert body["usage"]["completion_tokens"] == UNARY_TOKENS and replica != victim
+                assert body["usage"]["completion_tokens"] == UNARY_TOKENS
             else:
                 assert status == 503 and body["error"]["code"] == "unavailable", (status, body)
         for status, body, replica in during:
