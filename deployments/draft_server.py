@@ -1,9 +1,8 @@
 """The draft model as its own Serve deployment, and the proposer LLM replicas call it through.
 
     draft = DraftServer.options(ray_actor_options={"num_gpus": 0.25}).bind(**draft_server_kwargs(config))
-    llm = LLMServer.options(...).bind(config, draft)        # the replica wraps the handle:
-    proposer = RemoteDraftProposer(draft_handle, k, vocab_size, device)
-    engine = LLMEngine(config.to_engine_config(), proposer=proposer)
+    llm = LLMServer.options(...).bind(config, draft)        # in the replica, with the handle it got:
+    engine = LLMEngine(config.to_engine_config(), proposer=remote_proposer(config, draft_handle))
 
 The deployment holds an `engine.spec.draft_service.DraftService` (a draft
 model with its own paged cache and prefix cache; all the computing is
@@ -20,7 +19,6 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,11 +118,21 @@ def draft_server_kwargs(config: Any) -> dict[str, Any]:
     }
 
 
-def _vocab_size(model: str) -> int | None:
-    """The target's vocabulary size from its config, where it can be read without loading it."""
+def remote_proposer(config: Any, handle: DeploymentHandle) -> RemoteDraftProposer:
+    """What an LLM replica gives its engine when speculative.method is 'remote' (config: AppConfig)."""
+    from engine.model.loader import resolve_device
+
+    return RemoteDraftProposer(
+        handle, config.speculative.num_speculative_tokens, _vocab_size(config.model), resolve_device(config.device)
+    )
+
+
+def _vocab_size(model: str) -> int:
+    """The target's vocabulary size, from its config.json (a preset's, a folder's or a hub id's)."""
     if model.startswith("preset:"):
         from engine.model.presets import preset_config
 
         return int(preset_config(model.removeprefix("preset:"))["vocab_size"])
-    path = Path(model) / "config.json"
-    return int(json.loads(path.read_text())["vocab_size"]) if path.is_file() else None
+    from engine.model.loader import resolve_model_path
+
+    return int(json.loads((resolve_model_path(model) / "config.json").read_text())["vocab_size"])

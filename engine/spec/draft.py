@@ -109,13 +109,18 @@ class DraftModel:
         self.sample_top_k = sample_top_k
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.buckets = batch_buckets(max_graph_batch) if max_graph_batch > 0 and self.device.type == "cuda" else []
+        self.buckets: list[int] = []
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
-        if self.buckets:
-            b = self.buckets[-1]
-            k, v = self.k, vocab_size
-            self._shared = (torch.ones(k, b, v, device=self.device), torch.zeros(b, k, v, device=self.device))
+        if max_graph_batch > 0 and self.device.type == "cuda":
+            self.use_buckets(max_graph_batch)
             self._capture()
+
+    def use_buckets(self, max_batch: int) -> None:
+        """Pad regular calls to batch buckets (what the CUDA graphs need; tests use it on the CPU too)."""
+        self.buckets = batch_buckets(max_batch)
+        b, k, v = self.buckets[-1], self.k, self.vocab_size
+        self._shared = (torch.ones(k, b, v, device=self.device), torch.zeros(b, k, v, device=self.device))
+        self._buffers.clear()
 
     # ----- the call ----------------------------------------------------------------------
 
@@ -135,8 +140,9 @@ class DraftModel:
             bufs = self._buffers_for(bucket) if bucket is not None else self._new_buffers(n)
             host = self._host_inputs(bufs, seqs, starts, ks)
             self._upload(bufs, host, temps, seqs, sample)
-            if bucket is not None:
-                self._graphs[(bucket, sample)].replay()
+            graph = self._graphs.get((bucket, sample))
+            if graph is not None:
+                graph.replay()
             else:
                 self._forward_regular(bufs, sample, host)
         else:

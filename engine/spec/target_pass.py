@@ -56,10 +56,11 @@ class TargetVerifyPass:
         self.k = num_speculative_tokens
         self.width = max_blocks_per_seq
         self.device = kv_cache.device
-        self.buckets = batch_buckets(max_graph_batch) if max_graph_batch > 0 and self.device.type == "cuda" else []
+        self.buckets: list[int] = []
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.buckets:
+        if max_graph_batch > 0 and self.device.type == "cuda":
+            self.buckets = batch_buckets(max_graph_batch)
             self._capture()
 
     def fits(self, batch: int) -> bool:
@@ -77,10 +78,11 @@ class TargetVerifyPass:
             bufs = self._buffers[b] = _Buffers(b, self.k, self.width, self.device)
         seq_lens = self._upload(bufs, seqs, num_drafts)
         bufs.drafts[:n].copy_(draft_ids)
-        if bucket is not None:
-            self._graphs[b].replay()
+        graph = self._graphs.get(b)
+        if graph is not None:
+            graph.replay()
             logits = bufs.logits
-        else:
+        else:  # the CPU, or a bucket set by a test (padding rows run eagerly)
             logits = self._forward(bufs, seq_lens)
         return logits.view(b, self.k + 1, -1)[:n]
 

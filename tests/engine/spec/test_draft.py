@@ -121,3 +121,21 @@ def test_service_sampled_proposals_carry_their_distribution(service):
     for j, token in enumerate(reply.token_ids[0]):
         assert dense[0, j, token] > 0  # drawn from the distribution it reports
     assert (dense[0] > 0).sum(-1).tolist() == [5, 5, 5]
+
+
+def test_batch_bucket_padding(llama_ckpt, noisy_draft, make_engine):
+    """The padded rows of the GPU's graph buckets, run eagerly on the CPU, change nothing."""
+    from engine.cuda_graphs import batch_buckets
+
+    plain = make_engine(llama_ckpt, block_size=BS)
+    for draft in (llama_ckpt, noisy_draft):
+        engine = make_engine(llama_ckpt, block_size=BS, speculative=SpeculativeConfig(method="draft", draft_model=str(draft)))
+        engine.proposer.draft.use_buckets(8)
+        engine.runner.verify_pass.buckets = batch_buckets(8)
+        prompts = PROMPTS + PROMPTS[:1]  # 5 sequences: bucket 8, three idle rows
+        out = engine.generate(prompts, GREEDY)
+        assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY)]
+        if draft is llama_ckpt:
+            assert engine.stats().spec_acceptance_rate == 1.0
+        hot = SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True)
+        assert all(len(o.outputs[0].token_ids) == 20 for o in engine.generate(prompts, [GREEDY, hot] * 2 + [hot]))
