@@ -18,13 +18,18 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache.allocator import PagedKVAllocator
 from engine.model.loader import load_model
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import apply_quantization
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceIds
+from engine.spec.draft import DraftModel, DraftProposer
+from engine.spec.ngram import NgramProposer
+from engine.spec.proposer import Proposals, Proposer, SpecRequest
+from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH
+from engine.spec.verify import verify
 from engine.tokenizer import eos_token_ids, load_tokenizer
 
 Prompt = str | list[int]
@@ -59,11 +64,37 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    # Speculative decoding, counted over (sequence, step) pairs that had proposals.
+    spec_proposer: str | None = None
+    spec_steps: int = 0
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0  # accepted / proposed
+    spec_mean_accepted_tokens_per_step: float = 0.0  # accepted proposals per step
+    spec_mean_tokens_per_step: float = 0.0  # tokens emitted per step: the accepted ones + the target's own
+
+
+@dataclass
+class SpecCounters:
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def add(self, proposed: int, accepted: int) -> None:
+        self.steps += 1
+        self.proposed += proposed
+        self.accepted += accepted
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, proposer: Proposer | None = None) -> None:
+        """`proposer`: speculative proposals from outside the engine (speculative.method 'remote')."""
         self.config = config
+        spec = config.speculative
+        if proposer is not None and not spec.enabled:
+            raise ConfigError("a proposer was given but speculative.method is 'none'")
+        if spec.method == "remote" and proposer is None:
+            raise ConfigError("speculative.method 'remote' needs a proposer object (the draft deployment's)")
         loaded = load_model(config.model, config.dtype, config.device, config.seed)
         self.model, self.arch = loaded.model, loaded.arch
         apply_quantization(
@@ -74,8 +105,11 @@ class LLMEngine:
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)
         self.eos_token_ids = eos_token_ids(loaded.path, self.arch.eos_token_ids, self.tokenizer)
+        draft = None
+        if spec.method == "draft":
+            draft = load_model(spec.draft_model, config.dtype, str(self.device), config.seed)
         block_size = config.cache.block_size
-        num_blocks = self._num_kv_blocks()
+        num_blocks = self._num_kv_blocks(draft.arch if draft else None)
         self.kv_cache = torch.zeros(
             self.arch.num_layers, 2, num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim,
             dtype=self.dtype, device=self.device,
@@ -86,16 +120,38 @@ class LLMEngine:
             self.arch.max_position_embeddings,
             self.allocator.capacity_tokens,
         )
+        if draft is not None:
+            self.max_model_len = min(self.max_model_len, draft.arch.max_position_embeddings)
         if not config.scheduler.enable_chunked_prefill:
             # Unchunked, a whole sequence (a prompt, or a preempted one being recomputed) must fit
             # in one step's token budget, or it would wait at the head of the queue forever.
             self.max_model_len = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
-        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        # Speculating sequences get k extra KV slots each step, for the proposals the target checks.
+        k = spec.num_speculative_tokens if spec.enabled else 0
+        self.scheduler = Scheduler(config.scheduler, self.allocator, num_lookahead_tokens=k)
         self.runner = ModelRunner(
             self.model, self.kv_cache, block_size, self.max_model_len, config.scheduler.max_num_seqs,
-            use_cuda_graphs=not config.enforce_eager,
+            use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
         )
         self.sampler = Sampler(self.device, config.seed)
+        if draft is not None:
+            # The draft's own cache, with the target's block geometry: one block table indexes both.
+            draft_kv = torch.zeros(
+                draft.arch.num_layers, 2, num_blocks, block_size, draft.arch.num_kv_heads, draft.arch.head_dim,
+                dtype=self.dtype, device=self.device,
+            )
+            graph_batch = 0 if config.enforce_eager else min(config.scheduler.max_num_seqs, SPEC_GRAPH_MAX_BATCH)
+            draft_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+            proposer = DraftProposer(
+                DraftModel(
+                    draft.model, draft_kv, block_size, k, self.arch.vocab_size, self.runner.max_blocks_per_seq,
+                    graph_batch, draft_gen,
+                )
+            )
+        elif spec.method == "ngram":
+            proposer = NgramProposer(spec, self.device)
+        self.proposer: Proposer | None = proposer
+        self._spec_counters: dict[str, SpecCounters] = {}
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = SequenceIds()
         self._prompt_tokens_total = 0
@@ -164,7 +220,7 @@ class LLMEngine:
         for seq in state.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq)
                 det = state.detokenizers[seq.index]
                 if det is not None:
                     state.new_text[seq.index] += det.flush()
@@ -177,11 +233,20 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        if sched.preempted and self.proposer is not None:
+            self.proposer.release([seq.seq_id for seq in sched.preempted])
         if sched.is_empty:
             return []
         now = time.monotonic()
-        logits = self.runner.execute(sched)
-        sampled_seqs = [item.seq for item in sched.scheduled if item.completes_sequence]
+        spec = self._propose(sched)
+        if spec is None:
+            logits, spec_logits, spec_rows = self.runner.execute(sched), None, set()
+        else:
+            logits, spec_logits = self.runner.execute_spec(sched, spec[0], spec[1])
+            spec_rows = set(spec[0])
+        sampled_seqs = [
+            item.seq for i, item in enumerate(sched.scheduled) if item.completes_sequence and i not in spec_rows
+        ]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.allocator.cache_full_blocks(item.seq)
@@ -196,11 +261,83 @@ class LLMEngine:
                 state = self.requests[seq.request_id]
                 self._append(state, seq, token, logprob)
                 touched[state.request_id] = state
+        if spec is not None:
+            self._accept(sched, spec[0], spec[1], spec_logits, touched)
         outputs = [self._output(state) for state in touched.values()]
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
         return outputs
+
+    # ----- speculative decoding ------------------------------------------------------
+
+    def _propose(self, sched) -> tuple[list[int], Proposals] | None:
+        """Proposals for the scheduled sequences that speculate this step: (their indices, proposals)."""
+        if self.proposer is None:
+            return None
+        requests: list[SpecRequest] = []
+        rows: list[int] = []
+        for i, item in enumerate(sched.scheduled):
+            if not item.num_lookahead_tokens:  # the scheduler reserves slots only where speculation is on
+                continue
+            seq = item.seq
+            # No proposal past the request's last token or the context: the target adds one of its own.
+            k = min(
+                item.num_lookahead_tokens,
+                seq.params.max_tokens - seq.num_output_tokens - 1,
+                self.max_model_len - seq.num_tokens - 1,
+            )
+            if k >= 1:
+                requests.append(SpecRequest(seq, k))
+                rows.append(i)
+        if not requests:
+            return None
+        proposals = self.proposer.propose(requests)
+        keep = [r for r, n in enumerate(proposals.num_tokens) if n > 0]
+        if not keep:
+            return None
+        if len(keep) < len(rows):
+            proposals = proposals.select(keep)
+            rows = [rows[r] for r in keep]
+        return rows, proposals
+
+    def _accept(self, sched, rows: list[int], proposals: Proposals, logits: torch.Tensor, touched: dict) -> None:
+        """Verify the proposals; append each row's accepted ones and the target's next token."""
+        seqs = [sched.scheduled[i].seq for i in rows]
+        tokens, num_accepted = verify(
+            logits, proposals.token_ids, proposals.num_tokens, proposals.probs, seqs, self.sampler.generator
+        )
+        logprobs = self._spec_logprobs(logits, tokens, seqs)
+        result = torch.cat([num_accepted.unsqueeze(1), tokens], dim=1).tolist()  # one copy to the host
+        counters = self._spec_counters.setdefault(self.proposer.name, SpecCounters())
+        for r, (seq, row) in enumerate(zip(seqs, result)):
+            accepted = row[0]
+            counters.add(proposals.num_tokens[r], accepted)
+            state = self.requests[seq.request_id]
+            touched[state.request_id] = state
+            for j, token in enumerate(row[1 : accepted + 2]):
+                self._append(state, seq, token, logprobs[r][j] if logprobs else None)
+                if seq.is_finished:  # a stop or the length limit: the rest is dropped
+                    break
+            else:
+                # The target's K/V of the accepted proposals are valid now. Those of rejected ones lie
+                # past num_computed_tokens: never read, never cached, overwritten by later tokens.
+                seq.num_computed_tokens += accepted
+                self.allocator.cache_full_blocks(seq)
+
+    def _spec_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
+        """Per row, the logprobs of the k + 1 tokens it may emit (None when no row asked for any)."""
+        if all(s.params.logprobs is None for s in seqs):
+            return None
+        k1 = logits.shape[1]
+        batch = SamplingBatch.from_seqs([s for s in seqs for _ in range(k1)], self.arch.vocab_size, self.device)
+        flat: list[TokenLogprob | None] = self.sampler._logprobs(logits.flatten(0, 1), tokens.flatten(), batch)
+        return [flat[r * k1 : (r + 1) * k1] for r in range(len(seqs))]
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.release([seq.seq_id])
 
     def _append(self, state: RequestState, seq: Sequence, token: int, logprob) -> None:
         seq.append_token(token)
@@ -219,7 +356,7 @@ class LLMEngine:
             if det is not None:
                 state.new_text[seq.index] += det.flush()
             seq.finish_reason, seq.stop_reason = reason
-            self.scheduler.finish(seq)
+            self._finish(seq)
             if state.finished:
                 state.metrics.finished_time = time.monotonic()
 
@@ -285,6 +422,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.allocator.stats
+        name = self.proposer.name if self.proposer is not None else None
+        spec = self._spec_counters.get(name, SpecCounters()) if name else SpecCounters()
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -296,6 +435,13 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            spec_proposer=name,
+            spec_steps=spec.steps,
+            spec_proposed_tokens=spec.proposed,
+            spec_accepted_tokens=spec.accepted,
+            spec_acceptance_rate=spec.accepted / spec.proposed if spec.proposed else 0.0,
+            spec_mean_accepted_tokens_per_step=spec.accepted / spec.steps if spec.steps else 0.0,
+            spec_mean_tokens_per_step=(spec.accepted + spec.steps) / spec.steps if spec.steps else 0.0,
         )
 
     def cached_block_hashes(self) -> list[int]:
@@ -304,18 +450,24 @@ class LLMEngine:
 
     # ----- sizing ---------------------------------------------------------------------
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, draft_arch=None) -> int:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
         elem = torch.empty((), dtype=self.dtype).element_size()
         block_bytes = 2 * self.arch.num_layers * self.arch.num_kv_heads * self.arch.head_dim * elem * cache.block_size
+        if draft_arch is not None:  # a co-located draft keeps a cache of the same blocks
+            block_bytes += 2 * draft_arch.num_layers * draft_arch.num_kv_heads * draft_arch.head_dim * elem * cache.block_size
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             # Leave room for activations and the logits of a full decode batch (fp32, several copies).
             reserve = (1 - cache.gpu_memory_utilization) * total + 2**30
             reserve += 4 * self.config.scheduler.max_num_seqs * self.arch.vocab_size * 4
             reserve += 16 * self.config.scheduler.max_num_batched_tokens * self.arch.intermediate_size * elem
+            spec = self.config.speculative
+            if spec.enabled:  # verify logits, draft distributions and noise of the largest spec graph
+                rows = min(self.config.scheduler.max_num_seqs, SPEC_GRAPH_MAX_BATCH) * (spec.num_speculative_tokens + 1)
+                reserve += 6 * rows * self.arch.vocab_size * 4
             budget = free - reserve
         else:
             budget = cache.cpu_kv_cache_bytes

@@ -1,0 +1,283 @@
+"""W4 of shared/BENCHMARK.md: speculative decoding with the bundled demo target and draft.
+
+    python bench/speculative.py                 # GPU: bf16, batch 1 and 16, temperature 0 and 0.8
+    python bench/speculative.py --remote        # also the draft as its own Serve deployment (starts Ray here)
+    python bench/speculative.py --device cpu --dtype float32 --output-len 8 --batch-sizes 1,2 \
+        --variants none,draft:2,ngram:2 --runs 1 --prompt-tokens 24        # CPU smoke run
+
+Variants: `none` (no speculation), `draft:K` (the demo draft on the same
+device, K proposals per step), `ngram:K` (prompt lookup), `remote:K` (the
+draft behind Ray Serve; with --remote). For each: output tok/s (median of
+--runs timed runs after a warm-up), engine steps per run and ms per step,
+acceptance rate and mean tokens per sequence-step (accepted proposals + the
+target's own token). Batch 1 runs --batch1-prompts prompts one after the
+other; batch 16 runs 16 prompts at once. Prompts are the first
+--prompt-tokens tokens of functions from standard-library modules the demo
+models never saw in training (pprint, tarfile, logging: held out).
+
+At temperature 0 every variant's tokens are compared with `none`'s; in
+bf16 an argmax can flip between the verify pass (the prefill kernel) and a
+decode step, so the table shows the fraction of sequences that match
+exactly (fp32 runs match exactly: --dtype float32).
+
+Prints a table and the W4 line; --json writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpeculativeConfig
+from engine.engine import LLMEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADLINE = "draft:4"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=str(ROOT / "models/demo-target"))
+    p.add_argument("--draft", default=str(ROOT / "models/demo-draft"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--variants", default="none,draft:2,draft:4,draft:6,ngram:4")
+    p.add_argument("--remote", action="store_true", help="add remote:4, the draft as a Serve deployment (starts Ray)")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--batch1-prompts", type=int, default=4, help="prompts run one by one at batch 1")
+    p.add_argument("--temperatures", default="0,0.8")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=96)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def heldout_prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
+    """The opening tokens of functions from held-out standard-library modules, deterministic."""
+    import logging
+    import pprint
+    import tarfile
+
+    functions = [
+        pprint.PrettyPrinter.__init__, pprint.PrettyPrinter._format, pprint.PrettyPrinter._pprint_dict,
+        pprint.PrettyPrinter._safe_repr, pprint.PrettyPrinter.format, pprint.pformat,
+        tarfile.TarInfo.frombuf, tarfile.TarInfo._proc_member, tarfile.TarFile.extractall, tarfile.TarFile.add,
+        tarfile.TarFile.getmember, tarfile.TarFile.next,
+        logging.Logger.callHandlers, logging.Handler.handleError, logging.basicConfig, logging.Formatter.format,
+        logging.Logger.findCaller, logging.LoggerAdapter.process,
+    ]
+    prompts = []
+    for fn in functions:
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):  # another Python version may lack one: use the rest
+            continue
+        prompts.append(list(tokenizer.encode(source, add_special_tokens=False))[:max_tokens])
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, proposer=None) -> LLMEngine:
+    method, _, k = variant.partition(":")
+    spec = SpeculativeConfig()
+    if method != "none":
+        spec = SpeculativeConfig(
+            method=method, draft_model=args.draft if method in ("draft", "remote") else None, num_speculative_tokens=int(k)
+        )
+    config = EngineConfig(
+        model=args.target,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.prompt_tokens + args.output_len + 32,
+        enforce_eager=args.enforce_eager,
+        cache=CacheConfig(num_blocks=max_num_seqs * ((args.prompt_tokens + args.output_len + 48) // 16 + 2) + 1),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096),
+        speculative=spec,
+    )
+    return LLMEngine(config, proposer=proposer)
+
+
+def timed_run(engine: LLMEngine, groups: list[list[list[int]]], params: SamplingParams) -> dict:
+    """Runs each group of prompts to completion, one group after the other; wall clock of all."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    before = engine.stats()
+    steps = 0
+    tokens: list[list[int]] = []
+    sync()
+    start = time.perf_counter()
+    for g, prompts in enumerate(groups):
+        ids = [f"w4-{g}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            engine.add_request(rid, prompt, params)
+        final = {}
+        while engine.has_unfinished_requests():
+            steps += 1
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        tokens.extend(final[r].outputs[0].token_ids for r in ids)
+    sync()
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    spec_steps = after.spec_steps - before.spec_steps
+    proposed = after.spec_proposed_tokens - before.spec_proposed_tokens
+    accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+    n = sum(len(t) for t in tokens)
+    return {
+        "seconds": seconds,
+        "tokens": n,
+        "tok_s": n / seconds,
+        "steps": steps,
+        "ms_per_step": seconds / steps * 1e3,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "tokens_per_step": (accepted + spec_steps) / spec_steps if spec_steps else None,
+        "output": tokens,
+    }
+
+
+def run_variant(args, variant: str, workloads: dict, temps: list[float], proposer_factory=None) -> dict:
+    max_seqs = max(len(g) for groups in workloads.values() for g in groups)
+    proposer = proposer_factory() if proposer_factory else None
+    t0 = time.perf_counter()
+    engine = make_engine(args, variant, max_seqs, proposer)
+    init_s = time.perf_counter() - t0
+    results = {"init_s": init_s}
+    for temp in temps:
+        params = SamplingParams(max_tokens=args.output_len, temperature=temp, seed=None, ignore_eos=True)
+        for batch, groups in workloads.items():
+            timed_run(engine, groups[:1], SamplingParams(max_tokens=8, temperature=temp, ignore_eos=True))  # warm-up
+            runs = [timed_run(engine, groups, params) for _ in range(args.runs)]
+            best = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]  # the median run
+            best["tok_s_runs"] = [r["tok_s"] for r in runs]
+            results[f"b{batch}_t{temp:g}"] = best
+            print(
+                f"  {variant:<10} batch {batch:<3} temp {temp:<4g} {best['tok_s']:>9.0f} tok/s  "
+                f"{best['ms_per_step']:6.2f} ms/step  accept {_fmt(best['acceptance_rate'])}  "
+                f"tokens/step {_fmt(best['tokens_per_step'])}",
+                flush=True,
+            )
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def start_remote(args: argparse.Namespace, k: int, vocab_size: int, device: torch.device):
+    """Ray + Serve on this machine with the DraftServer deployment; a factory of RemoteDraftProposer."""
+    import ray
+    from ray import serve
+
+    from deployments.draft_server import DraftServer, RemoteDraftProposer
+
+    cuda = device.type == "cuda"
+    ray.init(num_cpus=4, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"location": "NoServer"})  # handles only, no HTTP
+    app = DraftServer.options(ray_actor_options={"num_cpus": 1, "num_gpus": 0.25 if cuda else 0}).bind(
+        model=args.draft, num_speculative_tokens=k, dtype=args.dtype, device="cuda" if cuda else "cpu",
+        block_size=16, max_num_seqs=16, vocab_size=vocab_size, enforce_eager=args.enforce_eager,
+    )
+    handle = serve.run(app, name="w4-draft", route_prefix=None)
+    return lambda: RemoteDraftProposer(handle, k, vocab_size, device)
+
+
+def stop_remote() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from engine.model.loader import resolve_device
+    from engine.tokenizer import load_tokenizer
+
+    device = resolve_device(args.device)
+    args.device = str(device)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    tokenizer = load_tokenizer(Path(args.target))
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    temps = [float(t) for t in args.temperatures.split(",")]
+    workloads: dict[int, list[list[list[int]]]] = {}
+    for b in batches:
+        if b == 1:
+            prompts = heldout_prompts(tokenizer, args.batch1_prompts, args.prompt_tokens)
+            workloads[b] = [[p] for p in prompts]
+        else:
+            workloads[b] = [heldout_prompts(tokenizer, b, args.prompt_tokens)]
+    variants = args.variants.split(",")
+    if args.remote:
+        variants.append("remote:4")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results: dict = {"device": name, "dtype": args.dtype, "output_len": args.output_len, "variants": {}}
+    print(f"W4 speculative decoding on {name} ({args.dtype}), {args.output_len} output tokens per sequence", flush=True)
+    for variant in variants:
+        factory = None
+        if variant.startswith("remote"):
+            vocab = json.loads((Path(args.target) / "config.json").read_text())["vocab_size"]
+            factory = start_remote(args, int(variant.partition(":")[2]), vocab, device)
+        try:
+            results["variants"][variant] = run_variant(args, variant, workloads, temps, factory)
+        finally:
+            if factory is not None:
+                stop_remote()
+    report(results, variants, batches, temps)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        slim = json.loads(json.dumps(results, default=str))
+        for v in slim["variants"].values():
+            for r in v.values():
+                if isinstance(r, dict):
+                    r.pop("output", None)
+        args.json.write_text(json.dumps(slim, indent=2))
+    return results
+
+
+def report(results: dict, variants: list[str], batches: list[int], temps: list[float]) -> None:
+    base = results["variants"].get("none")
+    print(f"\nW4 on {results['device']} ({results['dtype']})")
+    print(f"{'variant':<11}{'batch':>6}{'temp':>6}{'tok/s':>10}{'speedup':>9}{'ms/step':>9}{'accept':>8}{'tok/step':>9}{'match':>7}")
+    for variant in variants:
+        for temp in temps:
+            for b in batches:
+                r = results["variants"][variant][f"b{b}_t{temp:g}"]
+                ref = base[f"b{b}_t{temp:g}"] if base else None
+                speed = r["tok_s"] / ref["tok_s"] if ref else None
+                match = None
+                if ref and temp == 0:
+                    match = sum(a == b_ for a, b_ in zip(r["output"], ref["output"])) / len(r["output"])
+                r["speedup"], r["exact_match"] = speed, match
+                print(
+                    f"{variant:<11}{b:>6}{temp:>6g}{r['tok_s']:>10.0f}{_fmt(speed):>9}{r['ms_per_step']:>9.2f}"
+                    f"{_fmt(r['acceptance_rate']):>8}{_fmt(r['tokens_per_step']):>9}{_fmt(match):>7}"
+                )
+    head = results["variants"].get(HEADLINE) or next((results["variants"][v] for v in variants if v.startswith("draft")), None)
+    if head and base:
+        b1 = head.get("b1_t0", {})
+        b16 = head.get(f"b{max(batches)}_t0", {})
+        cmd = "python bench/speculative.py " + " ".join(sys.argv[1:])
+        print(
+            f"W4: {_fmt(b1.get('speedup'))}x at batch 1 temp 0, {_fmt(b16.get('speedup'))}x at batch {max(batches)}, "
+            f"acceptance {_fmt(b1.get('acceptance_rate'))}, {_fmt(b1.get('tokens_per_step'))} tokens/step "
+            f"({results['device']}, {cmd.strip()})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""bench/speculative.py runs (CPU, tiny sizes) and reports every figure of W4."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_speculative_bench_smoke(tmp_path, capsys):
+    from bench.speculative import main
+
+    out = tmp_path / "w4.json"
+    results = main(
+        [
+            "--device", "cpu", "--dtype", "float32", "--output-len", "6", "--prompt-tokens", "20",
+            "--batch-sizes", "1,2", "--batch1-prompts", "1", "--temperatures", "0,0.8", "--runs", "1",
+            "--variants", "none,draft:2,ngram:2", "--json", str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "W4: " in printed and "x at batch 1 temp 0" in printed
+    saved = json.loads(out.read_text())
+    for variant in ("none", "draft:2", "ngram:2"):
+        for key in ("b1_t0", "b2_t0", "b1_t0.8", "b2_t0.8"):
+            row = saved["variants"][variant][key]
+            assert row["tokens"] == 6 * (1 if key.startswith("b1") else 2) and row["tok_s"] > 0
+    assert saved["variants"]["draft:2"]["b1_t0"]["exact_match"] == 1.0  # fp32: the same tokens as without
+    assert saved["variants"]["draft:2"]["b2_t0"]["tokens_per_step"] >= 1.0
+    assert results["variants"]["none"]["b1_t0"]["acceptance_rate"] is None
