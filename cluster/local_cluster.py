@@ -155,7 +155,7 @@ class LocalCluster:
             self._nodes.append(self._start_node(spec))
             self._wait_for_log(self._nodes[-1], "Ray runtime started", deadline)
         while len(self.alive_nodes()) < len(self.specs):
-            self._check_running()
+            self.check_running()
             if time.monotonic() > deadline:
                 raise RehearsalError(f"only {len(self.alive_nodes())} of {len(self.specs)} nodes alive after {timeout_s:.0f} s")
             time.sleep(1.0)
@@ -197,7 +197,7 @@ class LocalCluster:
                 raise RehearsalError(f"{node.spec.name} did not start in time:\n{tail(node.log)}")
             time.sleep(0.5)
 
-    def _check_running(self) -> None:
+    def check_running(self) -> None:
         for node in self._nodes:
             if node.proc.poll() is not None:
                 raise RehearsalError(f"`ray start` of {node.spec.name} exited ({node.proc.returncode}):\n{tail(node.log)}")
@@ -355,7 +355,7 @@ def wait_for_replicas(cluster: LocalCluster, n: int, timeout_s: float) -> list[R
     deadline = time.monotonic() + timeout_s
     last: tuple[str, list[Replica]] = ("?", [])
     while time.monotonic() < deadline:
-        cluster._check_running()
+        cluster.check_running()
         try:
             last = llm_replicas(cluster)
         except (urllib.error.URLError, OSError, ValueError):
@@ -441,7 +441,7 @@ class Report:
 def wait_http(url: str, cluster: LocalCluster, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        cluster._check_running()
+        cluster.check_running()
         try:
             with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as resp:
                 if resp.status == 200:
