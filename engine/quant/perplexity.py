@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(loaded.path)
     windows = text_windows(read_text(args.text), tokenizer, args.seq_len, args.windows or None)
     ppl = perplexity(loaded.model, windows)
+    used = loaded.quantization or config
     result = {
-        "model": args.model, "method": (loaded.quantization or config).method,
-        "awq": config.awq if config.method == "int4" else None,
+        "model": args.model, "method": used.method, "awq": used.awq if used.method == "int4" else None,
         "tokens": int(windows[:, 1:].numel()), "perplexity": ppl, "seconds": time.perf_counter() - t0,
     }
     print(json.dumps(result), flush=True)
