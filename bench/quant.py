@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"device": _device_name(device), "preset": args.preset, "speed": {}, "ppl": {}, "skipped": {}}
-    log(f"bench.quant on {results['device']}")
+    results["versions"] = {"torch": torch.__version__, "triton": _triton_version()}
+    log(f"bench.quant on {results['device']} (torch {torch.__version__}, triton {results['versions']['triton']})")
     rates = measure_device_rates(device)
     _free_memory()
     results["bandwidth_TBps"] = rates.bandwidth_bytes_per_s / 1e12
@@ -350,6 +351,15 @@ def report(results: dict, args: argparse.Namespace) -> None:
         f"int4 weights {pct}% of bf16; ppl bf16 {p('none')} int8 {p('int8')} int4-rtn {p('int4-rtn')} "
         f"int4-awq {p('int4-awq')} fp8 {p('fp8')} ({results['device']}, {cmd.strip()}{'; ' + picks if picks else ''})"
     )
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
 
 
 def _device_name(device: torch.device) -> str:

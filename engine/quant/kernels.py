@@ -12,8 +12,9 @@ Formats (the `FMT` constexpr):
   2  fp8 e4m3, per output channel, with per-row (per-token) fp8 activations:
      y[m, n] = sum_k fp8(x[m, k] / a[m]) * q[n, k] * a[m] * s[n], a[m] = max_k |x[m, k]| / 448
 
-Two kernels: `_matvec_kernel` for one row of x (batch-1 decode: plain fp32
-multiply-add and reductions, many small programs to keep the memory system
+Two kernels: `_matvec_kernel` for one row of x (batch-1 decode: fp32
+multiply-adds and reductions, codes turned into floats by bit tricks rather
+than conversion instructions, many small programs to keep the memory system
 busy) and `_matmul_kernel` for more rows (tensor-core tl.dot on the
 dequantized tiles). The layers call them for small M (decode, speculative
 verification) and dequantize + cuBLAS for large M (prefill).
@@ -309,11 +310,9 @@ def quant_matmul(
     b = bias if bias is not None else scales
     stride_sn = scales.stride(0)
     common = dict(FMT=fmt, GROUP=max(group, 1), HAS_BIAS=bias is not None)
-    if m == 1 and fmt != FMT_FP8 and k % (8 if fmt == FMT_INT4 else 4):
-        m_path = "matmul"  # the word-wise matvec needs whole int32 words per row
-    else:
-        m_path = "matvec" if m == 1 else "matmul"
-    if m_path == "matvec":
+    # The matvec reads int8 / int4 codes as int32 words: rows must hold whole words.
+    whole_words = fmt == FMT_FP8 or k % (8 if fmt == FMT_INT4 else 4) == 0
+    if m == 1 and whole_words:
         w = qweight.view(torch.int32) if fmt != FMT_FP8 else qweight  # int8 / int4 codes as words
         args = (x, w, scales, z, b, y, n, k, w.stride(0), stride_sn)
         if config is None:
