@@ -96,8 +96,12 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
     from engine.quant.int8 import Int8Linear
 
     arch = ModelArch.from_hf_config(preset_config(preset))
-    h, q, kv, inter = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
-    shapes = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * inter), "down": (inter, h), "lm_head": (h, arch.vocab_size)}
+    h, inter = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes = {  # name: (in_features, out_features)
+        "qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * inter), "down": (inter, h),
+        "lm_head": (h, arch.vocab_size),
+    }
     fp8_ok = fp8_unsupported_reason(device) is None
     rows: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -123,7 +127,10 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
                     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
                     y = layer(x).float()
                     ref_layer = ref_layers.get(vname, layer)
-                    ref = x.float() @ lin.weight.float().t() if vname == "bf16" else ref_layer.forward_reference(x.float())
+                    if vname == "bf16":
+                        ref = x.float() @ lin.weight.float().t()
+                    else:
+                        ref = ref_layer.forward_reference(x.float())
                     errs.append(((y - ref).norm() / ref.norm()).item())
                 row["max_rel_err"] = max(errs)
                 x1 = torch.randn(1, k, device=device, dtype=torch.bfloat16, generator=gen)
@@ -133,7 +140,9 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
             except Exception as exc:  # report and go on: one broken variant must not hide the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
-            msg = row.get("error") or f"err {row['max_rel_err']:.2e}  {row['us']:8.1f} us  {row['weight_GBps']:7.0f} GB/s"
+            msg = row.get("error") or (
+                f"err {row['max_rel_err']:.2e}  {row['us']:8.1f} us  {row['weight_GBps']:7.0f} GB/s"
+            )
             log(f"  kernel {name:<8} {vname:<11} {msg}")
         del variants, ref_layers, tg, lin
         _free_memory()

@@ -180,7 +180,8 @@ def apply_awq_(
 
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        names = [f"layers.{i}.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+        kinds = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+        names = [f"layers.{i}.{kind}" for kind in kinds]
         down_w = mlp.down_proj.weight.float()
 
         def mlp_out(y: torch.Tensor) -> torch.Tensor:  # gate_up output -> MLP output (float down_proj)

@@ -53,7 +53,9 @@ def read_quantization_config(hf_config: dict[str, Any], path: Path) -> QuantConf
             "with `python -m engine.quant.convert`"
         )
     if q.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: quantized checkpoint format_version {q.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ConfigError(
+            f"{path}: quantized checkpoint format_version {q.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     if q.get("method") not in ("int8", "int4", "fp8"):
         raise ConfigError(f"{path}: quantization_config.method {q.get('method')!r} is not int8, int4 or fp8")
     return QuantConfig(method=q["method"], group_size=int(q.get("group_size", 128)), awq=bool(q.get("awq", False)))
@@ -114,7 +116,10 @@ def load_quantized_(net: nn.Module, path: Path) -> None:
                 t = f.get_tensor(name)
                 target = targets[name]
                 if tuple(t.shape) != tuple(target.shape):
-                    raise ConfigError(f"quantized checkpoint tensor {name} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+                    raise ConfigError(
+                        f"quantized checkpoint tensor {name} has shape {tuple(t.shape)}, "
+                        f"expected {tuple(target.shape)}"
+                    )
                 if t.dtype != target.dtype and not (_plain_float(t.dtype) and _plain_float(target.dtype)):
                     raise ConfigError(f"quantized checkpoint tensor {name} is {t.dtype}, expected {target.dtype}")
                 target.copy_(t.to(dtype=target.dtype))
