@@ -77,7 +77,14 @@ class QuantConfig:
 
 @dataclass
 class SpeculativeConfig:
-    """Speculative decoding: who proposes tokens, and how many per step."""
+    """Speculative decoding: who proposes tokens, and how many per step.
+
+    draft: draft_model runs on the engine's device, sharing its block tables.
+    ngram: prompt lookup over each sequence's own tokens (ngram_min..ngram_max).
+    remote: proposals from an object given to LLMEngine(proposer=...), e.g. the
+    draft deployment's (deployments/draft_server.py); draft_model names the
+    model that deployment loads. Requests opt out with use_speculation=False.
+    """
 
     method: Literal["none", "draft", "ngram", "remote"] = "none"
     draft_model: str | None = None
@@ -92,6 +99,8 @@ class SpeculativeConfig:
             raise ConfigError("speculative.method 'draft' needs speculative.draft_model")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ConfigError("speculative.num_speculative_tokens must be in [1, 16]")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError("speculative.ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max")
 
     @property
     def enabled(self) -> bool:

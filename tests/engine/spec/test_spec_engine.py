@@ -222,6 +222,8 @@ def test_config_errors(llama_ckpt, make_engine):
         LLMEngine(EngineConfig(model=str(llama_ckpt), device="cpu", cache=CacheConfig(num_blocks=16)), proposer=NgramProposer(SpeculativeConfig(), torch.device("cpu")))
     with pytest.raises(ConfigError, match="draft_model"):
         SpeculativeConfig(method="draft")
+    with pytest.raises(ConfigError, match="ngram_min"):
+        SpeculativeConfig(method="ngram", ngram_min=3, ngram_max=2)
 
 
 class OracleProposer:
