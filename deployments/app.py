@@ -47,5 +47,10 @@ def build_app_from_config(config: AppConfig) -> Application:
                 "index_timeout_s": router.index_timeout_s,
             },
         )
-    llm = LLMServer.options(**llm_options).bind(config)
+    draft = None
+    if config.speculative.method == "remote":
+        from deployments.draft_server import DraftServer, draft_server_kwargs
+
+        draft = DraftServer.options(**config.draft_server.serve_options()).bind(**draft_server_kwargs(config))
+    llm = LLMServer.options(**llm_options).bind(config, draft)
     return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, config)

@@ -150,6 +150,11 @@ def _ingress_defaults() -> DeploymentOptions:
     )
 
 
+def _draft_server_defaults() -> DeploymentOptions:
+    # One draft replica serves every LLM replica, one call per engine step with the whole batch.
+    return DeploymentOptions(num_replicas=1, max_ongoing_requests=64, ray_actor_options=ActorOptions(num_cpus=0.5))
+
+
 class RouterOptions(_Strict):
     prefix_aware: bool = Field(True, description="Route to the replica caching the longest prefix; False: power of two.")
     imbalance_threshold: int = Field(
@@ -192,6 +197,9 @@ class AppConfig(_Strict):
     router: RouterOptions = Field(default_factory=RouterOptions)
     llm_server: DeploymentOptions = Field(default_factory=DeploymentOptions)
     ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+    draft_server: DeploymentOptions = Field(
+        default_factory=_draft_server_defaults, description="The draft deployment (speculative.method: remote)."
+    )
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -217,13 +225,15 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
-        if self.speculative.method == "remote":
-            raise ValueError("speculative.method 'remote' (a draft deployment) is not available yet: use draft or ngram")
+        if self.speculative.method == "remote" and not self.speculative.draft_model:
+            raise ValueError("speculative.method 'remote' needs speculative.draft_model (the draft deployment's model)")
         if self.speculative.draft_model is not None:
             self.speculative.draft_model = resolve_model_path(self.speculative.draft_model)
         wants_gpu = self.device.startswith("cuda")
         if wants_gpu and self.llm_server.ray_actor_options.num_gpus <= 0:
             raise ValueError(f"device {self.device!r} needs llm_server.ray_actor_options.num_gpus >= 1")
+        if wants_gpu and self.speculative.method == "remote" and self.draft_server.ray_actor_options.num_gpus <= 0:
+            raise ValueError(f"device {self.device!r} needs draft_server.ray_actor_options.num_gpus > 0 (e.g. 0.25)")
         try:
             self.to_engine_config()
         except ConfigError as exc:  # the engine's own checks, with its own field names

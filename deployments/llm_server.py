@@ -24,6 +24,7 @@ from typing import Any
 
 from ray import serve
 from ray.actor import ActorHandle
+from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig, RouterOptions
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
@@ -36,12 +37,18 @@ PREFIX_INDEX_ACTOR = "prefix_index"
 
 @serve.deployment(name="LLMServer")
 class LLMServer:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, draft: DeploymentHandle | None = None) -> None:
         from engine.async_engine import AsyncLLMEngine  # torch is imported by replicas only
+        from engine.engine import LLMEngine
 
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self._config = config
-        self.engine = AsyncLLMEngine(config.to_engine_config())
+        proposer = None
+        if draft is not None:  # speculative.method 'remote': proposals from the draft deployment
+            from deployments.draft_server import remote_proposer
+
+            proposer = remote_proposer(config, draft)
+        self.engine = AsyncLLMEngine(engine=LLMEngine(config.to_engine_config(), proposer=proposer))
         self._ongoing = 0
         self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
         self._index_address: tuple[str, str] | None = None

@@ -29,7 +29,8 @@ def test_shipped_yaml_is_valid_and_maps_onto_the_engine() -> None:
     assert engine.max_model_len == 2048
     assert engine.cache.block_size == 16 and engine.cache.enable_prefix_caching
     assert engine.scheduler.max_num_seqs == 64
-    assert engine.quantization.method == "none" and not engine.speculative.enabled
+    assert engine.quantization.method == "none"
+    assert engine.speculative.method == "draft" and engine.speculative.draft_model.endswith("models/demo-draft")
     llm = config.llm_server.serve_options()
     assert llm["autoscaling_config"]["target_ongoing_requests"] == 16
     assert llm["max_ongoing_requests"] == 64 and llm["max_queued_requests"] == 128
@@ -75,7 +76,7 @@ def test_preset_model_name() -> None:
         ({"quantization": "int3"}, "quantization.method"),
         ({"cache": {"block_sise": 16}}, "cache.block_sise: Unexpected keyword argument"),
         ({"scheduler": {"max_num_seqs": "many"}}, "scheduler.max_num_seqs"),
-        ({"speculative": {"method": "remote"}}, "not available yet"),
+        ({"speculative": {"method": "remote"}}, "draft_model"),
         ({"speculative": {"method": "draft"}}, "draft_model"),
         ({"llm_server": {"num_replicas": 2, "autoscaling": {"max_replicas": 2}}}, "either num_replicas or autoscaling"),
         ({"llm_server": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) > max_replicas (2)"),

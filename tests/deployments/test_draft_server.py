@@ -125,3 +125,26 @@ def test_served_draft_equals_no_speculation(draft_handle, spec_model, reference)
     stats = engine.stats()
     assert stats.spec_steps > 0 and stats.spec_accepted_tokens > 0
     assert draft_handle.info.remote().result(timeout_s=60)["num_sequences"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_app_with_remote_draft_answers_like_the_engine_without_it(serve_cluster, spec_model, reference):
+    """speculative.method: remote wires a DraftServer deployment into the app; greedy HTTP output is unchanged."""
+    import httpx
+
+    from tests.deployments.deploy_helpers import app_args
+
+    args = app_args(spec_model, cache={"block_size": 4, "num_blocks": 256}, dtype="float32")
+    args["speculative"] = {"method": "remote", "draft_model": str(spec_model), "num_speculative_tokens": 3}
+    args["draft_server"] = {"ray_actor_options": {"num_cpus": 0.5}}
+    base = serve_cluster.deploy("remote-spec", args)
+    try:
+        for prompt, expected in zip(_prompts(), reference):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+            resp = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            tokens = [int(t.removeprefix("token_id:")) for t in resp.json()["choices"][0]["logprobs"]["tokens"]]
+            assert tokens == expected
+    finally:
+        serve_cluster.delete("remote-spec")
