@@ -129,6 +129,8 @@ class AsyncLLMEngine:
                 self.engine.add_request(request_id, token_ids, params)
             except EngineError as exc:  # e.g. the same id sent twice at once
                 failed.append((request_id, exc))
+            except Exception as exc:  # one request's surprise must not stop the loop for everyone
+                failed.append((request_id, EngineError(f"request {request_id!r} could not be added: {exc!r}")))
         for request_id in aborts:
             self.engine.abort_request(request_id)
         outputs = self.engine.step()
