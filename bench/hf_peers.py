@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from bench.device import sync
+
 from bench.workloads import OfflineWorkload
 
 
@@ -23,10 +25,10 @@ def hf_generate_batch(path: Path, work: OfflineWorkload, device: torch.device, d
     model = _load(path, device, dtype, "paged|sdpa")
     cfg = GenerationConfig(max_new_tokens=work.output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate_batch(inputs=work.prompts[:4], generation_config=cfg)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     results = model.generate_batch(inputs=work.prompts, generation_config=cfg)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     tokens = sum(len(r.generated_tokens) for r in results.values())
     del model
@@ -39,7 +41,7 @@ def hf_padded_generate(
     """Plain `generate` on left-padded batches. Returns (seconds, output tokens)."""
     model = _load(path, device, dtype, "sdpa")
     model.generate(torch.tensor([work.prompts[0][:8]], device=device), max_new_tokens=2, do_sample=False)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(work.prompts), batch_size):
@@ -52,12 +54,7 @@ def hf_padded_generate(
             do_sample=False, pad_token_id=0,
         )
         tokens += (out.shape[1] - width) * len(chunk)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     del model
     return seconds, tokens
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

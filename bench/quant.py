@@ -30,7 +30,6 @@ report line; --json writes every figure.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.device import device_name, free_memory
 
 from bench.ceiling import measure_device_rates
 from engine import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
@@ -145,7 +146,7 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
             )
             log(f"  kernel {name:<8} {vname:<11} {msg}")
         del variants, ref_layers, tg, lin
-        _free_memory()
+        free_memory()
     return rows
 
 
@@ -223,7 +224,7 @@ def run_speed(mode: str, args: argparse.Namespace, rates, device: torch.device) 
         "dtype": str(engine.dtype).removeprefix("torch."),
     }
     del engine
-    _free_memory()
+    free_memory()
     return result
 
 
@@ -240,7 +241,7 @@ def run_ppl(mode: str, args: argparse.Namespace, windows: torch.Tensor, device: 
     if results:
         out["awq_error_ratio"] = sum(r.awq_error for r in results) / max(sum(r.rtn_error for r in results), 1e-30)
     del loaded
-    _free_memory()
+    free_memory()
     return out
 
 
@@ -251,11 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict = {"device": _device_name(device), "preset": args.preset, "speed": {}, "ppl": {}, "skipped": {}}
+    results: dict = {"device": device_name(device), "preset": args.preset, "speed": {}, "ppl": {}, "skipped": {}}
     results["versions"] = {"torch": torch.__version__, "triton": _triton_version()}
     log(f"bench.quant on {results['device']} (torch {torch.__version__}, triton {results['versions']['triton']})")
     rates = measure_device_rates(device)
-    _free_memory()
+    free_memory()
     results["bandwidth_TBps"] = rates.bandwidth_bytes_per_s / 1e12
     log(f"copy bandwidth {results['bandwidth_TBps']:.2f} TB/s")
 
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' figures
             results["skipped"][mode] = f"{type(exc).__name__}: {exc}"
             log(f"speed {mode}: FAILED {type(exc).__name__}: {exc}")
-            _free_memory()
+            free_memory()
             continue
         results["speed"][mode] = r
         log(
@@ -369,16 +370,6 @@ def _triton_version() -> str:
         return triton.__version__
     except ImportError:
         return "none"
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -118,7 +118,6 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
         out.append((await run_level(prompts_for(c), c, one)).summary())
         print(f"  direct  c={c:<4} {out[-1]['tok_s']:8.0f} tok/s", flush=True)
     engine.shutdown()
-    del engine
     return out
 
 

@@ -29,7 +29,6 @@ import argparse
 import gc
 import inspect
 import json
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -10,7 +10,6 @@ Prints a table and the W1 report line; --json writes every figure.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.device import device_name, free_memory, sync
 
 from bench.ceiling import measure_device_rates, offline_floor_seconds, weight_bytes
 from bench.step_profile import print_profile, profile_decode
@@ -56,10 +57,10 @@ def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, eager:
     init_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=work.output_len, temperature=0.0, ignore_eos=True)
     engine.generate(work.prompts[:8], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
-    _sync(engine.device)
+    sync(engine.device)
     start = time.perf_counter()
     outs = engine.generate(work.prompts, params)
-    _sync(engine.device)
+    sync(engine.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     stats = engine.stats()
@@ -77,7 +78,7 @@ def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, eager:
         "profile": profile,
     }
     del engine, outs
-    _free_memory()
+    free_memory()
     return result
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     arch_cfg = preset_config(args.preset)
     work = offline_workload(args.num_requests, args.min_len, args.max_len, args.output_len, arch_cfg["vocab_size"])
-    results: dict = {"device": _device_name(device), "preset": args.preset, "num_requests": args.num_requests}
+    results: dict = {"device": device_name(device), "preset": args.preset, "num_requests": args.num_requests}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_hf_checkpoint(args.preset, Path(tmp) / "model", seed=0, dtype=str(dtype).removeprefix("torch."))
         rates = measure_device_rates(device)
@@ -99,12 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
             s, n = hf_generate_batch(path, work, device, dtype)
             results["hf_generate_batch"] = {"seconds": s, "tokens": n, "tok_s": n / s}
             print(f"HF generate_batch: {n / s:.0f} tok/s", flush=True)
-            _free_memory()
+            free_memory()
         if "padded" in peers:
             s, n = hf_padded_generate(path, work, device, dtype)
             results["hf_padded_generate"] = {"seconds": s, "tokens": n, "tok_s": n / s}
             print(f"HF padded generate (batch 64): {n / s:.0f} tok/s", flush=True)
-            _free_memory()
+            free_memory()
         results["ceiling"] = _ceiling(path, work, rates)
     report(results, args)
     if args.json:
@@ -147,21 +148,6 @@ def report(results: dict, args: argparse.Namespace) -> None:
         f"W1: {best['tok_s']:.0f} tok/s ours{hf_part}{ratio}{padded_part}, "
         f"{best['tok_s'] / ceiling:.2f} of ceiling ({results['device']}, {cmd.strip()})"
     )
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

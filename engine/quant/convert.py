@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from engine.config import QuantConfig
 from engine.errors import ConfigError
