@@ -16,6 +16,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.triton_interpreter import interpreted_module  # noqa: E402
+
 from engine.attention.metadata import AttentionMetadata  # noqa: E402
 from engine.attention.torch_ref import paged_attention_ref  # noqa: E402
 
@@ -23,25 +25,8 @@ triton = pytest.importorskip("triton")
 
 
 @pytest.fixture
-def tp(monkeypatch):
-    """The kernel module, interpreted; skips if it was imported earlier without the interpreter."""
-    from triton.runtime import interpreter
-
-    from engine.attention import triton_paged
-
-    if not isinstance(triton_paged._decode_kernel, interpreter.InterpretedFunction):
-        pytest.skip("engine.attention.triton_paged was imported before TRITON_INTERPRET=1 was set")
-
-    # triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4
-    # refuses (triton-lang/triton#9171); loop bounds loaded from memory hit it.
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
-    return triton_paged
+def tp():
+    return interpreted_module("engine.attention.triton_paged", "_decode_kernel")
 
 
 def make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32, seed=0):

@@ -9,6 +9,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.triton_interpreter import interpreted_module  # noqa: E402
+
 from engine.model.fused_ops import rmsnorm_ref, rotate_ref  # noqa: E402
 
 pytest.importorskip("triton")
@@ -16,13 +18,7 @@ pytest.importorskip("triton")
 
 @pytest.fixture
 def ops():
-    from triton.runtime import interpreter
-
-    from engine.model import triton_ops
-
-    if not isinstance(triton_ops._add_rmsnorm_kernel, interpreter.InterpretedFunction):
-        pytest.skip("engine.model.triton_ops was imported before TRITON_INTERPRET=1 was set")
-    return triton_ops
+    return interpreted_module("engine.model.triton_ops", "_add_rmsnorm_kernel")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,6 +22,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.triton_interpreter import interpreted_module  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.quant.fp8 import Fp8Linear  # noqa: E402
@@ -32,24 +34,8 @@ triton = pytest.importorskip("triton")
 
 
 @pytest.fixture
-def kernels(monkeypatch):
-    from triton.runtime import interpreter
-
-    from engine.quant import kernels
-
-    if not isinstance(kernels._matvec_kernel, interpreter.InterpretedFunction):
-        pytest.skip("engine.quant.kernels was imported before TRITON_INTERPRET=1 was set")
-
-    # triton 3.6's interpreter calls int() on 1-element arrays (loop bounds computed from
-    # arguments), which numpy >= 2.4 refuses (triton-lang/triton#9171).
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
-    return kernels
+def kernels():
+    return interpreted_module("engine.quant.kernels", "_matvec_kernel")
 
 
 def linear(k: int, n: int, bias: bool, seed: int = 0) -> nn.Linear:
