@@ -243,6 +243,17 @@ def _prefill_kernel(
     tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def _strides(q, k_cache, v_cache, block_tables, out) -> tuple[int, ...]:
+    """The strides both kernels take, in their parameter order."""
+    return (
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+    )
+
+
 def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
     """Returns (group, head_dim, block_size, num_kv_heads) after checking the layouts."""
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -320,17 +331,7 @@ def paged_decode_attention(
         mid_lse,
         scale * _LOG2E,
         num_heads,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        *_strides(q, k_cache, v_cache, block_tables, out),
         GROUP=group,
         GROUP_M=max(_DECODE_MIN_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -390,17 +391,7 @@ def paged_prefill_attention(
         seq_lens,
         out,
         scale * _LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        *_strides(q, k_cache, v_cache, block_tables, out),
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
