@@ -81,6 +81,16 @@ async def run_level(prompts: list[list[int]], concurrency: int, one_request) -> 
     return result
 
 
+async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
+    """A warm-up, then every concurrency level in turn; one summary per level."""
+    await run_level(prompts_for(4), 4, one_request)
+    out = []
+    for c in levels:
+        out.append((await run_level(prompts_for(c), c, one_request)).summary())
+        print(f"  {label:<7} c={c:<4} {out[-1]['tok_s']:8.0f} tok/s  errors {out[-1]['errors']}", flush=True)
+    return out
+
+
 def _record(result: LevelResult, start: float, arrivals: list[float], tokens: int) -> None:
     """One request's figures: TTFT, and its mean inter-token latency (the same rule on both paths)."""
     result.output_tokens += tokens
@@ -112,11 +122,7 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
                 tokens += n
         _record(result, start, arrivals, tokens)
 
-    await run_level(prompts_for(4), 4, one)  # warm-up
-    out = []
-    for c in levels:
-        out.append((await run_level(prompts_for(c), c, one)).summary())
-        print(f"  direct  c={c:<4} {out[-1]['tok_s']:8.0f} tok/s", flush=True)
+    out = await run_levels("direct", levels, prompts_for, one)
     engine.shutdown()
     return out
 
@@ -152,12 +158,7 @@ async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for,
             # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
             _record(result, start, arrivals, completion_tokens)
 
-        await run_level(prompts_for(4), 4, one)  # warm-up
-        out = []
-        for c in levels:
-            out.append((await run_level(prompts_for(c), c, one)).summary())
-            print(f"  serve   c={c:<4} {out[-1]['tok_s']:8.0f} tok/s  errors {out[-1]['errors']}", flush=True)
-        return out
+        return await run_levels("serve", levels, prompts_for, one)
 
 
 def start_serve(app_args: dict, num_gpus: int) -> str:
