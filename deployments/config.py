@@ -194,6 +194,22 @@ class AppConfig(_Strict):
     stream_interval_s: float = Field(
         0.0, ge=0, description="Replicas send stream chunks at most this often (0: every engine step)."
     )
+    max_stream_chunks_per_s: float = Field(
+        2000.0,
+        gt=0,
+        description=(
+            "The most stream chunks one replica sends per second, over all its requests: under load each "
+            "stream's chunks carry more tokens instead of costing more messages (the first token is never held)."
+        ),
+    )
+    engine_loop: Literal["auto", "process", "thread"] = Field(
+        "auto",
+        description=(
+            "Where a replica's engine steps: 'process' (a child process, so the replica's event loop never "
+            "slows a step), 'thread' (a worker thread of the replica), 'auto' (process, except with "
+            "speculative.method 'remote', whose proposer calls the draft deployment from the replica)."
+        ),
+    )
     router: RouterOptions = Field(default_factory=RouterOptions)
     llm_server: DeploymentOptions = Field(default_factory=DeploymentOptions)
     ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
@@ -227,6 +243,8 @@ class AppConfig(_Strict):
     def _check(self) -> AppConfig:
         if self.speculative.method == "remote" and not self.speculative.draft_model:
             raise ValueError("speculative.method 'remote' needs speculative.draft_model (the draft deployment's model)")
+        if self.speculative.method == "remote" and self.engine_loop == "process":
+            raise ValueError("engine_loop 'process' cannot call the draft deployment: use 'auto' or 'thread' with speculative.method 'remote'")
         if self.speculative.draft_model is not None:
             self.speculative.draft_model = resolve_model_path(self.speculative.draft_model)
         wants_gpu = self.device.startswith("cuda")
@@ -239,6 +257,11 @@ class AppConfig(_Strict):
         except ConfigError as exc:  # the engine's own checks, with its own field names
             raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def engine_in_process(self) -> bool:
+        """True: the replica runs its engine in a child process (see engine/core_process.py)."""
+        return self.engine_loop == "process" or (self.engine_loop == "auto" and self.speculative.method != "remote")
 
     @property
     def model_name(self) -> str:

@@ -18,9 +18,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.actor import ActorHandle
@@ -30,6 +30,10 @@ from deployments.config import AppConfig, RouterOptions
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
 from engine.outputs import RequestOutput
 
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncLLMEngine
+    from engine.core_process import EngineCoreClient
+
 logger = logging.getLogger("ray.serve")
 
 PREFIX_INDEX_ACTOR = "prefix_index"
@@ -38,17 +42,9 @@ PREFIX_INDEX_ACTOR = "prefix_index"
 @serve.deployment(name="LLMServer")
 class LLMServer:
     def __init__(self, config: AppConfig, draft: DeploymentHandle | None = None) -> None:
-        from engine.async_engine import AsyncLLMEngine  # torch is imported by replicas only
-        from engine.engine import LLMEngine
-
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self._config = config
-        proposer = None
-        if draft is not None:  # speculative.method 'remote': proposals from the draft deployment
-            from deployments.draft_server import remote_proposer
-
-            proposer = remote_proposer(config, draft)
-        self.engine = AsyncLLMEngine(engine=LLMEngine(config.to_engine_config(), proposer=proposer))
+        self.engine = _start_engine(config, draft)
         self._ongoing = 0
         self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
         self._index_address: tuple[str, str] | None = None
@@ -76,7 +72,7 @@ class LLMServer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(
             max_model_len=self.engine.max_model_len,
-            vocab_size=self.engine.engine.arch.vocab_size,
+            vocab_size=self.engine.vocab_size,
             block_size=self._config.cache.block_size,
             prefix_index=self._index_address,
         )
@@ -87,7 +83,7 @@ class LLMServer:
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         """The whole completion in one answer."""
         result: GenerateOutput | None = None
-        async for out in self._run(request, flush_interval_s=math.inf):
+        async for out in self._run(request, stream_interval_s=None):
             result = out
         assert result is not None  # _run always ends with a finished output
         return result
@@ -106,11 +102,17 @@ class LLMServer:
         return [t.result() for t in tasks]
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Deltas as the engine makes them (at most one per stream_interval_s)."""
-        async for out in self._run(request, flush_interval_s=self._config.stream_interval_s):
+        """Deltas as the engine makes them, coalesced by `_stream_interval_s`."""
+        async for out in self._run(request, stream_interval_s=self._stream_interval_s):
             yield out
 
-    async def _run(self, request: GenerateRequest, flush_interval_s: float) -> AsyncIterator[GenerateOutput]:
+    def _stream_interval_s(self) -> float:
+        return chunk_interval_s(self._ongoing, self._config.stream_interval_s, self._config.max_stream_chunks_per_s)
+
+    async def _run(
+        self, request: GenerateRequest, stream_interval_s: Callable[[], float] | None
+    ) -> AsyncIterator[GenerateOutput]:
+        """Outputs merged into chunks: one per stream_interval_s() while streaming, one in all if None."""
         self._start_publisher()
         self._ongoing += 1
         start = last_flush = time.monotonic()
@@ -126,6 +128,7 @@ class LLMServer:
                     now = time.monotonic()
                     delta = self._delta(out)
                     new_tokens = max((len(c.token_ids) for c in delta.choices), default=0)
+                    first = new_tokens > 0 and last_token is None
                     if new_tokens:
                         if last_token is None:
                             timing.time_to_first_token_s = now - start
@@ -138,7 +141,10 @@ class LLMServer:
                         pending.merge(delta)
                     if out.finished:
                         pending.timing = timing
-                    if out.finished or now - last_flush >= flush_interval_s:
+                    # The first token goes out at once: time to first token is what users feel.
+                    if out.finished or (
+                        stream_interval_s is not None and (first or now - last_flush >= stream_interval_s())
+                    ):
                         yield pending
                         pending, last_flush = None, now
         finally:
@@ -165,12 +171,37 @@ class LLMServer:
                 replica_id=self.replica_id,
                 index=self._index,
                 resolve_index=lambda: serve.get_deployment_actor(PREFIX_INDEX_ACTOR),
-                cached_hashes=self.engine.engine.cached_block_hashes,
+                cached_hashes=self.engine.cached_block_hashes,
                 stats=lambda: dataclasses.asdict(self.engine.stats()),
                 load=lambda: self._ongoing,
                 options=self._config.router,
             )
             self._publisher.start()
+
+
+def chunk_interval_s(open_streams: int, min_interval_s: float, max_chunks_per_s: float) -> float:
+    """How long each stream holds its tokens before sending them on as one chunk."""
+    # Every chunk costs a message on each hop (replica -> ingress -> proxy), whatever it
+    # carries: the replica's chunk rate stays bounded by growing each stream's interval.
+    return max(min_interval_s, open_streams / max_chunks_per_s)
+
+
+def _start_engine(config: AppConfig, draft: DeploymentHandle | None) -> EngineCoreClient | AsyncLLMEngine:
+    """The replica's engine: in a child process, or (remote draft) stepping in a thread here."""
+    # torch and the model code are imported by replicas only, never by the app builder.
+    if config.engine_in_process:
+        from engine.core_process import EngineCoreClient
+
+        return EngineCoreClient(config.to_engine_config())
+    from engine.async_engine import AsyncLLMEngine
+    from engine.engine import LLMEngine
+
+    proposer = None
+    if draft is not None:  # speculative.method 'remote': proposals from the draft deployment
+        from deployments.draft_server import remote_proposer
+
+        proposer = remote_proposer(config, draft)
+    return AsyncLLMEngine(engine=LLMEngine(config.to_engine_config(), proposer=proposer))
 
 
 class CachePublisher:
@@ -185,15 +216,14 @@ class CachePublisher:
         replica_id: str,
         index: ActorHandle,
         resolve_index: Callable[[], ActorHandle],
-        cached_hashes: Callable[[], list[int]],
+        cached_hashes: Callable[[], Awaitable[list[int]]],
         stats: Callable[[], dict[str, Any]],
         load: Callable[[], int],
         options: RouterOptions,
     ) -> None:
         self._replica_id = replica_id
         self._index = index
-        # Without prefix routing nobody reads the hashes: publish stats only.
-        self._cached_hashes = cached_hashes if options.prefix_aware else (lambda: [])
+        self._cached_hashes = cached_hashes
         self._stats = stats
         self._load = load
         self._options = options
@@ -229,8 +259,8 @@ class CachePublisher:
                     pass
 
     async def publish(self, stats: dict[str, Any]) -> None:
-        # The engine's worker thread may be mid-step; the hash list is copied in one C call.
-        current = set(self._cached_hashes())
+        # Without prefix routing nobody reads the hashes: publish stats only.
+        current = set(await self._cached_hashes()) if self._options.prefix_aware else set()
         reset = self._index_token is None
         added = current if reset else current - self._published
         removed = set() if reset else self._published - current

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import EngineConfig
-from engine.engine import EngineStats, LLMEngine, Prompt
+from engine.engine import LLMEngine, Prompt
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -47,6 +47,15 @@ class AsyncLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.arch.vocab_size
+
+    async def cached_block_hashes(self) -> list[int]:
+        """Hashes of the blocks the engine can serve from its prefix cache (for the router)."""
+        # The worker thread may be mid-step; the hash list is copied in one C call.
+        return self.engine.cached_block_hashes()
 
     def stats(self) -> EngineStats:
         """Numbers as of the last step boundary (read without touching the worker thread)."""

@@ -18,7 +18,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache.allocator import PagedKVAllocator
 from engine.model.loader import load_model
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import apply_quantization
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingBatch
@@ -31,6 +31,7 @@ from engine.spec.proposer import Proposals, Proposer, SpecRequest
 from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH
 from engine.spec.verify import verify
 from engine.tokenizer import eos_token_ids, load_tokenizer
+from engine.validation import validate_request
 
 Prompt = str | list[int]
 
@@ -50,28 +51,6 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    prefix_cache_hit_rate: float
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    # Speculative decoding, counted over (sequence, step) pairs that had proposals.
-    spec_proposer: str | None = None
-    spec_steps: int = 0
-    spec_proposed_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_acceptance_rate: float = 0.0  # accepted / proposed
-    spec_mean_accepted_tokens_per_step: float = 0.0  # accepted proposals per step
-    spec_mean_tokens_per_step: float = 0.0  # tokens emitted per step: the accepted ones + the target's own
 
 
 @dataclass
@@ -174,18 +153,7 @@ class LLMEngine:
         """Raises InvalidRequestError for anything the engine cannot serve; changes nothing."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.arch.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt holds token ids outside [0, {vocab}): {bad[:5]}")
-        params.validate()
-        if len(token_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens"
-            )
+        validate_request(token_ids, params, self.arch.vocab_size, self.max_model_len)
 
     def add_request(
         self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None

@@ -52,3 +52,25 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    # Speculative decoding, counted over (sequence, step) pairs that had proposals.
+    spec_proposer: str | None = None
+    spec_steps: int = 0
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0  # accepted / proposed
+    spec_mean_accepted_tokens_per_step: float = 0.0  # accepted proposals per step
+    spec_mean_tokens_per_step: float = 0.0  # tokens emitted per step: the accepted ones + the target's own

@@ -61,6 +61,16 @@ def test_build_app_from_args() -> None:
     assert isinstance(build_app({"model": "preset:tiny-llama"}), Application)
 
 
+@pytest.mark.parametrize(
+    "engine_loop, method, in_process",
+    [("auto", "draft", True), ("auto", "remote", False), ("thread", "draft", False), ("process", "ngram", True)],
+)
+def test_where_the_engine_steps(engine_loop: str, method: str, in_process: bool) -> None:
+    speculative = {"method": method, "draft_model": "models/demo-draft"} if method != "ngram" else {"method": method}
+    config = AppConfig(model="models/demo-target", engine_loop=engine_loop, speculative=speculative)
+    assert config.engine_in_process is in_process
+
+
 def test_preset_model_name() -> None:
     assert AppConfig(model="preset:tiny-llama").model_name == "tiny-llama"
 
@@ -86,6 +96,12 @@ def test_preset_model_name() -> None:
         ),
         ({"llm_server": {"max_queued_requests": -2}}, "llm_server.max_queued_requests"),
         ({"router": {"index_timeout_s": 0}}, "router.index_timeout_s"),
+        ({"max_stream_chunks_per_s": 0}, "max_stream_chunks_per_s"),
+        ({"engine_loop": "fork"}, "engine_loop"),
+        (
+            {"engine_loop": "process", "speculative": {"method": "remote", "draft_model": "models/demo-draft"}},
+            "engine_loop 'process' cannot call the draft deployment",
+        ),
     ],
 )
 def test_bad_config_names_the_field(patch: dict[str, Any], message: str) -> None:

@@ -114,8 +114,12 @@ def test_publisher_sends_diffs_and_resends_all_after_an_index_restart() -> None:
 
     cached = [1, 2, 3]
     index = FakeIndex()
+
+    async def cached_hashes() -> list[int]:
+        return list(cached)
+
     publisher = CachePublisher(
-        "r", index, resolve_index=lambda: index, cached_hashes=lambda: list(cached),
+        "r", index, resolve_index=lambda: index, cached_hashes=cached_hashes,
         stats=lambda: {}, load=lambda: 0, options=RouterOptions(),
     )
 

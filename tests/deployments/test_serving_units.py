@@ -119,3 +119,14 @@ def test_validation_errors_become_openai_400s(error: dict, message: str, param: 
     mapped = from_validation_errors([error])
     assert (mapped.status, mapped.message, mapped.param) == (400, message, param)
     assert set(mapped.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "open_streams, min_interval_s, expected",
+    [(1, 0.0, 0.0005), (16, 0.0, 0.008), (256, 0.0, 0.128), (4, 0.05, 0.05), (0, 0.0, 0.0)],
+)
+def test_chunk_interval_grows_with_open_streams(open_streams: int, min_interval_s: float, expected: float) -> None:
+    from deployments.llm_server import chunk_interval_s
+
+    # 2000 chunks/s per replica over all streams: 256 streams -> each stream sends every 128 ms.
+    assert chunk_interval_s(open_streams, min_interval_s, 2000.0) == pytest.approx(expected)

@@ -1,0 +1,387 @@
+"""The engine core in a process of its own, and the asyncio client that drives it.
+
+Why a process: in a serving replica the event loop (Ray's streaming protocol
+and the bookkeeping of every open request) and the engine's step loop would
+share one GIL. With a small model a step is mostly Python, so every message
+the loop handles delays the next step for everyone. Here the core steps in
+its own interpreter and the serving process only moves messages.
+
+    client = EngineCoreClient(EngineConfig(model="models/demo-target"))
+    async for out in client.generate([1, 2, 3], SamplingParams(max_tokens=8), "req-1"):
+        print(out.outputs[0].new_token_ids)
+
+`EngineCoreClient` has `AsyncLLMEngine`'s interface. The two talk over one
+socket pair (multiprocessing.connection framing, pickled tuples):
+
+    client -> core   ("add", request_id, token_ids, params) | ("abort", request_id)
+                     ("call", call_id, method_name) | ("stop",)
+    core -> client   ("ready", CoreInfo) | ("step", deltas, failed, stats)
+                     ("reply", call_id, value) | ("fatal", exception)
+
+One "step" message per engine step carries every request's new tokens, not
+one message per request: the core pickles only what changed (see
+`to_delta`) and the client rebuilds full `RequestOutput`s from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
+from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.validation import validate_request
+
+# (index, new_token_ids, new_text, finish_reason, stop_reason, new_logprobs)
+ChoiceDelta = tuple[int, list[int], str, str | None, str | int | None, list[TokenLogprob] | None]
+# (request_id, finished, num_cached_tokens, metrics when finished, choices)
+RequestDelta = tuple[str, bool, int, RequestMetrics | None, list[ChoiceDelta]]
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """What the client needs to validate requests without the model."""
+
+    max_model_len: int
+    vocab_size: int
+    tokenizer_path: str | None  # where the core loaded its tokenizer from; None: the model has none
+    stats: EngineStats
+
+
+def to_delta(out: RequestOutput) -> RequestDelta:
+    choices = [
+        (c.index, c.new_token_ids, c.new_text, c.finish_reason, c.stop_reason, c.new_logprobs) for c in out.outputs
+    ]
+    return out.request_id, out.finished, out.num_cached_tokens, out.metrics if out.finished else None, choices
+
+
+# ----- the core (child process) ----------------------------------------------------------
+
+
+class EngineCore:
+    """Applies the client's messages at step boundaries, steps, and answers with one message per step."""
+
+    def __init__(self, engine: Any, conn: Connection) -> None:
+        self._engine = engine
+        self._conn = conn
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        # The socket is read on its own thread so a burst of requests never waits for a step to end.
+        threading.Thread(target=self._receive, name="core-receive", daemon=True).start()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                self._inbox.put(self._conn.recv())
+        except (EOFError, OSError):  # the client went away: nobody is left to serve
+            self._inbox.put(("stop",))
+
+    def run(self) -> None:
+        while True:
+            messages = self._drain(block=not self._engine.has_unfinished_requests())
+            if any(m[0] == "stop" for m in messages):
+                return
+            failed: list[tuple[str, EngineError]] = []
+            for message in messages:
+                self._apply(message, failed)
+            outputs = self._engine.step() if self._engine.has_unfinished_requests() else []
+            # After aborts too: the client's stats must show the freed blocks.
+            self._conn.send(("step", [to_delta(o) for o in outputs], failed, self._engine.stats()))
+
+    def _drain(self, block: bool) -> list[tuple]:
+        messages = [self._inbox.get()] if block else []
+        while True:
+            try:
+                messages.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def _apply(self, message: tuple, failed: list[tuple[str, EngineError]]) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, request_id, token_ids, params = message
+            try:
+                self._engine.add_request(request_id, token_ids, params)
+            except EngineError as exc:
+                failed.append((request_id, exc))
+            except Exception as exc:  # one request's surprise must not stop the core for everyone
+                failed.append((request_id, EngineError(f"request {request_id!r} could not be added: {exc!r}")))
+        elif kind == "abort":
+            self._engine.abort_request(message[1])
+        elif kind == "call":
+            _, call_id, name = message
+            self._conn.send(("reply", call_id, getattr(self._engine, name)()))
+
+
+def core_main(fd: int) -> int:
+    """The child's entry point: read the config, build the engine, serve until the client leaves."""
+    conn = Connection(fd)
+    config: EngineConfig = conn.recv()
+    try:
+        from engine.engine import LLMEngine  # torch and the model load here, not in the client
+
+        engine = LLMEngine(config)
+        tokenizer_path = getattr(engine.tokenizer, "name_or_path", None) if engine.tokenizer is not None else None
+        conn.send(("ready", CoreInfo(engine.max_model_len, engine.arch.vocab_size, tokenizer_path, engine.stats())))
+        EngineCore(engine, conn).run()
+    except Exception as exc:
+        _send_fatal(conn, exc)
+        raise
+    return 0
+
+
+def _send_fatal(conn: Connection, exc: Exception) -> None:
+    try:
+        conn.send(("fatal", exc))
+    except Exception:  # unpicklable, or the client is gone
+        try:
+            conn.send(("fatal", EngineError(f"engine core failed: {exc!r}")))
+        except OSError:
+            pass
+
+
+# ----- the client (serving process) --------------------------------------------------------
+
+
+class _Stream:
+    """One request on the client side: its queue, and the cumulative outputs rebuilt from deltas."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.text = [""] * n
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
+
+    def apply(self, delta: RequestDelta) -> RequestOutput:
+        _, finished, num_cached, metrics, choices = delta
+        outputs = []
+        for index, new_ids, new_text, finish_reason, stop_reason, new_logprobs in choices:
+            self.token_ids[index].extend(new_ids)
+            self.text[index] += new_text
+            if new_logprobs is not None:
+                self.logprobs[index] = (self.logprobs[index] or []) + new_logprobs
+            outputs.append(
+                CompletionOutput(
+                    index, list(self.token_ids[index]), self.text[index], new_ids, new_text,
+                    finish_reason, stop_reason, self.logprobs[index], new_logprobs,
+                )
+            )
+        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, finished, num_cached, metrics)
+
+
+class EngineCoreClient:
+    """`AsyncLLMEngine`'s interface over an engine core running in a child process.
+
+    Every method runs on the caller's event loop; one reader thread receives
+    the core's messages and hands each to the loop whole.
+    """
+
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0) -> None:
+        self._config = config
+        self._process, self._conn = _spawn_core()
+        self._conn.send(config)
+        info = self._wait_ready(startup_timeout_s)
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        self._stats = info.stats
+        self._tokenizer_path = info.tokenizer_path
+        self._streams: dict[str, _Stream] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokenizer = None
+        self.errored: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, name="core-client-read", daemon=True)
+        self._reader.start()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_path is not None:
+            # Loaded only for text prompts: the serving path sends token ids.
+            from engine.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer_path)
+        return self._tokenizer
+
+    def stats(self) -> EngineStats:
+        """Numbers as of the core's last step boundary."""
+        return self._stats
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs step by step; leaving early (cancel, break) aborts it."""
+        self._check_alive()
+        token_ids = self._tokenize(prompt)
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        validate_request(token_ids, params, self.vocab_size, self.max_model_len)
+        self._bind_loop()
+        stream = _Stream(request_id, token_ids, params.n)
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            self._send(("add", request_id, token_ids, params))
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self.errored is None:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    async def cached_block_hashes(self) -> list[int]:
+        """Hashes of the blocks the core can serve from its prefix cache (for the router)."""
+        return await self._call("cached_block_hashes")
+
+    def shutdown(self) -> None:
+        try:
+            self._conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+        self._conn.close()
+
+    # ----- plumbing --------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send token ids, not text")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return list(prompt)
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise EngineError("EngineCoreClient is used from one event loop only")
+
+    def _check_alive(self) -> None:
+        if self.errored is not None:
+            raise EngineError(f"the engine core has failed: {self.errored!r}")
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError) as exc:  # the core is gone; the reader reports why
+            raise EngineError(f"the engine core is not reachable: {exc!r}") from exc
+
+    async def _call(self, name: str) -> Any:
+        self._check_alive()
+        self._bind_loop()
+        call_id = next(self._call_ids)
+        future = self._loop.create_future()
+        self._calls[call_id] = future
+        try:
+            self._send(("call", call_id, name))
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
+    def _wait_ready(self, timeout_s: float) -> CoreInfo:
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.2):
+            if self._process.poll() is not None:
+                raise EngineError(f"the engine core exited with code {self._process.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                self._process.kill()
+                raise EngineError(f"the engine core was not ready within {timeout_s:.0f} s")
+        kind, value = self._conn.recv()
+        if kind == "fatal":
+            self._process.wait(timeout=30)
+            raise value
+        return value
+
+    def _read(self) -> None:
+        """Reader thread: receive whole messages and hand them to the loop."""
+        try:
+            while True:
+                message = self._conn.recv()
+                if self._loop is None:  # nothing asked yet, so nothing can be waiting
+                    if message[0] == "fatal":
+                        self.errored = message[1]
+                    continue
+                self._loop.call_soon_threadsafe(self._dispatch, message)
+                if message[0] == "fatal":
+                    return
+        except (EOFError, OSError) as exc:
+            lost = EngineError(f"the engine core exited (code {self._process.poll()}): {exc!r}")
+            if self._loop is None:
+                self.errored = lost
+            elif not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._dispatch, ("fatal", lost))
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "step":
+            _, deltas, failed, stats = message
+            self._stats = stats
+            for request_id, exc in failed:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    stream.queue.put_nowait(exc)
+            for delta in deltas:
+                stream = self._streams.get(delta[0])
+                if stream is not None:
+                    stream.queue.put_nowait(stream.apply(delta))
+        elif kind == "reply":
+            future = self._calls.get(message[1])
+            if future is not None and not future.done():
+                future.set_result(message[2])
+        elif kind == "fatal" and self.errored is None:
+            self._fail(message[1])
+
+    def _fail(self, exc: BaseException) -> None:
+        """The core is gone: every open stream and call gets an error, loudly."""
+        self.errored = exc
+        for stream in self._streams.values():
+            stream.queue.put_nowait(RequestAbortedError(f"engine core failed: {exc!r}"))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineError(f"engine core failed: {exc!r}"))
+
+
+def _spawn_core() -> tuple[subprocess.Popen, Connection]:
+    """Starts `python -m engine.core_process FD` with one end of a socket pair."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    root = str(Path(__file__).resolve().parent.parent)  # so `-m engine.core_process` resolves to this tree
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine.core_process", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+        )
+    finally:
+        theirs.close()
+    return process, Connection(ours.detach())
+
+
+if __name__ == "__main__":
+    # Through the package, not this __main__ copy: what the core pickles must name engine.core_process.
+    from engine.core_process import core_main as _core_main
+
+    sys.exit(_core_main(int(sys.argv[1])))
