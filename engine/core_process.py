@@ -324,15 +324,19 @@ class EngineCoreClient:
                     if message[0] == "fatal":
                         self.errored = message[1]
                     continue
-                self._loop.call_soon_threadsafe(self._dispatch, message)
-                if message[0] == "fatal":
+                if not self._hand_to_loop(message) or message[0] == "fatal":
                     return
         except (EOFError, OSError) as exc:
             lost = EngineError(f"the engine core exited (code {self._process.poll()}): {exc!r}")
-            if self._loop is None:
-                self.errored = lost
-            elif not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._dispatch, ("fatal", lost))
+            if self._loop is None or not self._hand_to_loop(("fatal", lost)):
+                self.errored = self.errored or lost
+
+    def _hand_to_loop(self, message: tuple) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, message)
+            return True
+        except RuntimeError:  # the loop has closed: nobody is left to tell
+            return False
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
