@@ -112,23 +112,23 @@ class LLMServer:
     async def _run(
         self, request: GenerateRequest, stream_interval_s: Callable[[], float] | None
     ) -> AsyncIterator[GenerateOutput]:
-        """Outputs merged into chunks: one per stream_interval_s() while streaming, one in all if None."""
+        """One chunk per output the engine wakes us with (paced by stream_interval_s), or one in all if None."""
         self._start_publisher()
         self._ongoing += 1
-        start = last_flush = time.monotonic()
+        start = time.monotonic()
         last_token: float | None = None
         timing = RequestTiming()
         pending: GenerateOutput | None = None
+        pace = stream_interval_s or (lambda: math.inf)
         try:
             # aclosing: when our caller stops early, the engine's stream is closed right
             # away (which aborts the request), not whenever it is garbage-collected.
-            stream = self.engine.generate(request.prompt_token_ids, request.params, request.request_id)
+            stream = self.engine.generate(request.prompt_token_ids, request.params, request.request_id, pace)
             async with aclosing(stream):
                 async for out in stream:
                     now = time.monotonic()
                     delta = self._delta(out)
                     new_tokens = max((len(c.token_ids) for c in delta.choices), default=0)
-                    first = new_tokens > 0 and last_token is None
                     if new_tokens:
                         if last_token is None:
                             timing.time_to_first_token_s = now - start
@@ -141,12 +141,9 @@ class LLMServer:
                         pending.merge(delta)
                     if out.finished:
                         pending.timing = timing
-                    # The first token goes out at once: time to first token is what users feel.
-                    if out.finished or (
-                        stream_interval_s is not None and (first or now - last_flush >= stream_interval_s())
-                    ):
+                    if out.finished or stream_interval_s is not None:
                         yield pending
-                        pending, last_flush = None, now
+                        pending = None
         finally:
             self._ongoing -= 1
 

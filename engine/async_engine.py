@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,7 @@ from engine.engine import LLMEngine, Prompt
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.streams import ChunkInterval, ChunkPacer, OutputStream
 
 
 class AsyncLLMEngine:
@@ -34,7 +36,7 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
         self._pending_aborts: list[str] = []
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._stats: EngineStats = engine.stats()
@@ -61,34 +63,39 @@ class AsyncLLMEngine:
         """Numbers as of the last step boundary (read without touching the worker thread)."""
         return self._stats
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs step by step; leaving early (cancel, break) aborts it."""
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, request_id: str, chunk_interval_s: ChunkInterval | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs; leaving early (cancel, break) aborts it.
+
+        Outputs the consumer has not taken yet are merged into one. With
+        chunk_interval_s, the consumer is also woken at most once per
+        chunk_interval_s() (first tokens and the end at once).
+        """
         token_ids = self.engine.tokenize(prompt)
         with self._lock:
-            taken = request_id in self._queues
+            taken = request_id in self._streams
         if taken:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         # Validation is pure, so it is safe here while the worker thread steps.
         self.engine.validate(request_id, token_ids, params)
         self._ensure_loop()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream = OutputStream(ChunkPacer(chunk_interval_s))
         with self._lock:
-            self._queues[request_id] = queue
+            self._streams[request_id] = stream
             self._pending_adds.append((request_id, token_ids, params))
         self._wakeup.set()
         finished = False
         try:
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await stream.get()
                 finished = item.finished
                 yield item
         finally:
             if not finished:
                 self.abort(request_id)
             with self._lock:
-                self._queues.pop(request_id, None)
+                self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -117,15 +124,18 @@ class AsyncLLMEngine:
             except Exception as exc:  # a bug in the step loop: fail every open stream, loudly
                 self.errored = exc
                 with self._lock:
-                    queues = list(self._queues.values())
-                for q in queues:
-                    q.put_nowait(RequestAbortedError(f"engine step failed: {exc!r}"))
+                    streams = list(self._streams.values())
+                for stream in streams:
+                    stream.fail(RequestAbortedError(f"engine step failed: {exc!r}"))
                 raise
+            now = time.monotonic()
             with self._lock:
-                for request_id, item in failed + [(o.request_id, o) for o in outputs]:
-                    queue = self._queues.get(request_id)
-                    if queue is not None:
-                        queue.put_nowait(item)
+                for request_id, error in failed:
+                    if (stream := self._streams.get(request_id)) is not None:
+                        stream.fail(error)
+                for out in outputs:
+                    if (stream := self._streams.get(out.request_id)) is not None:
+                        stream.put(out, now)
 
     def _step(self) -> tuple[list[RequestOutput], list[tuple[str, EngineError]]]:
         """Runs in the worker thread: apply the inbox, then one engine step."""

@@ -43,6 +43,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.streams import ChunkInterval, ChunkPacer
 from engine.validation import validate_request
 
 # (index, new_token_ids, new_text, finish_reason, stop_reason, new_logprobs)
@@ -156,31 +157,66 @@ def _send_fatal(conn: Connection, exc: Exception) -> None:
 
 
 class _Stream:
-    """One request on the client side: its queue, and the cumulative outputs rebuilt from deltas."""
+    """One request on the client side: its outputs rebuilt from the core's deltas, held for its consumer.
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
+    A delta only extends lists here; the `RequestOutput` is built when the
+    consumer is woken (see engine/streams.py), so a stream that is not due
+    costs no objects and no wake-up.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], n: int, pacer: ChunkPacer) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.token_ids: list[list[int]] = [[] for _ in range(n)]
-        self.text = [""] * n
-        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self.ready = asyncio.Event()
+        self.error: BaseException | None = None
+        self._pacer = pacer
+        self._token_ids: list[list[int]] = [[] for _ in range(n)]
+        self._text = [""] * n
+        self._logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self._new_ids: list[list[int]] = [[] for _ in range(n)]
+        self._new_text = [""] * n
+        self._new_logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self._finish: list[tuple[str | None, str | int | None]] = [(None, None)] * n
+        self._finished = False
+        self._num_cached = 0
+        self._metrics: RequestMetrics | None = None
 
-    def apply(self, delta: RequestDelta) -> RequestOutput:
-        _, finished, num_cached, metrics, choices = delta
-        outputs = []
+    def apply(self, delta: RequestDelta, now: float) -> None:
+        _, self._finished, self._num_cached, self._metrics, choices = delta
+        has_tokens = False
         for index, new_ids, new_text, finish_reason, stop_reason, new_logprobs in choices:
-            self.token_ids[index].extend(new_ids)
-            self.text[index] += new_text
+            self._token_ids[index].extend(new_ids)
+            self._new_ids[index].extend(new_ids)
+            self._text[index] += new_text
+            self._new_text[index] += new_text
             if new_logprobs is not None:
-                self.logprobs[index] = (self.logprobs[index] or []) + new_logprobs
-            outputs.append(
-                CompletionOutput(
-                    index, list(self.token_ids[index]), self.text[index], new_ids, new_text,
-                    finish_reason, stop_reason, self.logprobs[index], new_logprobs,
-                )
+                self._logprobs[index] = (self._logprobs[index] or []) + new_logprobs
+                self._new_logprobs[index] = (self._new_logprobs[index] or []) + new_logprobs
+            self._finish[index] = (finish_reason, stop_reason)
+            has_tokens = has_tokens or bool(new_ids)
+        if self._pacer.due(now, self._finished, has_tokens):
+            self.ready.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.ready.set()
+
+    def take(self) -> RequestOutput:
+        """Everything since the last take, as one output."""
+        self.ready.clear()
+        outputs = [
+            CompletionOutput(
+                i, list(self._token_ids[i]), self._text[i], self._new_ids[i], self._new_text[i], *self._finish[i],
+                self._logprobs[i], self._new_logprobs[i],
             )
-        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, finished, num_cached, metrics)
+            for i in range(len(self._token_ids))
+        ]
+        n = len(outputs)
+        self._new_ids, self._new_text = [[] for _ in range(n)], [""] * n
+        self._new_logprobs = [[] if lp is not None else None for lp in self._logprobs]
+        return RequestOutput(
+            self.request_id, self.prompt_token_ids, outputs, self._finished, self._num_cached, self._metrics
+        )
 
 
 class EngineCoreClient:
@@ -221,23 +257,31 @@ class EngineCoreClient:
         """Numbers as of the core's last step boundary."""
         return self._stats
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs step by step; leaving early (cancel, break) aborts it."""
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, chunk_interval_s: ChunkInterval | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs; leaving early (cancel, break) aborts it.
+
+        Steps the consumer has not taken yet are merged into one output. With
+        chunk_interval_s, the consumer is also woken at most once per
+        chunk_interval_s() (first tokens and the end at once).
+        """
         self._check_alive()
         token_ids = self._tokenize(prompt)
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         validate_request(token_ids, params, self.vocab_size, self.max_model_len)
         self._bind_loop()
-        stream = _Stream(request_id, token_ids, params.n)
+        stream = _Stream(request_id, token_ids, params.n, ChunkPacer(chunk_interval_s))
         self._streams[request_id] = stream
         finished = False
         try:
             self._send(("add", request_id, token_ids, params))
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                await stream.ready.wait()
+                if stream.error is not None:
+                    raise stream.error
+                item = stream.take()
                 finished = item.finished
                 yield item
         finally:
@@ -344,13 +388,12 @@ class EngineCoreClient:
             _, deltas, failed, stats = message
             self._stats = stats
             for request_id, exc in failed:
-                stream = self._streams.get(request_id)
-                if stream is not None:
-                    stream.queue.put_nowait(exc)
+                if (stream := self._streams.get(request_id)) is not None:
+                    stream.fail(exc)
+            now = time.monotonic()
             for delta in deltas:
-                stream = self._streams.get(delta[0])
-                if stream is not None:
-                    stream.queue.put_nowait(stream.apply(delta))
+                if (stream := self._streams.get(delta[0])) is not None:
+                    stream.apply(delta, now)
         elif kind == "reply":
             future = self._calls.get(message[1])
             if future is not None and not future.done():
@@ -362,7 +405,7 @@ class EngineCoreClient:
         """The core is gone: every open stream and call gets an error, loudly."""
         self.errored = exc
         for stream in self._streams.values():
-            stream.queue.put_nowait(RequestAbortedError(f"engine core failed: {exc!r}"))
+            stream.fail(RequestAbortedError(f"engine core failed: {exc!r}"))
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(EngineError(f"engine core failed: {exc!r}"))

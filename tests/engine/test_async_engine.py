@@ -188,3 +188,13 @@ def test_a_failing_step_fails_open_streams_and_later_requests(async_engine, monk
             await collect(async_engine, PROMPTS[1], GREEDY, "later")
 
     asyncio.run(main())
+
+
+def test_a_chunk_interval_merges_steps_into_fewer_outputs(async_engine):
+    async def main():
+        return [o async for o in async_engine.generate(PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)]
+
+    outs = asyncio.run(main())
+    # The first token at once, then nothing until the end: 12 tokens in two outputs.
+    assert [len(o.outputs[0].new_token_ids) for o in outs] == [1, 11]
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == outs[0].outputs[0].new_token_ids + outs[1].outputs[0].new_token_ids

@@ -149,3 +149,13 @@ def test_a_dead_core_fails_open_streams_and_later_requests(client):
 def test_a_config_the_core_cannot_load_raises_its_error_in_the_client(tmp_path):
     with pytest.raises(ConfigError):
         EngineCoreClient(EngineConfig(model="preset:no-such-preset", device="cpu"))
+
+
+def test_a_chunk_interval_merges_steps_into_fewer_outputs(client):
+    async def main():
+        return [o async for o in client.generate(PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)]
+
+    outs = asyncio.run(main())
+    # The first token at once, then nothing until the end: 12 tokens in two outputs.
+    assert [len(o.outputs[0].new_token_ids) for o in outs] == [1, 11]
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == outs[0].outputs[0].new_token_ids + outs[1].outputs[0].new_token_ids
