@@ -134,16 +134,19 @@ class Int4Linear(QuantLinear):
             return self.forward_reference(x)
         from engine.quant import kernels
 
-        workspace = None
-        if x.shape[0] == 1:
-            workspace = self._matvec_workspace(kernels)
+        workspace = self.matvec_workspace() if x.shape[0] == 1 else None
         return kernels.quant_matmul(
             x, kernels.FMT_INT4, self.qweight, self.scales, self.zeros, bias=self.bias, group=g, workspace=workspace
         )
 
-    def _matvec_workspace(self, kernels):
-        # Made by the first decode step (the engine's warm-up runs before any CUDA graph capture),
-        # then reused: its counters must outlive every call, as they do in a replayed graph.
+    def matvec_workspace(self):
+        """The Triton matvec's split-K buffers (kernels.Int4Workspace) on the weights' device.
+
+        Made at load (swap.set_backend_, so the KV cache sizing sees it) or else by the first
+        decode step, before any CUDA graph capture; then reused: its counters must outlive
+        every call, as they do in a replayed graph."""
+        from engine.quant import kernels
+
         ws = self._workspace
         if ws is None or ws.partials.device != self.qweight.device:
             ws = self._workspace = kernels.Int4Workspace.for_rows(self.out_features, self.qweight.device)
