@@ -33,7 +33,7 @@ with earlier runs.
 0. Self-check (CUDA, before any timing): each int4 backend on random layers
    of the preset's shapes, against the dequantized reference: the Triton
    matvec (autotuned, and every config it may pick, split-K included) within
-   half a bf16 ulp plus 1e-5 of max |y|; tinygemm (offsets rounded to bf16)
+   half a bf16 ulp plus 1e-4 of max |y|; tinygemm (offsets rounded to bf16)
    within 1% relative norm error; then replayed 3 times from a CUDA graph,
    bit-identical to the eager call. A backend that fails is not timed.
 
@@ -219,7 +219,8 @@ def _self_check_layer(backend: str, k: int, n: int, device: torch.device) -> lis
     for label, call in calls.items():
         y = call().float()
         if backend == "triton":  # one rounding of an fp32 sum: half a bf16 ulp, plus summation error
-            bound = 2.0**-8 * ref.abs() + 1e-5 * ref.abs().max()
+            # slack 1e-4 of max |y|: fp32 rounding over K = 14336 (~2e-5 of it), far below a wrong code
+            bound = 2.0**-8 * ref.abs() + 1e-4 * ref.abs().max()
             excess = float((((y - ref).abs() - bound) / bound).max())
             if excess > 0:
                 problems.append(f"{label} off by {excess:.2f} of its bound")
