@@ -21,10 +21,23 @@
    --ppl-windows windows of its held-out text (needs .corpus; skipped with
    a message if absent) for none / int8 / int4-rtn / int4-awq / fp8.
 
-Modes: bf16 (none), int8, int4, int4-torch (PyTorch's tinygemm int4 kernel),
-fp8 (our kernel for decode), fp8-torch (torch._scaled_mm throughout). A mode
-the device cannot run is reported as skipped. Prints a table and the W3
-report line; --json writes every figure.
+Modes: bf16 (none), int8, int4-triton (our Triton matvec for decode),
+int4-torch (PyTorch's tinygemm int4 kernel), int4 (the config default,
+backend "auto"), fp8 (our kernel for decode), fp8-torch (torch._scaled_mm
+throughout). Each int4 backend is its own row, with the kernels its layers
+actually ran; the W3 line takes the fastest int4 row and names it. A mode the
+device cannot run is reported as skipped. Perplexity modes pin the Triton
+backend (its prefill path is the exact dequantized product), so they compare
+with earlier runs.
+
+0. Self-check (CUDA, before any timing): each int4 backend on random layers
+   of the preset's shapes, against the dequantized reference: the Triton
+   matvec (autotuned, and every config it may pick, split-K included) within
+   half a bf16 ulp plus 1e-4 of max |y|; tinygemm (offsets rounded to bf16)
+   within 1% relative norm error; then replayed 3 times from a CUDA graph,
+   bit-identical to the eager call. A backend that fails is not timed.
+
+Prints a table and the W3 report line; --json writes every figure.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from bench.device import device_name, free_memory
 from bench.ceiling import measure_device_rates
 from engine import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
 
-SPEED_MODES = "bf16,int8,int4,int4-torch,fp8,fp8-torch"
+SPEED_MODES = "bf16,int8,int4-triton,int4-torch,fp8,fp8-torch"
 PPL_MODES = "none,int8,int4-rtn,int4-awq,fp8"
 
 
@@ -52,10 +65,11 @@ def mode_config(mode: str) -> QuantConfig:
         "bf16": QuantConfig(),
         "none": QuantConfig(),
         "int8": QuantConfig(method="int8"),
-        "int4": QuantConfig(method="int4", awq=False),
-        "int4-rtn": QuantConfig(method="int4", awq=False),
-        "int4-awq": QuantConfig(method="int4", awq=True),
+        "int4": QuantConfig(method="int4", awq=False),  # backend "auto": the config default
+        "int4-triton": QuantConfig(method="int4", awq=False, backend="triton"),
         "int4-torch": QuantConfig(method="int4", awq=False, backend="torch"),
+        "int4-rtn": QuantConfig(method="int4", awq=False, backend="triton"),
+        "int4-awq": QuantConfig(method="int4", awq=True, backend="triton"),
         "fp8": QuantConfig(method="fp8"),
         "fp8-torch": QuantConfig(method="fp8", backend="torch"),
     }[mode]
@@ -75,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-windows", type=int, default=64)
     p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--skip-kernel-check", action="store_true")
+    p.add_argument("--skip-self-check", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -90,26 +105,18 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
     """Each layer kind on the preset's projection shapes: error against the reference, batch-1 time."""
     from torch import nn
 
-    from engine.model.arch import ModelArch
-    from engine.model.presets import preset_config
     from engine.quant.fp8 import Fp8Linear, fp8_unsupported_reason
     from engine.quant.int4 import Int4Linear
     from engine.quant.int8 import Int8Linear
 
-    arch = ModelArch.from_hf_config(preset_config(preset))
-    h, inter = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    shapes = {  # name: (in_features, out_features)
-        "qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * inter), "down": (inter, h),
-        "lm_head": (h, arch.vocab_size),
-    }
+    shapes = _preset_shapes(preset)
     fp8_ok = fp8_unsupported_reason(device) is None
     rows: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
     for name, (k, n) in shapes.items():
         lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)
         lin.weight.normal_(0, 0.02, generator=gen)
-        variants = {"bf16": lin, "int8": Int8Linear.from_float(lin), "int4": Int4Linear.from_float(lin, 128)}
+        variants = {"bf16": lin, "int8": Int8Linear.from_float(lin), "int4-triton": Int4Linear.from_float(lin, 128)}
         tg = Int4Linear.from_float(lin, 128)
         if tg.tinygemm_supported():
             tg.to_tinygemm_()
@@ -119,7 +126,7 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
             f = Fp8Linear.from_float(lin)
             f.use_triton = False
             variants["fp8-torch"] = f
-        ref_layers = {"int4-torch": variants["int4"], "fp8-torch": variants.get("fp8")}
+        ref_layers = {"int4-torch": variants["int4-triton"], "fp8-torch": variants.get("fp8")}
         for vname, layer in variants.items():
             row = {"shape": name, "K": k, "N": n, "variant": vname}
             try:
@@ -150,6 +157,98 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
     return rows
 
 
+def _preset_shapes(preset: str) -> dict[str, tuple[int, int]]:
+    """The projection shapes of one decoder layer and lm_head: name -> (in_features, out_features)."""
+    from engine.model.arch import ModelArch
+    from engine.model.presets import preset_config
+
+    arch = ModelArch.from_hf_config(preset_config(preset))
+    h, inter = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return {
+        "qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * inter), "down": (inter, h),
+        "lm_head": (h, arch.vocab_size),
+    }
+
+
+# ----- 0. self-check of the int4 backends -----------------------------------------------------
+
+
+def int4_self_check(preset: str, device: torch.device) -> dict[str, str]:
+    """backend -> "ok" or what failed: each int4 backend on the preset's "qkv" and "down" shapes."""
+    shapes = _preset_shapes(preset)
+    out: dict[str, str] = {}
+    for backend in ("triton", "torch"):
+        problems = []
+        for name in ("qkv", "down"):
+            try:
+                problems += [f"{name}: {p}" for p in _self_check_layer(backend, *shapes[name], device)]
+            except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported as such
+                problems.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+        out[backend] = "ok" if not problems else "; ".join(problems)[:600]
+        log(f"  self-check int4-{backend}: {out[backend]}")
+    free_memory()
+    return out
+
+
+def _self_check_layer(backend: str, k: int, n: int, device: torch.device) -> list[str]:
+    from torch import nn
+
+    from engine.quant import kernels
+    from engine.quant.int4 import Int4Linear
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)
+    lin.weight.normal_(0, 0.02, generator=gen)
+    layer = Int4Linear.from_float(lin, 128)
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16, generator=gen)
+    # fp64 (no TF32 however the process set matmul precision), from the very codes the kernels read
+    ref = (x.double() @ layer.dequantize(torch.float32).double().t()).float()
+    calls = {"autotuned": lambda: layer(x)}
+    if backend == "triton":
+        ws = kernels.Int4Workspace.for_rows(n, device)
+        for c in kernels._int4_matvec_tuned.configs:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            if cfg["SPLIT_K"] * (cfg["BLOCK_K"] // 128) <= k // 128:
+                calls[str(cfg)] = lambda cfg=cfg: kernels.quant_matmul(
+                    x, kernels.FMT_INT4, layer.qweight, layer.scales, layer.zeros, None, 128, cfg, ws
+                )
+    else:
+        layer.to_tinygemm_()
+    problems = []
+    for label, call in calls.items():
+        y = call().float()
+        if backend == "triton":  # one rounding of an fp32 sum: half a bf16 ulp, plus summation error
+            # slack 1e-4 of max |y|: fp32 rounding over K = 14336 (~2e-5 of it), far below a wrong code
+            bound = 2.0**-8 * ref.abs() + 1e-4 * ref.abs().max()
+            excess = float((((y - ref).abs() - bound) / bound).max())
+            if excess > 0:
+                problems.append(f"{label} off by {excess:.2f} of its bound")
+        else:
+            rel = float((y - ref).norm() / ref.norm())
+            if rel > 1e-2:
+                problems.append(f"{label} relative error {rel:.2e}")
+        replays = _graph_replays(call)
+        if any(not torch.equal(r.float(), y) for r in replays):
+            problems.append(f"{label} differs when replayed from a CUDA graph")
+    return problems
+
+
+def _graph_replays(call, times: int = 3) -> list[torch.Tensor]:
+    """The output of `call` captured once in a CUDA graph, after each of `times` replays."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    outs = []
+    for _ in range(times):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(out.clone())
+    return outs
+
+
 def _graph_time(fn, repeats: int = 20) -> float:
     """Median seconds of one call, replayed from a CUDA graph (no launch overhead), after warm-up."""
     for _ in range(3):
@@ -176,6 +275,7 @@ def _graph_time(fn, repeats: int = 20) -> float:
 def run_speed(mode: str, args: argparse.Namespace, rates, device: torch.device) -> dict:
     from engine.engine import LLMEngine
     from engine.quant import quantized_weight_bytes
+    from engine.quant.swap import backend_summary
 
     max_len = args.prompt_len + args.output_len + 16
     block = 16
@@ -222,6 +322,7 @@ def run_speed(mode: str, args: argparse.Namespace, rates, device: torch.device) 
         "init_s": init_s,
         "first_tokens": first,
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "kernels": backend_summary(engine.model) if device.type == "cuda" else "cpu reference",
     }
     del engine
     free_memory()
@@ -260,12 +361,23 @@ def main(argv: list[str] | None = None) -> dict:
     results["bandwidth_TBps"] = rates.bandwidth_bytes_per_s / 1e12
     log(f"copy bandwidth {results['bandwidth_TBps']:.2f} TB/s")
 
+    modes = [] if args.modes == "none" else args.modes.split(",")
+    failed_backends: dict[str, str] = {}
+    if device.type == "cuda" and not args.skip_self_check and any(m.startswith("int4") for m in modes):
+        log("self-check of the int4 backends (random layers vs the dequantized reference, CUDA graph replays):")
+        results["self_check"] = int4_self_check(args.preset, device)
+        failed_backends = {b: why for b, why in results["self_check"].items() if why != "ok"}
+
     if device.type == "cuda" and not args.skip_kernel_check and args.modes != "none":
         log("kernel check (relative error vs the dequantized reference; batch-1 time from a CUDA graph):")
         results["kernels"] = kernel_check(args.preset, device)
 
-    modes = [] if args.modes == "none" else args.modes.split(",")
     for mode in modes:
+        backend = _int4_backend(mode)
+        if backend in failed_backends:
+            results["skipped"][mode] = f"self-check failed: {failed_backends[backend]}"
+            log(f"speed {mode}: not timed, the int4-{backend} self-check failed")
+            continue
         try:
             r = run_speed(mode, args, rates, device)
         except ConfigError as exc:
@@ -280,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["speed"][mode] = r
         log(
             f"speed {mode}: {r['tok_s']:.1f} tok/s decode, {r['weight_bytes'] / 1e9:.2f} GB weights, "
-            f"{r['of_ceiling']:.2f} of ceiling (init {r['init_s']:.1f} s) [{time.perf_counter() - t_start:.0f} s]"
+            f"{r['of_ceiling']:.2f} of ceiling (init {r['init_s']:.1f} s; kernels {r['kernels']}) "
+            f"[{time.perf_counter() - t_start:.0f} s]"
         )
 
     ppl_modes = [] if args.ppl_modes == "none" else args.ppl_modes.split(",")
@@ -308,6 +421,15 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def _int4_backend(mode: str) -> str | None:
+    """The int4 backend a speed mode asks for ("auto" resolved as the engine resolves it), or None."""
+    from engine.quant.swap import resolve_backend
+
+    if not mode.startswith("int4"):
+        return None
+    return resolve_backend("int4", mode_config(mode).backend)
+
+
 def _ppl_windows(args: argparse.Namespace) -> torch.Tensor | None:
     from engine.quant.perplexity import read_text, text_windows
     from engine.tokenizer import load_tokenizer
@@ -324,13 +446,14 @@ def report(results: dict, args: argparse.Namespace) -> None:
     speed, ppl = results["speed"], results["ppl"]
     log(f"\nW3 batch-1 decode on {results['device']} ({args.preset}, prompt {args.prompt_len}, "
         f"{args.output_len} tokens, copy bandwidth {results['bandwidth_TBps']:.2f} TB/s)")
-    log(f"{'mode':<12}{'tok/s':>9}{'x bf16':>8}{'weights GB':>12}{'% bf16':>8}{'ceiling':>9}{'of ceil':>9}")
+    log(f"{'mode':<12}{'tok/s':>9}{'x bf16':>8}{'weights GB':>12}{'% bf16':>8}{'ceiling':>9}{'of ceil':>9}"
+        "  kernels (layers)")
     base = speed.get("bf16") or speed.get("none")
     for mode, r in speed.items():
         rel = f"{r['tok_s'] / base['tok_s']:.2f}" if base else "-"
         pct = f"{100 * r['weight_bytes'] / base['weight_bytes']:.1f}" if base else "-"
         log(f"{mode:<12}{r['tok_s']:>9.1f}{rel:>8}{r['weight_bytes'] / 1e9:>12.2f}{pct:>8}"
-            f"{r['ceiling_tok_s']:>9.0f}{r['of_ceiling']:>9.2f}")
+            f"{r['ceiling_tok_s']:>9.0f}{r['of_ceiling']:>9.2f}  {r.get('kernels', '')}")
     for mode, why in results["skipped"].items():
         log(f"{mode:<12} skipped: {why}")
     if ppl:
@@ -356,8 +479,9 @@ def report(results: dict, args: argparse.Namespace) -> None:
     pct = f"{100 * int4[1]['weight_bytes'] / base['weight_bytes']:.1f}" if int4 and base else "n/a"
     cmd = results["command"]
     picks = ", ".join(f"{pfx} via {best(pfx)[0]}" for pfx in ("int4", "fp8") if best(pfx))
+    x_bf16 = f" ({int4[1]['tok_s'] / base['tok_s']:.2f}x bf16, target 2.5x)" if int4 and base else ""
     log(
-        f"W3: bf16 {fmt('bf16')}, int8 {fmt('int8')}, int4 {fmt('int4')}, fp8 {fmt('fp8')} tok/s batch 1; "
+        f"W3: bf16 {fmt('bf16')}, int8 {fmt('int8')}, int4 {fmt('int4')}{x_bf16}, fp8 {fmt('fp8')} tok/s batch 1; "
         f"int4 weights {pct}% of bf16; ppl bf16 {p('none')} int8 {p('int8')} int4-rtn {p('int4-rtn')} "
         f"int4-awq {p('int4-awq')} fp8 {p('fp8')} ({results['device']}, {cmd.strip()}{'; ' + picks if picks else ''})"
     )

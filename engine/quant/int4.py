@@ -89,6 +89,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales", scales)  # [N, K/group], model dtype
         self.register_buffer("zeros", zeros)  # uint8 [N, K/group]
         self.tinygemm = False
+        self._workspace = None  # the Triton matvec's split-K buffers, made on first use (kernels.py)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group: int) -> "Int4Linear":
@@ -133,9 +134,23 @@ class Int4Linear(QuantLinear):
             return self.forward_reference(x)
         from engine.quant import kernels
 
+        workspace = self.matvec_workspace() if x.shape[0] == 1 else None
         return kernels.quant_matmul(
-            x, kernels.FMT_INT4, self.qweight, self.scales, self.zeros, bias=self.bias, group=g
+            x, kernels.FMT_INT4, self.qweight, self.scales, self.zeros, bias=self.bias, group=g, workspace=workspace
         )
+
+    def matvec_workspace(self):
+        """The Triton matvec's split-K buffers (kernels.Int4Workspace) on the weights' device.
+
+        Made at load (swap.set_backend_, so the KV cache sizing sees it) or else by the first
+        decode step, before any CUDA graph capture; then reused: its counters must outlive
+        every call, as they do in a replayed graph."""
+        from engine.quant import kernels
+
+        ws = self._workspace
+        if ws is None or ws.partials.device != self.qweight.device:
+            ws = self._workspace = kernels.Int4Workspace.for_rows(self.out_features, self.qweight.device)
+        return ws
 
     # ----- PyTorch's own int4 kernel (tinygemm), a runtime-only form --------------------
 

@@ -87,11 +87,48 @@ def build_empty_quantized_(model: nn.Module, config: QuantConfig, dtype: torch.d
     model.embed_tokens = Int8Embedding.empty(emb.num_embeddings, emb.embedding_dim, dtype, device)
 
 
+# What backend "auto" means per method on CUDA. int4: PyTorch's tinygemm, which the W3
+# kernel check measured faster per layer than our first Triton matvec (1,400-2,090 vs
+# 870-1,360 GB/s); `python -m bench.quant --modes int4-triton,int4-torch` times both end to
+# end, and this entry follows the faster. fp8: our Triton decode kernel (W3: 240 tok/s).
+AUTO_BACKEND = {"int8": "triton", "int4": "torch", "fp8": "triton"}
+
+
+def resolve_backend(method: str, backend: str) -> str:
+    return AUTO_BACKEND.get(method, "triton") if backend == "auto" else backend
+
+
 def set_backend_(model: nn.Module, backend: str) -> None:
-    """"triton": our kernels for few rows; "torch": PyTorch's own int4 (tinygemm) and fp8 (_scaled_mm) ops."""
+    """"triton": our kernels for few rows; "torch": PyTorch's own int4 (tinygemm) and fp8 (_scaled_mm)
+    ops; "auto": AUTO_BACKEND's choice per layer kind. Runs once at load: tinygemm's repacking
+    happens here, never per call, so a captured CUDA graph replays only the matmul."""
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            module.use_triton = backend == "triton"
-        elif isinstance(module, Int4Linear) and backend == "torch" and not module.tinygemm:
-            if module.tinygemm_supported():
+            module.use_triton = resolve_backend("fp8", backend) == "triton"
+        elif isinstance(module, Int4Linear) and not module.tinygemm:
+            if resolve_backend("int4", backend) == "torch" and _tinygemm_suits(module, explicit=backend == "torch"):
                 module.to_tinygemm_()
+            elif module.qweight.is_cuda:
+                module.matvec_workspace()
+
+
+def _tinygemm_suits(module: Int4Linear, explicit: bool) -> bool:
+    # tinygemm computes in bf16: "auto" keeps fp16 / fp32 models on our kernel, where x keeps
+    # its dtype; an explicit "torch" is obeyed wherever tinygemm can run the layer.
+    return module.tinygemm_supported() and (explicit or module.scales.dtype == torch.bfloat16)
+
+
+def backend_summary(model: nn.Module) -> str:
+    """Which kernels the quantized layers run on CUDA, e.g. "int4: torch 225" (reports, benches)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            key = "int4: " + ("torch" if module.tinygemm else "triton")
+        elif isinstance(module, Fp8Linear):
+            key = "fp8: " + ("triton" if module.use_triton else "torch")
+        elif isinstance(module, Int8Linear):
+            key = "int8: triton"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"

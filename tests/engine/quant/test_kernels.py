@@ -134,11 +134,79 @@ def test_rows_that_are_not_whole_words_take_the_matmul_kernel(kernels):
 
 
 def test_autotune_pruning(kernels):
-    cfgs = kernels._matvec_tuned.configs
-    kept = kernels._prune_int4(cfgs, {}, FMT=kernels.FMT_INT4, GROUP=512)
+    cfgs = kernels._int4_matvec_tuned.configs
+    kept = kernels._prune_int4_matvec(cfgs, {"K": 4096}, GROUP=512)  # 8 groups
     assert kept and all(c.kwargs["BLOCK_K"] % 512 == 0 for c in kept)
-    assert kernels._prune_int4(cfgs, {}, FMT=kernels.FMT_INT4, GROUP=4096)[0].kwargs["BLOCK_K"] == 4096
-    assert kernels._prune_int4(cfgs, {}, FMT=kernels.FMT_INT8, GROUP=1) == cfgs
+    fallback = kernels._prune_int4_matvec(cfgs, {"K": 4096}, GROUP=4096)
+    assert [c.kwargs for c in fallback] == [{"BLOCK_N": 32, "BLOCK_K": 4096, "SPLIT_K": 1}]
+    # K = 512, group 128: 4 groups, 2 per step: a split of 2 fits, 4 would leave splits empty.
+    splits = {c.kwargs["SPLIT_K"] for c in kernels._prune_int4_matvec(cfgs, {"K": 512}, GROUP=128)}
+    assert splits == {1, 2}
+    assert max(c.kwargs["SPLIT_K"] for c in cfgs) == kernels.INT4_MAX_SPLIT
     mm = kernels._matmul_tuned.configs
     int4 = kernels._prune_matmul(mm, {}, FMT=kernels.FMT_INT4)
     assert len({(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in int4}) == len(int4)
+
+
+# ----- int4 matvec: split-K and the bf16 fast path ------------------------------------------
+# Tolerance: the kernel sums in fp32 and rounds once to the output dtype, so against the
+# dequantized fp32 reference it is within one output ulp (2^-7 relative for bf16: the
+# interpreter truncates fp32 -> bf16 where the GPU rounds to nearest; 2^-23 for fp32) plus
+# fp32 summation error, bounded here by 1e-5 of the largest |y|.
+
+
+def check_int4(y, ref):
+    ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-23
+    err = (y.float() - ref).abs()
+    bound = ulp * ref.abs() + 1e-5 * ref.abs().max()
+    assert y.dtype in (torch.bfloat16, torch.float32) and bool((err <= bound).all()), float((err - bound).max())
+
+
+def int4_layer(k: int, n: int, group: int, dtype: torch.dtype, bias: bool = True) -> Int4Linear:
+    return Int4Linear.from_float(linear(k, n, bias).to(dtype), group)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2, 3, 4])
+def test_int4_matvec_split_k(kernels, dtype, split):
+    # K = 768: 6 groups of 128, 2 per step; split 4 leaves the last split one partial step.
+    # N = 40: the last row block is partial.
+    q = int4_layer(768, 40, 128, dtype)
+    x = torch.randn(1, 768).to(dtype)
+    ws = kernels.Int4Workspace.for_rows(40, x.device)
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": split}
+    y = kernels.quant_matmul(x, kernels.FMT_INT4, q.qweight, q.scales, q.zeros, q.bias, 128, cfg, ws)
+    check_int4(y, q.forward_reference(x.float()))
+    assert not ws.counters.any()  # the last program of each block reset its counter
+    again = kernels.quant_matmul(x, kernels.FMT_INT4, q.qweight, q.scales, q.zeros, q.bias, 128, cfg, ws)
+    assert torch.equal(y, again)  # partials are added in split order: same bits every call
+
+
+def test_int4_matvec_every_tuned_config(kernels):
+    # Each config the autotuner may pick on the GPU, on a bf16 layer with a split of up to 8.
+    q = int4_layer(2048, 72, 128, torch.bfloat16, bias=False)
+    x = torch.randn(1, 2048).to(torch.bfloat16)
+    ref = q.forward_reference(x.float())
+    ws = kernels.Int4Workspace.for_rows(72, x.device)
+    for c in kernels._int4_matvec_tuned.configs:
+        cfg = dict(c.kwargs, num_warps=c.num_warps)
+        y = kernels.quant_matmul(x, kernels.FMT_INT4, q.qweight, q.scales, q.zeros, None, 128, cfg, ws)
+        check_int4(y, ref)
+
+
+def test_int4_matvec_group_32_and_unaligned_rows(kernels):
+    # bf16 x at an odd element offset is not 8-byte aligned: the kernel reads it one value at a time.
+    q = int4_layer(256, 24, 32, torch.bfloat16)
+    x = torch.randn(1, 257).to(torch.bfloat16)[:, 1:]
+    assert x.data_ptr() % 8
+    y = kernels.quant_matmul(x, kernels.FMT_INT4, q.qweight, q.scales, q.zeros, q.bias, 32,
+                             {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2})
+    check_int4(y, q.forward_reference(x.float()))
+
+
+def test_int4_matvec_config_must_fit_the_workspace(kernels):
+    q = int4_layer(256, 16, 64, torch.float32)
+    x = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="workspace"):
+        kernels.quant_matmul(x, kernels.FMT_INT4, q.qweight, q.scales, q.zeros, None, 64,
+                             {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": kernels.INT4_MAX_SPLIT * 2})
