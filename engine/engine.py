@@ -130,8 +130,8 @@ class LLMEngine:
         k = spec.num_speculative_tokens if spec.enabled else 0
         self.scheduler = Scheduler(config.scheduler, self.allocator, num_lookahead_tokens=k)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, block_size, self.max_model_len, config.scheduler.max_num_seqs,
-            use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
+            self.model, self.kv_cache, self.allocator.block_table, block_size, self.max_model_len,
+            config.scheduler.max_num_seqs, use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
         )
         self.sampler = Sampler(self.device, config.seed)
         if draft is not None:
