@@ -117,10 +117,10 @@ class PagedKVAllocator:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Registers every block of `seq` that is now full of computed tokens."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
+        if num_full <= len(seq.block_hashes) or not self.enable_prefix_caching:
+            return  # most steps: no block filled up
         parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
         for i in range(len(seq.block_hashes), num_full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
