@@ -1,17 +1,19 @@
 """Host (Python) time of a decode step, measured on the CPU, split by phase.
 
-On the GPU a decode step at batch 256 spends several milliseconds in Python
-while the device waits (bench/step_profile.py shows the gap). This script
-runs the same engine on the CPU with a tiny model, so the forward pass is
-cheap and the rest is the host work a GPU step also pays:
+On the GPU a decode step at batch 256 spends milliseconds in Python while the
+device waits (bench/step_profile.py shows the gap). This script runs the same
+engine on the CPU with a tiny model and times the forward pass apart, so what
+is left is the host work a GPU step pays too. From the repository root:
 
-    PYTHONPATH=. python bench/host_profile.py                     # tiny-qwen3, batch 256, W1 prompt lengths
-    python bench/host_profile.py --tokenizer models/demo-target   # with detokenization, as when serving text
-    python bench/host_profile.py --cprofile 30                    # plus the 30 costliest functions
+    PYTHONPATH=. python bench/host_profile.py                                # tiny-qwen3, batch 256, W1 prompt lengths
+    PYTHONPATH=. python bench/host_profile.py --only-finished                # the steps generate() runs (W1)
+    PYTHONPATH=. python bench/host_profile.py --tokenizer models/demo-target # with detokenization, as when serving text
+    PYTHONPATH=. python bench/host_profile.py --cprofile 30                  # plus the 30 costliest functions
 
-"host" is the step minus the forward pass: schedule + prepare + sample + the
-rest (bookkeeping, appending tokens, outputs). The forward itself runs on the
-CPU here, so its figure says nothing about the GPU.
+"host total" is the step minus the forward: schedule + prepare + sample + the
+rest (bookkeeping, appending tokens, outputs). The forward runs on the CPU
+here, so its figure says nothing about the GPU. The best of --repeats runs is
+reported: other processes on the machine only ever add time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from bench.workloads import offline_workload
 from engine import EngineConfig, SamplingParams, SchedulerConfig
@@ -39,8 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=32, help="decode steps per measured run")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs; the best one is reported")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per measured run")
+    p.add_argument("--repeats", type=int, default=6, help="measured runs; the best one is reported")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: the forward's threads do not spin on the host's core)"
+    )
+    p.add_argument("--only-finished", action="store_true", help="step(only_finished=True), as generate() runs it")
     p.add_argument("--cprofile", type=int, default=0, help="print this many functions of a cProfile run")
     return p.parse_args(argv)
 
@@ -107,15 +115,15 @@ class _TimedSampler:
         return getattr(self._sampler, name)
 
 
-def timed_steps(engine: LLMEngine, steps: int) -> float:
+def timed_steps(engine: LLMEngine, steps: int, only_finished: bool = False) -> float:
     """Seconds per step over `steps` decode steps."""
     t0 = time.perf_counter()
     for _ in range(steps):
-        engine.step()
+        engine.step(only_finished)
     return (time.perf_counter() - t0) / steps
 
 
-def phase_split(engine: LLMEngine, steps: int) -> dict[str, float]:
+def phase_split(engine: LLMEngine, steps: int, only_finished: bool) -> dict[str, float]:
     """Milliseconds per step in each phase; 'forward' is execute minus prepare."""
     timer = PhaseTimer()
     runner, scheduler, sampler = engine.runner, engine.scheduler, engine.sampler
@@ -124,7 +132,7 @@ def phase_split(engine: LLMEngine, steps: int) -> dict[str, float]:
     runner.execute = timer.wrap("execute", runner.execute)
     engine.sampler = _TimedSampler(sampler, timer)
     try:
-        total = timed_steps(engine, steps)
+        total = timed_steps(engine, steps, only_finished)
     finally:
         del scheduler.schedule, runner.prepare, runner.execute
         engine.sampler = sampler
@@ -137,30 +145,39 @@ def phase_split(engine: LLMEngine, steps: int) -> dict[str, float]:
     return ms
 
 
-def cprofile_steps(engine: LLMEngine, steps: int, top: int) -> str:
+def cprofile_steps(engine: LLMEngine, steps: int, top: int, only_finished: bool) -> str:
     prof = cProfile.Profile()
     prof.enable()
-    timed_steps(engine, steps)
+    timed_steps(engine, steps, only_finished)
     prof.disable()
     buf = io.StringIO()
     # The CPU forward would fill the list: leave out the model, the attention and torch's own calls.
-    not_forward = r"^(?!.*(engine/model/|engine/attention/torch_ref|torch/nn/|torch\._C\._nn|method '(?!tolist)\w+' of 'torch\._C\.TensorBase))"
+    not_forward = (
+        r"^(?!.*(engine/model/|engine/attention/torch_ref|torch/nn/|torch\._C\._nn"
+        r"|method '(?!tolist)\w+' of 'torch\._C\.TensorBase))"
+    )
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(not_forward, top)
     return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     engine = build_engine(args)
     timed_steps(engine, 4)  # warm-up
     batch = len(engine.scheduler.running)
-    best = min((phase_split(engine, args.steps) for _ in range(args.repeats)), key=lambda r: r["host total"])
-    print(f"decode step at batch {batch} on the CPU ({args.preset}, tokenizer: {args.tokenizer or 'none'}), ms per step:")
+    runs = [phase_split(engine, args.steps, args.only_finished) for _ in range(args.repeats)]
+    best = min(runs, key=lambda r: r["host total"])
+    mode = "step(only_finished=True)" if args.only_finished else "step()"
+    print(
+        f"decode {mode} at batch {batch} on the CPU ({args.preset}, tokenizer: {args.tokenizer or 'none'}), "
+        "ms per step:"
+    )
     for name, ms in best.items():
         print(f"  {name:<30}{ms:8.3f}")
     print(f"  {'host us per sequence':<30}{best['host total'] * 1e3 / batch:8.2f}")
     if args.cprofile:
-        print(cprofile_steps(engine, args.steps, args.cprofile))
+        print(cprofile_steps(engine, args.steps, args.cprofile, args.only_finished))
     return best
 
 
