@@ -7,8 +7,11 @@ UTF-8 character (the tokenizer shows those as U+FFFD).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from engine.tokenizer import text_decoder
 
 _PARTIAL = "\ufffd"
 
@@ -22,6 +25,10 @@ class IncrementalDetokenizer:
     _prefix_offset: int = 0
     _read_offset: int = 0
     _tokens: list[int] = field(default_factory=list)
+    _decode: Callable[[list[int]], str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._decode = text_decoder(self.tokenizer)
 
     def add(self, token_ids: list[int]) -> tuple[str, str | None]:
         """Appends tokens; returns (new text, the stop string hit or None).
@@ -32,8 +39,8 @@ class IncrementalDetokenizer:
         text ends just before the stop string.
         """
         self._tokens.extend(token_ids)
-        prefix = self.tokenizer.decode(self._tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self._tokens[self._prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        full = self._decode(self._tokens[self._prefix_offset :])
         if full.endswith(_PARTIAL) or len(full) <= len(prefix):
             return "", None
         new_text = full[len(prefix) :]

@@ -47,10 +47,15 @@ class RequestState:
     emitted: list[int] = field(default_factory=list)  # tokens already reported, per sequence
     emitted_logprobs: list[int] = field(default_factory=list)
     new_text: list[str] = field(default_factory=list)
+    # Fixed when the request is added, so a sampled token is checked with one set lookup and
+    # one comparison; `_finish_reason` then says which rule ended the sequence.
+    stop_ids: frozenset[int] = frozenset()  # stop_token_ids, plus the EOS ids unless ignore_eos
+    max_num_tokens: int = 0  # prompt + max_tokens, capped at the context
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.seqs
+        return seqs[0].is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)
 
 
 @dataclass
@@ -109,8 +114,8 @@ class LLMEngine:
         k = spec.num_speculative_tokens if spec.enabled else 0
         self.scheduler = Scheduler(config.scheduler, self.allocator, num_lookahead_tokens=k)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, block_size, self.max_model_len, config.scheduler.max_num_seqs,
-            use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
+            self.model, self.kv_cache, self.allocator.block_table, block_size, self.max_model_len,
+            config.scheduler.max_num_seqs, use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
         )
         self.sampler = Sampler(self.device, config.seed)
         if draft is not None:
@@ -175,6 +180,9 @@ class LLMEngine:
         state.emitted = [0] * params.n
         state.emitted_logprobs = [0] * params.n
         state.new_text = [""] * params.n
+        eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
+        state.stop_ids = frozenset(params.stop_token_ids) | eos
+        state.max_num_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
         self.requests[request_id] = state
         self._prompt_tokens_total += len(token_ids) * params.n
         for seq in seqs:
@@ -199,7 +207,14 @@ class LLMEngine:
 
     # ----- the step loop ------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """One scheduled batch through the model; an output for each request that got tokens.
+
+        only_finished: build outputs only for the requests that finished (all `generate`
+        reads); the others report everything they added at their next output, so streaming
+        deltas stay whole. Building an output per request per step is a large part of a
+        decode step's host time at big batches.
+        """
         sched = self.scheduler.schedule()
         if sched.preempted and self.proposer is not None:
             self.proposer.release([seq.seq_id for seq in sched.preempted])
@@ -212,15 +227,11 @@ class LLMEngine:
         else:
             logits, spec_logits = self.runner.execute_spec(sched, spec[0], spec[1])
             spec_rows = set(spec[0])
-        sampled_seqs = [
-            item.seq for i, item in enumerate(sched.scheduled) if item.completes_sequence and i not in spec_rows
-        ]
-        for item in sched.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.allocator.cache_full_blocks(item.seq)
-            state = self.requests[item.seq.request_id]
-            if state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = now
+        for seq in sched.admitted:
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        sampled_seqs = self._advance(sched, spec_rows)
         touched: dict[str, RequestState] = {}
         if logits is not None:
             batch = SamplingBatch.from_seqs(sampled_seqs, self.arch.vocab_size, self.device)
@@ -231,11 +242,24 @@ class LLMEngine:
                 touched[state.request_id] = state
         if spec is not None:
             self._accept(sched, spec[0], spec[1], spec_logits, touched)
-        outputs = [self._output(state) for state in touched.values()]
+        outputs = [self._output(state) for state in touched.values() if not only_finished or state.finished]
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
         return outputs
+
+    def _advance(self, sched, spec_rows: set[int]) -> list[Sequence]:
+        """Counts this step's tokens as computed and registers the blocks they fill; returns the
+        sequences whose next token is sampled now (all their known tokens computed, no proposals)."""
+        sampled = []
+        cache_full_blocks = self.allocator.cache_full_blocks
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens == len(seq.token_ids) and i not in spec_rows:
+                sampled.append(seq)
+            cache_full_blocks(seq)
+        return sampled
 
     # ----- speculative decoding ------------------------------------------------------
 
@@ -308,7 +332,7 @@ class LLMEngine:
             self.proposer.release([seq.seq_id])
 
     def _append(self, state: RequestState, seq: Sequence, token: int, logprob) -> None:
-        seq.append_token(token)
+        seq.token_ids.append(token)
         self._generation_tokens_total += 1
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -319,6 +343,8 @@ class LLMEngine:
         if det is not None:
             new_text, stop_string = det.add([token])
             state.new_text[seq.index] += new_text
+        if stop_string is None and token not in state.stop_ids and len(seq.token_ids) < state.max_num_tokens:
+            return  # the common case: the sequence goes on
         reason = self._finish_reason(seq, token, stop_string)
         if reason is not None:
             if det is not None:
@@ -341,36 +367,39 @@ class LLMEngine:
         return None
 
     def _output(self, state: RequestState) -> RequestOutput:
-        completions = []
-        for seq in state.seqs:
-            i = seq.index
-            out_ids = seq.output_token_ids
-            det = state.detokenizers[i]
-            wants_logprobs = seq.params.logprobs is not None
-            completions.append(
-                CompletionOutput(
-                    index=i,
-                    token_ids=out_ids,
-                    text=det.text if det is not None else "",
-                    new_token_ids=out_ids[state.emitted[i] :],
-                    new_text=state.new_text[i],
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    logprobs=list(seq.logprobs) if wants_logprobs else None,
-                    new_logprobs=seq.logprobs[state.emitted_logprobs[i] :] if wants_logprobs else None,
-                )
-            )
-            state.emitted[i] = len(out_ids)
-            state.emitted_logprobs[i] = len(seq.logprobs)
-            state.new_text[i] = ""
+        completions = [self._completion(state, seq) for seq in state.seqs]
+        seqs = state.seqs
         return RequestOutput(
             request_id=state.request_id,
             prompt_token_ids=state.prompt_token_ids,
             outputs=completions,
             finished=state.finished,
-            num_cached_tokens=min(s.num_cached_tokens for s in state.seqs),
+            num_cached_tokens=seqs[0].num_cached_tokens if len(seqs) == 1 else min(s.num_cached_tokens for s in seqs),
             metrics=state.metrics,
         )
+
+    @staticmethod
+    def _completion(state: RequestState, seq: Sequence) -> CompletionOutput:
+        """The cumulative output of one sequence, and what it added since the last report."""
+        i = seq.index
+        out_ids = seq.token_ids[len(seq.prompt_token_ids) :]
+        det = state.detokenizers[i]
+        wants_logprobs = seq.params.logprobs is not None
+        completion = CompletionOutput(
+            index=i,
+            token_ids=out_ids,
+            text=det.text if det is not None else "",
+            new_token_ids=out_ids[state.emitted[i] :],
+            new_text=state.new_text[i],
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if wants_logprobs else None,
+            new_logprobs=seq.logprobs[state.emitted_logprobs[i] :] if wants_logprobs else None,
+        )
+        state.emitted[i] = len(out_ids)
+        state.emitted_logprobs[i] = len(seq.logprobs)
+        state.new_text[i] = ""
+        return completion
 
     # ----- conveniences -------------------------------------------------------------
 
@@ -383,7 +412,7 @@ class LLMEngine:
             self.add_request(rid, prompt, p)
         final: dict[str, RequestOutput] = {}
         while any(rid not in final for rid in ids):
-            for out in self.step():
+            for out in self.step(only_finished=True):
                 if out.finished:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache.block_table import BlockTable
 from engine.model.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
 from engine.spec.proposer import Proposals
@@ -40,6 +42,7 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         kv_cache: torch.Tensor,
+        block_table: BlockTable,
         block_size: int,
         max_model_len: int,
         max_num_seqs: int,
@@ -48,6 +51,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.block_table = block_table  # the allocator's: the rows of the sequences' block ids
         self.block_size = block_size
         # Speculating sequences hold blocks for their proposals too, up to k past the context.
         self.max_blocks_per_seq = -(-(max_model_len + num_speculative_tokens) // block_size)
@@ -64,58 +68,84 @@ class ModelRunner:
             )
 
     def prepare(self, sched: SchedulerOutput, proposals: dict[int, list[int]] | None = None, k: int = 0) -> StepInputs:
-        """Batch tensors; `proposals` (scheduled index -> tokens) are fed after those items' known tokens."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        logits_indices: list[int] = []
-        spec_indices: list[int] = []
-        tables: list[list[int]] = []
+        """Batch tensors; `proposals` (scheduled index -> tokens) are fed after those items' known tokens.
+
+        Per sequence only scalars are read in Python; positions, slots and the block table are
+        built with whole-batch numpy ops, and everything reaches the device in two copies.
+        """
+        items = sched.scheduled
+        seqs = [item.seq for item in items]
+        n = len(items)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
+        num_new = np.fromiter((item.num_new_tokens for item in items), np.int64, n)
+        num_extra = np.zeros(n, np.int64)
+        for i, extra in (proposals or {}).items():
+            num_extra[i] = len(extra)
+        query_lens = num_new + num_extra
+        query_start = np.zeros(n + 1, np.int64)
+        np.cumsum(query_lens, out=query_start[1:])
+        seq_lens = starts + query_lens
+        ids = self._input_ids(sched, proposals, bool(query_lens.max() == 1))
+        # Token t of row b sits at position starts[b] + (t - query_start[b]).
+        positions = np.arange(query_start[-1]) + np.repeat(starts - query_start[:-1], query_lens)
+        rows = np.fromiter((s.table_row for s in seqs), np.int64, n)
+        width = max(len(s.blocks) for s in seqs)
+        table = self.block_table.gather(rows, width)
         bs = self.block_size
-        for i, item in enumerate(sched.scheduled):
-            seq = item.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            ids.extend(seq.token_ids[start:end])
-            extra = proposals.get(i, []) if proposals else []
-            ids.extend(extra)
-            positions.extend(range(start, end + len(extra)))
-            block_ids = seq.block_ids
-            tables.append(block_ids)
-            slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end + len(extra)))
-            query_start.append(query_start[-1] + item.num_new_tokens + len(extra))
-            seq_lens.append(end + len(extra))
-            query_lens.append(item.num_new_tokens + len(extra))
-            if extra:
-                # The last known token and each proposal, padded to k + 1 rows (pads are never read).
-                rows = list(range(query_start[-1] - len(extra) - 1, query_start[-1]))
-                spec_indices.extend(rows + [rows[-1]] * (k + 1 - len(rows)))
-            elif item.completes_sequence:
-                logits_indices.append(query_start[-1] - 1)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-
-        def to_dev(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # Small pageable copies: pinning a fresh buffer each step costs more than it saves.
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
+        token_rows = np.repeat(np.arange(n), query_lens)
+        slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        num_tokens = np.fromiter((s.num_tokens for s in seqs), np.int64, n)
+        sampled = (starts + num_new == num_tokens) & (num_extra == 0)
+        logits_indices = query_start[1:][sampled] - 1
+        spec_indices = None
+        if proposals:
+            # The last known token and each proposal, padded to k + 1 rows (pads are never read).
+            spec = num_extra > 0
+            first = query_start[1:][spec] - num_extra[spec] - 1
+            spec_indices = first[:, None] + np.minimum(np.arange(k + 1), num_extra[spec][:, None])
+        i64, i32 = self._upload(
+            [ids, positions, slots, logits_indices, spec_indices], [query_start.astype(np.int32), seq_lens, table]
+        )
+        ids_d, positions_d, slots_d, logits_d, spec_d = i64
+        query_start_d, seq_lens_d, table_d = i32
         meta = AttentionMetadata(
-            slot_mapping=to_dev(slots, torch.int64),
-            query_start_loc=to_dev(query_start, torch.int32),
-            seq_lens=to_dev(seq_lens, torch.int32),
-            block_tables=to_dev(table, torch.int32),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=slots_d,
+            query_start_loc=query_start_d,
+            seq_lens=seq_lens_d,
+            block_tables=table_d.view(n, width),
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
         )
-        return StepInputs(
-            to_dev(ids, torch.int64), to_dev(positions, torch.int64), meta, to_dev(logits_indices, torch.int64),
-            len(logits_indices), to_dev(spec_indices, torch.int64) if spec_indices else None,
-        )
+        return StepInputs(ids_d, positions_d, meta, logits_d, len(logits_indices), spec_d)
+
+    @staticmethod
+    def _input_ids(sched: SchedulerOutput, proposals: dict[int, list[int]] | None, decode_only: bool) -> list[int]:
+        """The tokens each row feeds: its uncomputed known tokens, then its proposals."""
+        if decode_only and not proposals:
+            return [item.seq.token_ids[item.seq.num_computed_tokens] for item in sched.scheduled]
+        ids: list[int] = []
+        for i, item in enumerate(sched.scheduled):
+            start = item.seq.num_computed_tokens
+            ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
+            if proposals and i in proposals:
+                ids.extend(proposals[i])
+        return ids
+
+    def _upload(self, int64s: list, int32s: list) -> tuple[list, list]:
+        """Device tensors of the given arrays (None stays None), in one copy per dtype.
+
+        The copies are non-blocking from pageable memory: CUDA stages them at once, so the
+        host buffers may be dropped as soon as this returns.
+        """
+        out = []
+        for arrays, dtype in ((int64s, np.int64), (int32s, np.int32)):
+            parts = [np.asarray(a, dtype=dtype).reshape(-1) for a in arrays if a is not None]
+            flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+            pieces = iter(flat.split([len(p) for p in parts]))
+            out.append([None if a is None else next(pieces) for a in arrays])
+        return out[0], out[1]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor | None:

@@ -31,21 +31,23 @@ class SamplingBatch:
     @classmethod
     def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
         params = [s.params for s in seqs]
-        all_greedy = all(p.temperature == 0.0 for p in params)
+        num_logprobs = [p.logprobs for p in params]
+        if all(p.temperature == 0.0 for p in params):
+            # An all-greedy batch (the common offline case) reads nothing else: no lists, no copies.
+            return cls(None, None, None, [], True, False, False, num_logprobs)
 
-        def to_dev(values: list, dtype: torch.dtype) -> torch.Tensor | None:
-            # An all-greedy batch reads none of these: skip the copies.
-            return None if all_greedy else torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        def to_dev(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         return cls(
             temperatures=to_dev([p.temperature for p in params], torch.float32),
             top_ks=to_dev([p.top_k or vocab_size for p in params], torch.int64),
             top_ps=to_dev([p.top_p for p in params], torch.float32),
             generators=[s.generator for s in seqs],
-            all_greedy=all_greedy,
+            all_greedy=False,
             any_top_k=any(0 < p.top_k < vocab_size for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params),
-            num_logprobs=[p.logprobs for p in params],
+            num_logprobs=num_logprobs,
         )
 
 

@@ -34,6 +34,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # moved from waiting to running this step
 
     @property
     def num_tokens(self) -> int:
@@ -70,11 +71,12 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
+        allocate_slots = self.allocator.allocate_slots
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            lookahead = self._lookahead(seq, num_new)
-            while not self.allocator.allocate_slots(seq, num_new + lookahead):
+            lookahead = self._lookahead(seq, num_new) if self.num_lookahead_tokens else 0
+            while not allocate_slots(seq, num_new + lookahead):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is seq:
@@ -103,6 +105,7 @@ class Scheduler:
                 seq.first_scheduled = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            out.admitted.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, lookahead))
             budget -= num_new
 

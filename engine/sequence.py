@@ -39,6 +39,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     blocks: list[KVBlock] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    table_row: int | None = None  # this sequence's row of the allocator's BlockTable while it holds blocks
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

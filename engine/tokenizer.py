@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +29,29 @@ def eos_token_ids(model_path: Path | None, arch_eos: tuple[int, ...], tokenizer:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
+
+
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """ids -> text, special tokens skipped: exactly `tokenizer.decode(ids, skip_special_tokens=True)`.
+
+    The incremental detokenizer decodes twice per generated token, and for a fast (Rust)
+    tokenizer transformers' Python wrapper costs about twice the decoding itself. Where the
+    wrapper adds nothing (its decode methods are the stock ones and it does no clean-up of
+    spaces) the Rust tokenizer is called directly; any other tokenizer keeps its own decode.
+    """
+    if getattr(tokenizer, "backend_tokenizer", None) is not None and _stock_fast_decode(tokenizer):
+        return partial(tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True)
+
+
+def _stock_fast_decode(tokenizer: Any) -> bool:
+    """True when decoding is transformers' own for fast tokenizers: the backend's decode, nothing more."""
+    from transformers import PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerFast.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )

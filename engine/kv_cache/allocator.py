@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.kv_cache.block_pool import BlockPool, KVBlock
+from engine.kv_cache.block_table import BlockTable
 from engine.kv_cache.hashing import ROOT_HASH, hash_block
 from engine.sequence import Sequence
 
@@ -39,6 +40,8 @@ class PagedKVAllocator:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
+        # Block ids of every sequence holding blocks, one row each, for the runner's batch tables.
+        self.block_table = BlockTable()
 
     @property
     def num_free_blocks(self) -> int:
@@ -75,12 +78,21 @@ class PagedKVAllocator:
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, prefix: CachedPrefix | None = None) -> bool:
         """Gives `seq` room for `num_new_tokens` more tokens; False (nothing changed) if the pool is too small."""
-        reused = prefix.blocks if prefix else []
-        total = seq.num_computed_tokens + (prefix.num_tokens if prefix else 0) + num_new_tokens
-        need = -(-total // self.block_size) - len(seq.blocks) - len(reused)
+        total = seq.num_computed_tokens + num_new_tokens
+        if prefix is None:
+            # The common case, a decode whose last block still has room: nothing to do.
+            need = -(-total // self.block_size) - len(seq.blocks)
+            if need <= 0:
+                return True
+            reused = []
+        else:
+            reused = prefix.blocks
+            total += prefix.num_tokens
+            need = -(-total // self.block_size) - len(seq.blocks) - len(reused)
         idle_reused = sum(1 for b in reused if b.ref_cnt == 0)
         if need + idle_reused > self.pool.num_free_blocks:
             return False
+        start = len(seq.blocks)
         for block in reused:
             self.pool.touch(block)
         seq.blocks.extend(reused)
@@ -92,14 +104,23 @@ class PagedKVAllocator:
             block = self.pool.allocate()
             assert block is not None  # counted above
             seq.blocks.append(block)
+        self._write_table(seq, start)
         return True
+
+    def _write_table(self, seq: Sequence, start: int) -> None:
+        """Copies the block ids of seq.blocks[start:] into its row of the block table."""
+        if len(seq.blocks) == start:
+            return
+        if seq.table_row is None:
+            seq.table_row = self.block_table.assign_row()
+        self.block_table.write(seq.table_row, start, [b.block_id for b in seq.blocks[start:]])
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Registers every block of `seq` that is now full of computed tokens."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
+        if num_full <= len(seq.block_hashes) or not self.enable_prefix_caching:
+            return  # most steps: no block filled up
         parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
         for i in range(len(seq.block_hashes), num_full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
@@ -111,5 +132,8 @@ class PagedKVAllocator:
         """Returns every block of `seq`, tail first, so a prompt's shared head stays cached longest."""
         for block in reversed(seq.blocks):
             self.pool.release(block)
+        if seq.table_row is not None:
+            self.block_table.release_row(seq.table_row, len(seq.blocks))
+            seq.table_row = None
         seq.blocks = []
         seq.block_hashes = []

@@ -136,3 +136,21 @@ def test_held_back_text_never_lags_more_than_the_longest_stop():
         det.add([byte])
         assert det.text == text[: max(i + 1 - 2, 0)]
     assert det.text + det.flush() == text
+
+
+def test_text_decoder_matches_the_tokenizers_own_decode():
+    """The direct call into the Rust tokenizer gives what tokenizer.decode gives, special tokens included."""
+    import random
+    from pathlib import Path
+
+    from engine.tokenizer import load_tokenizer, text_decoder
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[2] / "models" / "demo-target")
+    decode = text_decoder(tok)
+    assert decode.func == tok.backend_tokenizer.decode  # the fast path is taken for a stock fast tokenizer
+    rng = random.Random(0)
+    special = list(tok.all_special_ids)
+    for _ in range(300):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True)
+    assert text_decoder(ByteTokenizer())([104, 105]) == "hi"  # anything else keeps its own decode

@@ -407,6 +407,22 @@ def test_streamed_deltas_add_up_to_the_final_output(llama_ckpt, make_engine):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
 
 
+def test_only_finished_steps_report_each_request_once_with_everything(llama_ckpt, make_engine):
+    """step(only_finished=True), as generate() runs it: no output until a request ends, then all of it."""
+    engine = make_engine(llama_ckpt)
+    want = engine.generate(PROMPTS[:3], GREEDY)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"f{i}", prompt, SamplingParams(max_tokens=MAX_NEW - 4 * i, temperature=0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step(only_finished=True)
+    assert all(o.finished for o in outs) and sorted(o.request_id for o in outs) == ["f0", "f1", "f2"]
+    for o in outs:
+        i = int(o.request_id[1:])
+        assert o.outputs[0].token_ids == want[i].outputs[0].token_ids[: MAX_NEW - 4 * i]
+        assert o.outputs[0].new_token_ids == o.outputs[0].token_ids  # nothing was reported before
+
+
 # ----- text: tokenizer, detokenization, stop strings ---------------------------------------------
 
 
