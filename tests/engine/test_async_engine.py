@@ -195,6 +195,8 @@ def test_a_chunk_interval_merges_steps_into_fewer_outputs(async_engine):
         return [o async for o in async_engine.generate(PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)]
 
     outs = asyncio.run(main())
-    # The first token at once, then nothing until the end: 12 tokens in two outputs.
-    assert [len(o.outputs[0].new_token_ids) for o in outs] == [1, 11]
-    assert outs[-1].finished and outs[-1].outputs[0].token_ids == outs[0].outputs[0].new_token_ids + outs[1].outputs[0].new_token_ids
+    # Woken for the first token, then not until the end: 12 steps reach the consumer as at most
+    # two outputs (one, when every step ran before the consumer took the first).
+    assert 1 <= len(outs) <= 2 and outs[-1].finished
+    assert sum((o.outputs[0].new_token_ids for o in outs), []) == outs[-1].outputs[0].token_ids
+    assert len(outs[-1].outputs[0].token_ids) == 12
