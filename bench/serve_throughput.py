@@ -4,6 +4,8 @@ and, in the same run, against the engine driven directly in one process.
     python bench/serve_throughput.py                                   # demo model, device auto
     python bench/serve_throughput.py --model preset:qwen3-0.6b --concurrency 1,16,64,256
     python bench/serve_throughput.py --concurrency 2 --requests-per-level 4 --output-len 8   # CPU smoke run
+    python bench/serve_throughput.py --serve-set "" --serve-set max_stream_chunks_per_s=500,ingress.num_replicas=4
+        # the Serve path once per --serve-set (app args changed by dotted key=value), one direct run
 
 Figures per concurrency: output tok/s, TTFT and inter-token latency p50/p99, errors.
 """
@@ -161,17 +163,40 @@ async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for,
         return await run_levels("serve", levels, prompts_for, one)
 
 
-def start_serve(app_args: dict, num_gpus: int) -> str:
+def start_serve(num_gpus: int) -> str:
     import ray
     from ray import serve
-
-    from deployments.app import build_app
 
     port = _free_port()
     ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args), name="llm", route_prefix="/")
     return f"http://127.0.0.1:{port}"
+
+
+def run_app(app_args: dict) -> None:
+    """Deploys (or replaces) the app with these args and waits until it is ready."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(app_args), name="llm", route_prefix="/")
+
+
+def variant_args(app_args: dict, sets: str) -> dict:
+    """app_args with `key.path=value,key=value` applied (yaml values)."""
+    import copy
+
+    import yaml
+
+    from loadtest.serve_local import set_dotted
+
+    args = copy.deepcopy(app_args)
+    for item in filter(None, sets.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bad --serve-set item {item!r}: use key.path=value")
+        set_dotted(args, key.strip(), yaml.safe_load(value))
+    return args
 
 
 def _free_port() -> int:
@@ -189,6 +214,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=16384)
+    p.add_argument(
+        "--serve-set", action="append", default=None, metavar="K=V,K=V",
+        help="one Serve variant: app args changed by dotted key=value pairs (repeat for several; default: one, unchanged)",
+    )
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -222,16 +251,20 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    print("through Ray Serve over HTTP:", flush=True)
-    base_url = start_serve(app_args, num_gpus=1 if cuda else 0)
-    served = asyncio.run(bench_serve(base_url, "bench", levels, prompts_for, args.output_len))
+    base_url = start_serve(num_gpus=1 if cuda else 0)
+    variants = []
+    for sets in args.serve_set or [""]:
+        print(f"through Ray Serve over HTTP{f' ({sets})' if sets else ''}:", flush=True)
+        run_app(variant_args(app_args, sets))
+        variants.append({"sets": sets, "levels": asyncio.run(bench_serve(base_url, "bench", levels, prompts_for, args.output_len))})
     results = {
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "model": args.model,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "direct": direct,
-        "serve": served,
+        "serve": variants[0]["levels"],
+        "serve_variants": variants,
     }
     report(results, argv)
     if args.json:
@@ -255,11 +288,14 @@ def _vocab_size(model: str) -> int:
 def report(results: dict, argv: list[str] | None) -> None:
     print(f"\nW2 serving on {results['device']} ({results['model']}, prompt {results['prompt_len']}, "
           f"output {results['output_len']} tokens, streaming)")
-    print(f"{'conc':>5}{'direct tok/s':>14}{'serve tok/s':>13}{'kept':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}{'errors':>8}")
-    for d, s in zip(results["direct"], results["serve"]):
-        kept = s["tok_s"] / d["tok_s"] if d["tok_s"] else 0.0
-        print(f"{d['concurrency']:>5}{d['tok_s']:>14.0f}{s['tok_s']:>13.0f}{kept:>7.0%}"
-              f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}")
+    for variant in results["serve_variants"]:
+        if variant["sets"]:
+            print(f"Serve variant: {variant['sets']}")
+        print(f"{'conc':>5}{'direct tok/s':>14}{'serve tok/s':>13}{'kept':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}{'errors':>8}")
+        for d, s in zip(results["direct"], variant["levels"]):
+            kept = s["tok_s"] / d["tok_s"] if d["tok_s"] else 0.0
+            print(f"{d['concurrency']:>5}{d['tok_s']:>14.0f}{s['tok_s']:>13.0f}{kept:>7.0%}"
+                  f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}")
     d, s = results["direct"][-1], results["serve"][-1]
     cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(

@@ -5,7 +5,7 @@
     ingress.py       OpenAIIngress: FastAPI routes, SSE, error bodies, /metrics
     serving.py       OpenAI request -> token ids + SamplingParams; outputs -> OpenAI bodies
     protocol.py      the OpenAI request/response models
-    llm_server.py    LLMServer: one AsyncLLMEngine per replica; publishes its cache to the index
+    llm_server.py    LLMServer: one engine per replica (its core in a child process); publishes its cache to the index
     prefix_index.py  PrefixIndex: which replica caches which KV block hashes (+ replica stats)
     router.py        PrefixAwareRouter: longest cached prefix, balanced against queue length
     messages.py      what the ingress and the replicas send each other

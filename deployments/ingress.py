@@ -222,31 +222,36 @@ class OpenAIIngress:
             raise
 
         async def events() -> AsyncIterator[str]:
+            # One write per engine output, not per SSE event: each write is a message
+            # from this replica to the HTTP proxy. The last one also carries usage and [DONE].
             total = first
             finished = False
+            pending: list[str] = []
             try:
                 out: GenerateOutput | None = first
                 while out is not None:
                     produced = to_chunks(out)
-                    for chunk in [produced] if isinstance(produced, dict) else (produced or []):
-                        yield _sse(chunk)
+                    pending += [_sse(c) for c in ([produced] if isinstance(produced, dict) else (produced or []))]
                     if out.finished:
                         break
+                    if pending:
+                        yield "".join(pending)
+                        pending = []
                     out = await anext(gen, None)
                     if out is not None and out is not first:
                         total.merge(out)
                 finished = True
                 self._metrics.observe_finished(total, time.monotonic() - start)
                 if include_usage:
-                    yield _sse(usage_chunk(total))
+                    pending.append(_sse(usage_chunk(total)))
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # headers are out: report in-band, as OpenAI does
-                yield _sse(_map_exception(exc).body())
+                pending.append(_sse(_map_exception(exc).body()))
             finally:
                 if not finished:
                     gen.cancel()  # the client left: abort on the replica, free its blocks
-            yield _sse("[DONE]")
+            yield "".join(pending) + _sse("[DONE]")
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"x-replica-id": first.replica_id, "cache-control": "no-cache"}

@@ -28,3 +28,28 @@ def test_scale_runs_every_config_and_plots(tmp_path):
     assert [r["requests"] for r in rows] == [2, 4]
     assert all(r["tok_s"] > 0 and math.isfinite(r["ceiling_fraction"]) for r in rows)
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_serve_throughput_runs_direct_and_each_serve_variant(tmp_path):
+    """W2 at toy size: the engine direct, then the real Serve app twice (as shipped, and one changed arg)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "w2.json"
+    cmd = [
+        sys.executable, "bench/serve_throughput.py", "--concurrency", "2", "--requests-per-level", "4",
+        "--output-len", "6", "--prompt-len", "16", "--num-kv-blocks", "256",
+        "--serve-set", "", "--serve-set", "max_stream_chunks_per_s=1,ingress.num_replicas=1", "--json", str(out),
+    ]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert [v["sets"] for v in results["serve_variants"]] == ["", "max_stream_chunks_per_s=1,ingress.num_replicas=1"]
+    for levels in [results["direct"]] + [v["levels"] for v in results["serve_variants"]]:
+        assert [(lv["requests"], lv["errors"], lv["output_tokens"]) for lv in levels] == [(4, 0, 24)]
+    assert "W2: " in done.stdout and "Serve variant: max_stream_chunks_per_s=1" in done.stdout

@@ -9,6 +9,7 @@ import torch
 
 from engine import InvalidRequestError, SamplingParams
 from engine.async_engine import AsyncLLMEngine
+from tests.engine.streaming import check_paced_stream, collect, wait_until
 
 
 def _rand_tokens(n: int, seed: int) -> list[int]:
@@ -25,17 +26,6 @@ def async_engine(llama_ckpt, make_engine):
     engine = AsyncLLMEngine(engine=make_engine(llama_ckpt, block_size=4, num_blocks=128, max_num_batched_tokens=32))
     yield engine
     engine.shutdown()
-
-
-async def collect(engine: AsyncLLMEngine, prompt, params, request_id: str):
-    return [out async for out in engine.generate(prompt, params, request_id)]
-
-
-async def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def all_free(engine: AsyncLLMEngine) -> bool:
@@ -192,11 +182,6 @@ def test_a_failing_step_fails_open_streams_and_later_requests(async_engine, monk
 
 def test_a_chunk_interval_merges_steps_into_fewer_outputs(async_engine):
     async def main():
-        return [o async for o in async_engine.generate(PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)]
+        return await collect(async_engine, PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)
 
-    outs = asyncio.run(main())
-    # Woken for the first token, then not until the end: 12 steps reach the consumer as at most
-    # two outputs (one, when every step ran before the consumer took the first).
-    assert 1 <= len(outs) <= 2 and outs[-1].finished
-    assert sum((o.outputs[0].new_token_ids for o in outs), []) == outs[-1].outputs[0].token_ids
-    assert len(outs[-1].outputs[0].token_ids) == 12
+    check_paced_stream(asyncio.run(main()), num_tokens=12)

@@ -10,6 +10,7 @@ import torch
 from engine import CacheConfig, ConfigError, EngineConfig, InvalidRequestError, SamplingParams, SchedulerConfig
 from engine.core_process import EngineCoreClient
 from engine.errors import EngineError, RequestAbortedError
+from tests.engine.streaming import check_paced_stream, collect, wait_until
 
 
 def _rand_tokens(n: int, seed: int) -> list[int]:
@@ -35,17 +36,6 @@ def client(llama_ckpt):
     client = EngineCoreClient(_config(llama_ckpt))
     yield client
     client.shutdown()
-
-
-async def collect(client: EngineCoreClient, prompt, params, request_id: str):
-    return [out async for out in client.generate(prompt, params, request_id)]
-
-
-async def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def all_free(client: EngineCoreClient) -> bool:
@@ -153,11 +143,6 @@ def test_a_config_the_core_cannot_load_raises_its_error_in_the_client(tmp_path):
 
 def test_a_chunk_interval_merges_steps_into_fewer_outputs(client):
     async def main():
-        return [o async for o in client.generate(PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)]
+        return await collect(client, PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)
 
-    outs = asyncio.run(main())
-    # Woken for the first token, then not until the end: 12 steps reach the consumer as at most
-    # two outputs (one, when every step ran before the consumer took the first).
-    assert 1 <= len(outs) <= 2 and outs[-1].finished
-    assert sum((o.outputs[0].new_token_ids for o in outs), []) == outs[-1].outputs[0].token_ids
-    assert len(outs[-1].outputs[0].token_ids) == 12
+    check_paced_stream(asyncio.run(main()), num_tokens=12)
