@@ -9,6 +9,7 @@ is left is the host work a GPU step pays too. From the repository root:
     PYTHONPATH=. python bench/host_profile.py --only-finished                # the steps generate() runs (W1)
     PYTHONPATH=. python bench/host_profile.py --tokenizer models/demo-target # with detokenization, as when serving text
     PYTHONPATH=. python bench/host_profile.py --cprofile 30                  # plus the 30 costliest functions
+    PYTHONPATH=. python bench/host_profile.py --async-scheduling             # the overlapped step's host work
 
 "host total" is the step minus the forward: schedule + prepare + sample + the
 rest (bookkeeping, appending tokens, outputs). The forward runs on the CPU
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch CPU threads (1: the forward's threads do not spin on the host's core)"
     )
     p.add_argument("--only-finished", action="store_true", help="step(only_finished=True), as generate() runs it")
+    p.add_argument(
+        "--async-scheduling", action="store_true",
+        help="EngineConfig.async_scheduling: the same host work, which a GPU would overlap with its forward",
+    )
     p.add_argument("--cprofile", type=int, default=0, help="print this many functions of a cProfile run")
     return p.parse_args(argv)
 
@@ -70,6 +75,7 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
         max_model_len=max_len,
         cache=CacheConfig(cpu_kv_cache_bytes=2**30),
         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=8192),
+        async_scheduling=args.async_scheduling,
     )
     engine = LLMEngine(config)
     work = offline_workload(args.batch, min(args.min_len, prompt_max), prompt_max, 1, vocab)
@@ -106,6 +112,7 @@ class _TimedSampler:
 
     def __init__(self, sampler: Any, timer: PhaseTimer) -> None:
         self._call = timer.wrap("sample", sampler.__call__)
+        self.launch = timer.wrap("sample", sampler.launch)  # async scheduling: the tokens are read back in "other"
         self._sampler = sampler
 
     def __call__(self, *args: Any) -> Any:
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     runs = [phase_split(engine, args.steps, args.only_finished) for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["host total"])
     mode = "step(only_finished=True)" if args.only_finished else "step()"
+    if engine.async_scheduling:
+        mode += " with async scheduling"
     print(
         f"decode {mode} at batch {batch} on the CPU ({args.preset}, tokenizer: {args.tokenizer or 'none'}), "
         "ms per step:"

@@ -3,6 +3,7 @@
     python bench/throughput.py                      # the headline run (Qwen3-0.6B shape, 256 requests)
     python bench/throughput.py --num-requests 64 --peers none
     python bench/throughput.py --preset tiny-qwen3 --num-requests 4 --output-len 4   # CPU smoke run
+    python bench/throughput.py --peers none --variants graphs,graphs-async --profile  # async scheduling beside the synchronous step
 
 Prints a table and the W1 report line; --json writes every figure.
 """
@@ -29,6 +30,9 @@ from engine.engine import LLMEngine
 from engine.model.presets import preset_config, save_hf_checkpoint
 
 
+VARIANTS = ("graphs", "eager", "graphs-async", "eager-async")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-0.6b")
@@ -38,17 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--variants", default="graphs", help="comma list of: graphs, eager")
+    p.add_argument(
+        "--variants", default="graphs",
+        help="comma list of: graphs, eager, graphs-async, eager-async (-async: EngineConfig.async_scheduling)",
+    )
     p.add_argument("--peers", default="generate_batch,padded", help="comma list of: generate_batch, padded; or none")
     p.add_argument("--profile", action="store_true", help="also profile decode steps at full batch")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, eager: bool) -> dict:
+def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, variant: str) -> dict:
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}: pick from {', '.join(VARIANTS)}")
     config = EngineConfig(
         model=str(path),
-        enforce_eager=eager,
+        enforce_eager=variant.startswith("eager"),
+        async_scheduling=variant.endswith("-async"),
         max_model_len=args.max_len + args.output_len + 16,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
@@ -66,6 +76,7 @@ def run_ours(path: Path, work: OfflineWorkload, args: argparse.Namespace, eager:
     stats = engine.stats()
     profile = profile_decode(engine, work.prompts[: args.max_num_seqs]) if args.profile else None
     if profile:
+        print(f"\nprofile of ours ({variant}):", end="")
         print_profile(profile)
     result = {
         "seconds": seconds,
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = save_hf_checkpoint(args.preset, Path(tmp) / "model", seed=0, dtype=str(dtype).removeprefix("torch."))
         rates = measure_device_rates(device)
         for variant in args.variants.split(","):
-            results[f"ours_{variant}"] = run_ours(path, work, args, eager=variant == "eager")
+            results[f"ours_{variant}"] = run_ours(path, work, args, variant)
             print(f"ours ({variant}): {results[f'ours_{variant}']['tok_s']:.0f} tok/s", flush=True)
         peers = [] if args.peers == "none" else args.peers.split(",")
         if "generate_batch" in peers:

@@ -178,6 +178,9 @@ class AppConfig(_Strict):
     seed: int = 0
     max_model_len: int | None = Field(None, ge=1)
     enforce_eager: bool = False
+    async_scheduling: bool = Field(
+        False, description="Launch each engine step before the last one's tokens are read back (host work overlaps the GPU's)."
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     quantization: QuantConfig = Field(default_factory=QuantConfig)
@@ -280,6 +283,7 @@ class AppConfig(_Strict):
             seed=self.seed,
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
             # Copies: the engine may adjust its config; the app's stays as validated.
             cache=dataclasses.replace(self.cache),
             scheduler=dataclasses.replace(self.scheduler),

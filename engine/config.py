@@ -124,6 +124,10 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     enforce_eager: bool = False  # True: no CUDA graphs
+    # Schedule and launch step N+1 before step N's tokens are read back, so the host's work
+    # hides behind the device's (LLMEngine._step_async). Same tokens for greedy and seeded
+    # requests; ignored with speculative decoding, which needs each step's tokens on the host.
+    async_scheduling: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quantization: QuantConfig = field(default_factory=QuantConfig)

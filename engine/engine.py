@@ -20,8 +20,8 @@ from engine.kv_cache.allocator import PagedKVAllocator
 from engine.model.loader import load_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import apply_quantization
-from engine.runner import ModelRunner
-from engine.sampler import Sampler, SamplingBatch
+from engine.runner import DeviceTokens, ModelRunner
+from engine.sampler import PendingSample, Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceIds
@@ -48,14 +48,24 @@ class RequestState:
     emitted_logprobs: list[int] = field(default_factory=list)
     new_text: list[str] = field(default_factory=list)
     # Fixed when the request is added, so a sampled token is checked with one set lookup and
-    # one comparison; `_finish_reason` then says which rule ended the sequence.
+    # one comparison (with Sequence.max_num_tokens); `_finish_reason` then says which rule ended it.
     stop_ids: frozenset[int] = frozenset()  # stop_token_ids, plus the EOS ids unless ignore_eos
-    max_num_tokens: int = 0  # prompt + max_tokens, capped at the context
 
     @property
     def finished(self) -> bool:
         seqs = self.seqs
         return seqs[0].is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)
+
+
+@dataclass
+class InflightStep:
+    """A launched step whose sampled tokens have not been read back yet (async scheduling)."""
+
+    seqs: list[Sequence]  # the sampled sequences, one row each
+    sample: PendingSample
+
+    def device_tokens(self) -> DeviceTokens:
+        return DeviceTokens(self.sample.token_ids, {seq: row for row, seq in enumerate(self.seqs)})
 
 
 @dataclass
@@ -138,6 +148,9 @@ class LLMEngine:
         self._spec_counters: dict[str, SpecCounters] = {}
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = SequenceIds()
+        # Speculation reads each step's tokens on the host before it proposes: it stays synchronous.
+        self.async_scheduling = config.async_scheduling and self.proposer is None
+        self._inflight: InflightStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -182,10 +195,11 @@ class LLMEngine:
         state.new_text = [""] * params.n
         eos = frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)
         state.stop_ids = frozenset(params.stop_token_ids) | eos
-        state.max_num_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        max_num_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
         self.requests[request_id] = state
         self._prompt_tokens_total += len(token_ids) * params.n
         for seq in seqs:
+            seq.max_num_tokens = max_num_tokens
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -214,7 +228,12 @@ class LLMEngine:
         reads); the others report everything they added at their next output, so streaming
         deltas stay whole. Building an output per request per step is a large part of a
         decode step's host time at big batches.
+
+        With async scheduling the outputs are those of the step launched by the call before
+        (see `_step_async`).
         """
+        if self.async_scheduling:
+            return self._step_async(only_finished)
         sched = self.scheduler.schedule()
         if sched.preempted and self.proposer is not None:
             self.proposer.release([seq.seq_id for seq in sched.preempted])
@@ -242,6 +261,9 @@ class LLMEngine:
                 touched[state.request_id] = state
         if spec is not None:
             self._accept(sched, spec[0], spec[1], spec_logits, touched)
+        return self._outputs(touched, only_finished)
+
+    def _outputs(self, touched: dict[str, RequestState], only_finished: bool) -> list[RequestOutput]:
         outputs = [self._output(state) for state in touched.values() if not only_finished or state.finished]
         for out in outputs:
             if out.finished:
@@ -256,10 +278,65 @@ class LLMEngine:
         for i, item in enumerate(sched.scheduled):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
-            if seq.num_computed_tokens == len(seq.token_ids) and i not in spec_rows:
+            if seq.num_computed_tokens == seq.num_tokens and i not in spec_rows:
                 sampled.append(seq)
             cache_full_blocks(seq)
         return sampled
+
+    # ----- async scheduling ------------------------------------------------------------
+    #
+    # The step is split in two: launch (schedule, prepare, forward, sampling: all queued on the
+    # device, nothing waits for it) and complete (read the tokens back, stop checks, text,
+    # outputs). Each call launches step N, then completes step N-1, so on a GPU the host's
+    # bookkeeping of N-1 and the scheduling of N+1 run while N computes.
+    #
+    # Step N is scheduled before N-1's tokens are known: every sequence sampled in N-1 counts
+    # one pending token (Sequence.num_pending_tokens) and is fed it on the device. A sequence
+    # that N-1's token turns out to finish (a stop token, a stop string) has computed one row
+    # in N for nothing: the row is dropped when N completes. Its blocks are freed while N may
+    # still write that row's K/V; that is safe because whoever gets them next is queued on the
+    # device after N. A token that is certainly the last one (the length limit) is not
+    # scheduled at all (Scheduler._schedule_running).
+
+    def _step_async(self, only_finished: bool) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        launched = None if sched.is_empty else self._launch(sched)
+        done, self._inflight = self._inflight, launched
+        return [] if done is None else self._complete(done, only_finished)
+
+    def _launch(self, sched) -> InflightStep | None:
+        """Queues the step on the device; None when it samples no token (only prompt chunks)."""
+        now = time.monotonic()
+        pending = self._inflight.device_tokens() if self._inflight is not None else None
+        logits = self.runner.execute(sched, pending)
+        for seq in sched.admitted:
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        sampled_seqs = self._advance(sched, set())
+        if logits is None:
+            return None
+        for seq in sampled_seqs:
+            seq.num_pending_tokens += 1
+        batch = SamplingBatch.from_seqs(sampled_seqs, self.arch.vocab_size, self.device)
+        return InflightStep(sampled_seqs, self.sampler.launch(logits, batch))
+
+    def _complete(self, step: InflightStep, only_finished: bool) -> list[RequestOutput]:
+        """Reads a launched step's tokens back and appends them; outputs as `step` gives them."""
+        result = step.sample.result()
+        touched: dict[str, RequestState] = {}
+        cache_full_blocks = self.allocator.cache_full_blocks
+        for seq, token, logprob in zip(step.seqs, result.token_ids, result.logprobs):
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:  # finished by the step before, or aborted: a wasted row
+                continue
+            state = self.requests[seq.request_id]
+            self._append(state, seq, token, logprob)
+            touched[state.request_id] = state
+            if not seq.is_finished:
+                # The block this token completes (its K/V is queued) could not be hashed before.
+                cache_full_blocks(seq)
+        return self._outputs(touched, only_finished)
 
     # ----- speculative decoding ------------------------------------------------------
 
@@ -343,7 +420,7 @@ class LLMEngine:
         if det is not None:
             new_text, stop_string = det.add([token])
             state.new_text[seq.index] += new_text
-        if stop_string is None and token not in state.stop_ids and len(seq.token_ids) < state.max_num_tokens:
+        if stop_string is None and token not in state.stop_ids and len(seq.token_ids) < seq.max_num_tokens:
             return  # the common case: the sequence goes on
         reason = self._finish_reason(seq, token, stop_string)
         if reason is not None:
@@ -362,7 +439,7 @@ class LLMEngine:
             return "stop", token
         if not params.ignore_eos and token in self.eos_token_ids:
             return "stop", None
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.token_ids) >= seq.max_num_tokens:  # max_tokens, or the end of the context
             return "length", None
         return None
 

@@ -23,8 +23,18 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache.block_table import BlockTable
 from engine.model.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
 from engine.spec.proposer import Proposals
 from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH, TargetVerifyPass
+
+
+@dataclass
+class DeviceTokens:
+    """Tokens the step in flight sampled, still on the device (async scheduling): the next
+    input of each of its sequences, which the host has not read back yet."""
+
+    token_ids: torch.Tensor  # [N] int64
+    row_of: dict[Sequence, int]  # a sequence -> its row in token_ids
 
 
 @dataclass
@@ -67,8 +77,15 @@ class ModelRunner:
                 model, kv_cache, block_size, num_speculative_tokens, self.max_blocks_per_seq, graph_batch
             )
 
-    def prepare(self, sched: SchedulerOutput, proposals: dict[int, list[int]] | None = None, k: int = 0) -> StepInputs:
-        """Batch tensors; `proposals` (scheduled index -> tokens) are fed after those items' known tokens.
+    def prepare(
+        self,
+        sched: SchedulerOutput,
+        proposals: dict[int, list[int]] | None = None,
+        k: int = 0,
+        pending: DeviceTokens | None = None,
+    ) -> StepInputs:
+        """Batch tensors; `proposals` (scheduled index -> tokens) are fed after those items' known tokens;
+        a sequence with a token in flight is fed that token from `pending`, on the device.
 
         Per sequence only scalars are read in Python; positions, slots and the block table are
         built with whole-batch numpy ops, and everything reaches the device in two copies.
@@ -85,7 +102,10 @@ class ModelRunner:
         query_start = np.zeros(n + 1, np.int64)
         np.cumsum(query_lens, out=query_start[1:])
         seq_lens = starts + query_lens
-        ids = self._input_ids(sched, proposals, bool(query_lens.max() == 1))
+        if pending is None:
+            ids, gather = self._input_ids(sched, proposals, bool(query_lens.max() == 1)), None
+        else:
+            ids, gather = self._input_ids_pending(sched, pending, query_start)
         # Token t of row b sits at position starts[b] + (t - query_start[b]).
         positions = np.arange(query_start[-1]) + np.repeat(starts - query_start[:-1], query_lens)
         rows = np.fromiter((s.table_row for s in seqs), np.int64, n)
@@ -104,9 +124,13 @@ class ModelRunner:
             first = query_start[1:][spec] - num_extra[spec] - 1
             spec_indices = first[:, None] + np.minimum(np.arange(k + 1), num_extra[spec][:, None])
         i64, i32 = self._upload(
-            [ids, positions, slots, logits_indices, spec_indices], [query_start.astype(np.int32), seq_lens, table]
+            [ids, positions, slots, logits_indices, spec_indices, *(gather or (None, None))],
+            [query_start.astype(np.int32), seq_lens, table],
         )
-        ids_d, positions_d, slots_d, logits_d, spec_d = i64
+        ids_d, positions_d, slots_d, logits_d, spec_d, dst_d, src_d = i64
+        if gather is not None:
+            # Stream order makes this wait for the step that sampled them; the host does not.
+            ids_d.index_copy_(0, dst_d, pending.token_ids.index_select(0, src_d))
         query_start_d, seq_lens_d, table_d = i32
         meta = AttentionMetadata(
             slot_mapping=slots_d,
@@ -133,24 +157,55 @@ class ModelRunner:
                 ids.extend(proposals[i])
         return ids
 
+    @staticmethod
+    def _input_ids_pending(
+        sched: SchedulerOutput, pending: DeviceTokens, query_start: np.ndarray
+    ) -> tuple[list[int], tuple[np.ndarray, np.ndarray] | None]:
+        """Host-known input tokens (a 0 where the token is still on the device), and where those
+        go: (positions in the input, rows of pending.token_ids), or None if no row has one."""
+        ids: list[int] = []
+        rows: list[int] = []
+        src: list[int] = []
+        row_of = pending.row_of
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            if seq.num_pending_tokens:
+                # All its known tokens are computed (it was sampled): the pending one is its only input.
+                rows.append(i)
+                src.append(row_of[seq])
+                ids.append(0)
+            else:
+                start = seq.num_computed_tokens
+                ids.extend(seq.token_ids[start : start + item.num_new_tokens])
+        if not rows:
+            return ids, None
+        return ids, (query_start[rows], np.array(src, np.int64))
+
     def _upload(self, int64s: list, int32s: list) -> tuple[list, list]:
         """Device tensors of the given arrays (None stays None), in one copy per dtype.
 
-        The copies are non-blocking from pageable memory: CUDA stages them at once, so the
-        host buffers may be dropped as soon as this returns.
+        On CUDA the arrays go through pinned memory: a copy from pageable memory may wait
+        for the work already queued on the device (the staging buffer is small, and the block
+        table alone is tens of KiB at batch 256), which would undo async scheduling's overlap.
+        The pinned buffer is held by torch's host allocator until its copy is done.
         """
         out = []
+        pin = self.device.type == "cuda"
         for arrays, dtype in ((int64s, np.int64), (int32s, np.int32)):
             parts = [np.asarray(a, dtype=dtype).reshape(-1) for a in arrays if a is not None]
-            flat = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+            host = torch.from_numpy(np.concatenate(parts))
+            flat = (host.pin_memory() if pin else host).to(self.device, non_blocking=True)
             pieces = iter(flat.split([len(p) for p in parts]))
             out.append([None if a is None else next(pieces) for a in arrays])
         return out[0], out[1]
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor | None:
-        """Logits [N, vocab] (fp32) for the sequences whose next token is due; None if none is."""
-        inputs = self.prepare(sched)
+    def execute(self, sched: SchedulerOutput, pending: DeviceTokens | None = None) -> torch.Tensor | None:
+        """Logits [N, vocab] (fp32) for the sequences whose next token is due; None if none is.
+
+        `pending`: the tokens of the step still in flight (async scheduling), fed on the device.
+        """
+        inputs = self.prepare(sched, pending=pending)
         if inputs.num_sampled == 0:
             # Only partial prompt chunks: fill the cache, skip the vocabulary projection.
             self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)

@@ -57,6 +57,30 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
+class PendingSample:
+    """A step's sampled tokens, still on the device, and their copy to the host under way.
+
+    `token_ids` can feed the next step at once (async scheduling); `result()` waits only
+    for this step's copies, not for whatever was queued on the device after them.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprob_tensors: tuple | None, num_logprobs: list[int | None]) -> None:
+        self.token_ids = token_ids
+        self._num_logprobs = num_logprobs
+        # A non-blocking copy from CUDA lands in pinned memory; the event says when it is there.
+        self._host = [t.to("cpu", non_blocking=True) for t in (token_ids, *(logprob_tensors or ()))]
+        self._event = None
+        if token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, *logprob_tensors = self._host
+        return _host_output(tokens, tuple(logprob_tensors) or None, self._num_logprobs)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -64,8 +88,13 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         tokens = self.sample(logits, batch)
-        logprobs = self._logprobs(logits, tokens, batch)
-        return SamplerOutput(tokens.tolist(), logprobs)
+        return _host_output(tokens, self._logprob_tensors(logits, tokens, batch), batch.num_logprobs)
+
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
+        """Like calling the sampler, without waiting for the device: the tokens are read back later."""
+        tokens = self.sample(logits, batch)
+        return PendingSample(tokens, self._logprob_tensors(logits, tokens, batch), batch.num_logprobs)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)
@@ -83,24 +112,36 @@ class Sampler:
         return torch.where(batch.temperatures == 0.0, greedy, sampled)
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprob | None]:
+        return _host_output(tokens, self._logprob_tensors(logits, tokens, batch), batch.num_logprobs).logprobs
+
+    @staticmethod
+    def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> tuple | None:
+        """(chosen [N], top values [N, k], top ids [N, k]) on the device; None when no row wants logprobs."""
         wanted = [k for k in batch.num_logprobs if k is not None]
         if not wanted:
-            return [None] * len(batch.num_logprobs)
+            return None
         # Log-probabilities of the model's own distribution, before temperature and truncation.
         logp = torch.log_softmax(logits, dim=-1)
-        chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
         k = max(wanted)
         top_vals, top_ids = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0]))
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        token_list = tokens.tolist()
-        out: list[TokenLogprob | None] = []
-        for row, n in enumerate(batch.num_logprobs):
-            if n is None:
-                out.append(None)
-                continue
-            top = {int(t): float(v) for t, v in zip(top_ids[row][:n], top_vals[row][:n])}
-            out.append(TokenLogprob(token_list[row], float(chosen[row]), top))
-        return out
+        return chosen, top_vals, top_ids
+
+
+def _host_output(tokens: torch.Tensor, logprob_tensors: tuple | None, num_logprobs: list[int | None]) -> SamplerOutput:
+    """The sampled tokens and the logprobs each row asked for, as Python objects."""
+    token_list = tokens.tolist()
+    if logprob_tensors is None:
+        return SamplerOutput(token_list, [None] * len(num_logprobs))
+    chosen, top_vals, top_ids = (t.tolist() for t in logprob_tensors)
+    out: list[TokenLogprob | None] = []
+    for row, n in enumerate(num_logprobs):
+        if n is None:
+            out.append(None)
+            continue
+        top = {int(t): float(v) for t, v in zip(top_ids[row][:n], top_vals[row][:n])}
+        out.append(TokenLogprob(token_list[row], float(chosen[row]), top))
+    return SamplerOutput(token_list, out)
 
 
 def _apply_top_k_top_p(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -74,6 +74,11 @@ class Scheduler:
         allocate_slots = self.allocator.allocate_slots
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and seq.num_tokens >= seq.max_num_tokens:
+                # Async scheduling: the token in flight is this sequence's last (the length
+                # limit); computing its K/V would be wasted. The engine finishes it when it lands.
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             lookahead = self._lookahead(seq, num_new) if self.num_lookahead_tokens else 0
             while not allocate_slots(seq, num_new + lookahead):

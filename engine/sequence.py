@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,9 @@ class Sequence:
     """One completion of a request (a request with n > 1 has n of them).
 
     num_computed_tokens counts tokens whose K/V are in the cache; the tokens
-    past it are what the next step must feed the model.
+    past it are what the next step must feed the model. With async scheduling
+    the last num_pending_tokens of them are sampled but still on the device:
+    counted in num_tokens, not yet in token_ids.
     """
 
     seq_id: int
@@ -36,6 +39,8 @@ class Sequence:
     generator: torch.Generator | None = None
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # sampled by a step still in flight (async scheduling only)
+    max_num_tokens: int = sys.maxsize  # prompt + max_tokens, capped at the context (set by the engine)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     blocks: list[KVBlock] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
@@ -52,7 +57,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

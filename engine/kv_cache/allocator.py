@@ -116,9 +116,13 @@ class PagedKVAllocator:
         self.block_table.write(seq.table_row, start, [b.block_id for b in seq.blocks[start:]])
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Registers every block of `seq` that is now full of computed tokens."""
+        """Registers every block of `seq` that is now full of computed tokens.
+
+        Only tokens the host knows count: with async scheduling a block whose last token is
+        still on the device waits until the engine reads that token back and calls again.
+        """
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         if num_full <= len(seq.block_hashes) or not self.enable_prefix_caching:
             return  # most steps: no block filled up
         parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH

@@ -12,11 +12,13 @@ from bench import scale, throughput
 def test_throughput_runs_ours_and_the_padded_peer():
     results = throughput.main(
         ["--preset", "tiny-qwen3", "--num-requests", "3", "--min-len", "5", "--max-len", "20",
-         "--output-len", "3", "--peers", "padded", "--variants", "graphs,eager", "--profile"]
+         "--output-len", "3", "--peers", "padded", "--variants", "graphs,eager,graphs-async", "--profile"]
     )
-    for key in ("ours_graphs", "ours_eager", "hf_padded_generate"):
+    for key in ("ours_graphs", "ours_eager", "ours_graphs-async", "hf_padded_generate"):
         assert results[key]["tokens"] == 9  # 3 requests x 3 tokens, EOS ignored
     assert results["ours_graphs"]["first_tokens"] == results["ours_eager"]["first_tokens"]
+    assert results["ours_graphs-async"]["first_tokens"] == results["ours_graphs"]["first_tokens"]
+    assert results["ours_graphs-async"]["profile"]["batch"] == 3
     assert results["ceiling"]["floor_seconds"] > 0
     assert results["ours_graphs"]["profile"]["batch"] == 3
     assert 0.0 <= results["ours_graphs"]["profile"]["kv_waste_fraction"] < 1.0

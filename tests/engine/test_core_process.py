@@ -66,6 +66,30 @@ def test_concurrent_streams_equal_the_in_process_engine(client, llama_ckpt, make
     assert all_free(client)
 
 
+def test_a_core_with_async_scheduling_streams_the_same_tokens_and_frees_aborted_blocks(llama_ckpt, make_engine):
+    expected = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(PROMPTS, GREEDY)
+    config = _config(llama_ckpt)
+    config.async_scheduling = True
+    client = EngineCoreClient(config)
+
+    async def main():
+        leaving = client.generate(PROMPTS[3], LONG, "leaving")
+        await leaving.__anext__()
+        streams = asyncio.gather(*(collect(client, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+        await leaving.aclose()  # aborted while its next token is in flight
+        streams = await streams
+        await wait_until(lambda: all_free(client))
+        return streams
+
+    try:
+        streams = asyncio.run(main())
+    finally:
+        client.shutdown()
+    for stream, want in zip(streams, expected):
+        assert stream[-1].finished and stream[-1].outputs[0].token_ids == want.outputs[0].token_ids
+        assert sum((o.outputs[0].new_token_ids for o in stream), []) == want.outputs[0].token_ids
+
+
 def test_leaving_a_stream_aborts_it_in_the_core_and_frees_its_blocks(client):
     async def main():
         agen = client.generate(PROMPTS[3], LONG, "closing")

@@ -191,3 +191,18 @@ def test_readmission_after_preemption_reuses_the_prefix_cache():
     assert plan(out) == [(b.seq_id, 5)]
     assert b.num_computed_tokens == 9 and h.alloc.stats.hit_tokens == 4
     assert b.num_cached_tokens == 0  # only the first admission's hit counts for the request
+
+
+def test_a_pending_token_at_the_length_limit_is_not_scheduled():
+    """Async scheduling: a token still in flight counts; if it is the sequence's last, no row for it."""
+    h = Harness()
+    last, more = h.add(5), h.add(5)
+    h.step()
+    for seq in (last, more):  # the prompt ran; its first token is sampled but not read back
+        seq.token_ids.pop()
+        seq.num_pending_tokens = 1
+    last.max_num_tokens = 6
+    more.max_num_tokens = 7
+    out = h.sched.schedule()
+    assert plan(out) == [(more.seq_id, 1)]
+    assert h.sched.running == [last, more]
