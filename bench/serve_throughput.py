@@ -43,6 +43,7 @@ class LevelResult:
             "output_tokens": self.output_tokens,
             "seconds": self.seconds,
             "tok_s": self.output_tokens / self.seconds if self.seconds else 0.0,
+            "ttft_mean_ms": sum(self.ttft_s) / len(self.ttft_s) * 1e3 if self.ttft_s else float("nan"),
             "ttft_p50_ms": _pct(self.ttft_s, 50) * 1e3,
             "ttft_p99_ms": _pct(self.ttft_s, 99) * 1e3,
             "itl_p50_ms": _pct(self.itl_s, 50) * 1e3,
@@ -83,14 +84,38 @@ async def run_level(prompts: list[list[int]], concurrency: int, one_request) -> 
     return result
 
 
-async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
-    """A warm-up, then every concurrency level in turn; one summary per level."""
+async def run_levels(label: str, levels: list[int], prompts_for, one_request, probe=None) -> list[dict]:
+    """A warm-up, then every concurrency level in turn; one summary per level.
+
+    probe (optional, async): the replicas' first-token counters, read before and after
+    each level, so each summary also says how long requests waited once on a replica.
+    """
     await run_level(prompts_for(4), 4, one_request)
     out = []
     for c in levels:
+        before = await probe() if probe else None
         out.append((await run_level(prompts_for(c), c, one_request)).summary())
+        if probe:
+            await asyncio.sleep(0.5)  # replicas publish their counters every publish_interval_s
+            out[-1].update(replica_wait(before, await probe()))
         print(f"  {label:<7} c={c:<4} {out[-1]['tok_s']:8.0f} tok/s  errors {out[-1]['errors']}", flush=True)
     return out
+
+
+def replica_wait(before: tuple[float, float], after: tuple[float, float]) -> dict:
+    """Mean arrival-at-replica -> first token over the requests between two counter readings."""
+    seconds, count = after[0] - before[0], after[1] - before[1]
+    return {"replica_first_tokens": count, "replica_ttft_mean_ms": seconds / count * 1e3 if count else float("nan")}
+
+
+def parse_first_token_counters(metrics_text: str) -> tuple[float, float]:
+    """(seconds, requests) summed over the LLM replicas in a /metrics page."""
+    totals = {"llm_replica_first_token_wait_seconds_total": 0.0, "llm_replica_first_tokens_total": 0.0}
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["llm_replica_first_token_wait_seconds_total"], totals["llm_replica_first_tokens_total"]
 
 
 def _record(result: LevelResult, start: float, arrivals: list[float], tokens: int) -> None:
@@ -160,7 +185,10 @@ async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for,
             # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
             _record(result, start, arrivals, completion_tokens)
 
-        return await run_levels("serve", levels, prompts_for, one)
+        async def probe() -> tuple[float, float]:
+            return parse_first_token_counters((await client.get("/metrics")).text)
+
+        return await run_levels("serve", levels, prompts_for, one, probe)
 
 
 def start_serve(num_gpus: int) -> str:
@@ -291,11 +319,13 @@ def report(results: dict, argv: list[str] | None) -> None:
     for variant in results["serve_variants"]:
         if variant["sets"]:
             print(f"Serve variant: {variant['sets']}")
-        print(f"{'conc':>5}{'direct tok/s':>14}{'serve tok/s':>13}{'kept':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}{'errors':>8}")
+        print(f"{'conc':>5}{'direct tok/s':>14}{'serve tok/s':>13}{'kept':>7}{'TTFT p50/p99 ms':>18}{'ITL p50/p99 ms':>17}"
+              f"{'errors':>8}{'TTFT mean: client / on replica / direct ms':>44}")
         for d, s in zip(results["direct"], variant["levels"]):
             kept = s["tok_s"] / d["tok_s"] if d["tok_s"] else 0.0
             print(f"{d['concurrency']:>5}{d['tok_s']:>14.0f}{s['tok_s']:>13.0f}{kept:>7.0%}"
-                  f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}")
+                  f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}"
+                  f"{s['ttft_mean_ms']:>20.1f} / {s.get('replica_ttft_mean_ms', float('nan')):.1f} / {d['ttft_mean_ms']:.1f}")
     d, s = results["direct"][-1], results["serve"][-1]
     cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(

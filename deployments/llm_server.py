@@ -46,6 +46,10 @@ class LLMServer:
         self._config = config
         self.engine = _start_engine(config, draft)
         self._ongoing = 0
+        # Arrival here -> first token, summed over requests: set against the clients' TTFT it
+        # tells waiting inside the replica from waiting before it (proxy, ingress, routing).
+        self._first_token_wait_s = 0.0
+        self._first_tokens = 0
         self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
         self._index_address: tuple[str, str] | None = None
         self._publisher: CachePublisher | None = None
@@ -78,7 +82,14 @@ class LLMServer:
         )
 
     def stats(self) -> dict[str, Any]:
-        return {"replica_id": self.replica_id, "ongoing_requests": self._ongoing, **dataclasses.asdict(self.engine.stats())}
+        return {"replica_id": self.replica_id, "ongoing_requests": self._ongoing, **self._published_stats()}
+
+    def _published_stats(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self.engine.stats()),
+            "first_token_wait_s_total": self._first_token_wait_s,
+            "first_tokens_total": self._first_tokens,
+        }
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         """The whole completion in one answer."""
@@ -132,6 +143,8 @@ class LLMServer:
                     if new_tokens:
                         if last_token is None:
                             timing.time_to_first_token_s = now - start
+                            self._first_token_wait_s += now - start
+                            self._first_tokens += 1
                         else:
                             timing.inter_token_latencies_s.extend([(now - last_token) / new_tokens] * new_tokens)
                         last_token = now
@@ -169,7 +182,7 @@ class LLMServer:
                 index=self._index,
                 resolve_index=lambda: serve.get_deployment_actor(PREFIX_INDEX_ACTOR),
                 cached_hashes=self.engine.cached_block_hashes,
-                stats=lambda: dataclasses.asdict(self.engine.stats()),
+                stats=self._published_stats,
                 load=lambda: self._ongoing,
                 options=self._config.router,
             )

@@ -55,3 +55,22 @@ def test_serve_throughput_runs_direct_and_each_serve_variant(tmp_path):
     for levels in [results["direct"]] + [v["levels"] for v in results["serve_variants"]]:
         assert [(lv["requests"], lv["errors"], lv["output_tokens"]) for lv in levels] == [(4, 0, 24)]
     assert "W2: " in done.stdout and "Serve variant: max_stream_chunks_per_s=1" in done.stdout
+    # Each level also read how long requests waited once on a replica: all 4 got a first token.
+    for variant in results["serve_variants"]:
+        (level,) = variant["levels"]
+        assert level["replica_first_tokens"] == 4 and 0 < level["replica_ttft_mean_ms"] <= level["ttft_mean_ms"]
+
+
+def test_first_token_counters_are_summed_over_replicas():
+    from bench.serve_throughput import parse_first_token_counters, replica_wait
+
+    page = "\n".join([
+        "# HELP llm_replica_first_tokens_total Requests that got their first token on the replica",
+        'llm_replica_first_tokens_total{replica="a"} 3.0',
+        'llm_replica_first_tokens_total{replica="b"} 5.0',
+        'llm_replica_first_token_wait_seconds_total{replica="a"} 0.25',
+        'llm_replica_first_token_wait_seconds_total{replica="b"} 0.75',
+        'llm_replica_free_kv_blocks{replica="a"} 9.0',
+    ])
+    assert parse_first_token_counters(page) == (1.0, 8.0)
+    assert replica_wait((0.5, 4.0), (1.0, 8.0)) == {"replica_first_tokens": 4.0, "replica_ttft_mean_ms": 125.0}
