@@ -8,7 +8,8 @@
 # folders as one tar split into 15 MiB parts (the device tool returns at most
 # 8 files of 16 MiB); rebuild with: cat demo_models.tar.part-* | tar xf -
 # Knobs for smoke runs: PYTHON, MODELS (output root), EXTRA (flags for train.py),
-# EVAL_EXTRA (flags for evaluate.py).
+# EVAL_EXTRA (flags for evaluate.py). For the draft: DRAFT_PRESET (draft | draft2),
+# DISTILL=1 (learn the freshly trained target's distribution, not the corpus's).
 set -euo pipefail
 TARGET_SECONDS=${1:-240}
 DRAFT_SECONDS=${2:-90}
@@ -23,7 +24,8 @@ mkdir -p "$MODELS" "$(dirname "$LOG")"
   date -u
   $PY -c 'import sys, torch, transformers, tokenizers; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "tokenizers", tokenizers.__version__)'
   $PY -m scripts.demo_models.train --preset target --time-budget "$TARGET_SECONDS" --out "$MODELS/demo-target" ${EXTRA:-}
-  $PY -m scripts.demo_models.train --preset draft --time-budget "$DRAFT_SECONDS" --out "$MODELS/demo-draft" ${EXTRA:-}
+  $PY -m scripts.demo_models.train --preset "${DRAFT_PRESET:-draft}" --time-budget "$DRAFT_SECONDS" --out "$MODELS/demo-draft" \
+    ${DISTILL:+--distill-from "$MODELS/demo-target"} ${EXTRA:-}
   $PY -m scripts.demo_models.evaluate --target "$MODELS/demo-target" --draft "$MODELS/demo-draft" ${EVAL_EXTRA:-}
   du -sh "$MODELS/demo-target" "$MODELS/demo-draft"
   date -u

@@ -7,6 +7,14 @@ With --time-budget the run times its first steps, then fixes the total step
 count so that training fits the budget; the model card records that count,
 and `--steps N` with the same other flags repeats the run on the same kind
 of device (same seed, data order and schedule; up to GPU non-determinism).
+
+A draft for speculative decoding is worth what it agrees with its target, so
+it can learn from the target itself: with `--distill-from models/demo-target`
+the loss is the KL divergence from the target's next-token distribution on
+the same windows (mixed with plain cross-entropy by --distill-weight).
+
+    python -m scripts.demo_models.train --preset draft --time-budget 90 --out models/demo-draft \
+        --distill-from models/demo-target
 """
 
 from __future__ import annotations
@@ -40,6 +48,13 @@ PRESETS = {
     ),
     "draft": dict(
         arch=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
+                  intermediate_size=512),
+        batch_size=64, lr=3e-3,
+    ),
+    # Half the draft's layers: proposals cost about half as much (a small model's step is
+    # mostly per-layer launches), at some cost in agreement with the target.
+    "draft2": dict(
+        arch=dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
                   intermediate_size=512),
         batch_size=64, lr=3e-3,
     ),
@@ -83,6 +98,28 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * KL(teacher || student) + (1 - weight) * cross-entropy on the true next tokens, per token."""
+    log_student = F.log_softmax(student_logits.float().flatten(0, 1), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    if weight >= 1.0:
+        return kl
+    return weight * kl + (1.0 - weight) * F.nll_loss(log_student, targets.flatten())
+
+
+def load_teacher(path: str, vocab_size: int, device: torch.device):
+    """The frozen model to distil from; it must share the student's tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    teacher = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    if teacher.config.vocab_size != vocab_size:
+        raise SystemExit(f"--distill-from {path}: vocab {teacher.config.vocab_size} != the tokenizer's {vocab_size}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
@@ -133,8 +170,9 @@ nothing else. Trained on the Python standard library's source (PSF License).
 | tokenizer | byte-level BPE, {r['vocab_size']} tokens (models/demo-tokenizer); `<\\|endoftext\\|>` separates documents, ChatML `<\\|im_start\\|>` / `<\\|im_end\\|>` for chat |
 | corpus | {corpus} |
 | training | {r['steps']} steps x {r['batch_size']} x {r['seq_len']} tokens = {r['tokens_seen']:,} tokens ({r['epochs']:.1f} epochs of {r['train_tokens']:,}); AdamW lr {r['lr']} (warmup {r['warmup']}, cosine to 10%), wd {r['weight_decay']}, seed {r['seed']} |
+| objective | {_objective(r)} |
 | time | {r['train_seconds']:.0f} s on {r['device_name']} ({r['tokens_per_second']:,.0f} tokens/s) |
-| final train loss | {r['final_train_loss']:.4f} (mean of the last {r['loss_window']} steps) |
+| final train loss | {r['final_train_loss']:.4f} (the objective above, mean of the last {r['loss_window']} steps) |
 | held-out perplexity | {r['heldout_ppl']:.3f} ({r['heldout_tokens']:,} tokens, windows of {r['seq_len']}, saved bf16 weights) |
 | software | torch {r['torch']}, transformers {r['transformers']}, Python {r['python']} |
 
@@ -147,6 +185,15 @@ Reproduce:
 Trained on windows of {r['seq_len']} tokens: longer contexts load and run
 (max_position_embeddings {MAX_POSITIONS}) but are untested.
 """
+
+
+def _objective(r: dict) -> str:
+    if not r.get("distill_from"):
+        return "next-token cross-entropy on the corpus"
+    teacher = os.path.basename(os.path.normpath(r["distill_from"]))
+    w = r["distill_weight"]
+    mix = "" if w >= 1.0 else f", mixed {w:g} : {1 - w:g} with next-token cross-entropy"
+    return f"distilled from {teacher}: KL divergence from its next-token distribution{mix}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=1000, help="log held-out loss on a slice every N steps (0: never)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    ap.add_argument("--distill-from", default=None, help="teacher checkpoint (same tokenizer): learn its distribution")
+    ap.add_argument("--distill-weight", type=float, default=1.0, help="share of the KL term; the rest is cross-entropy")
     args = ap.parse_args(argv)
+    if not 0.0 < args.distill_weight <= 1.0:
+        ap.error("--distill-weight must be in (0, 1]")
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or preset["batch_size"]
     peak_lr = args.lr or preset["lr"]
@@ -193,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.preset}: {params:,} parameters on {device}", flush=True)
     step_fn = torch.compile(model) if args.compile else model
+    teacher = load_teacher(args.distill_from, vocab_size, device) if args.distill_from else None
     opt = make_optimizer(model, peak_lr, args.weight_decay, device)
 
     # The data order is its own seeded generator, so it does not depend on how
@@ -223,7 +275,13 @@ def main(argv: list[str] | None = None) -> None:
             g["lr"] = lr_at(step, total, peak_lr, warmup)
         with autocast(device):
             logits = step_fn(input_ids=w[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten())
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=w[:, :-1]).logits
+        if teacher is None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten())
+        else:
+            loss = distill_loss(logits, teacher_logits, w[:, 1:], args.distill_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -284,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in repro.items() if v is not None and v is not False
         ),
         "corpus_manifest": manifest, "log": log,
+        "distill_from": args.distill_from, "distill_weight": args.distill_weight if args.distill_from else None,
     }
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({k: v for k, v in result.items() if k != "corpus_manifest"}, f, indent=1)

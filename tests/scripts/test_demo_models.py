@@ -80,3 +80,34 @@ def test_evaluate_writes_numbers_and_card(trained):
     assert card.count("<!-- evaluation -->") == 1 and "def fibonacci(n):" in card
     evaluate.update_card(str(out), evaluate.card_section(r))  # re-running replaces, not appends
     assert (out / "README.md").read_text().count("## Evaluation") == 1
+
+
+def test_distill_loss_is_the_kl_from_the_teacher_mixed_with_cross_entropy():
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 11, requires_grad=True)
+    teacher = torch.randn(2, 3, 11)
+    targets = torch.randint(0, 11, (2, 3))
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(student.flatten(0, 1), targets.flatten())
+    assert train.distill_loss(student, teacher, targets, 1.0).item() == pytest.approx(kl.item(), rel=1e-5)
+    assert train.distill_loss(student, teacher, targets, 0.25).item() == pytest.approx((0.25 * kl + 0.75 * ce).item(), rel=1e-5)
+    assert train.distill_loss(teacher, teacher, targets, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    train.distill_loss(student, teacher, targets, 1.0).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_a_draft_distilled_from_a_teacher_says_so_in_its_card(trained):
+    teacher, tmp = trained
+    out = tmp / "distilled"
+    train.main([
+        "--preset", "tiny", "--out", str(out), "--corpus", str(tmp / "train.txt"),
+        "--heldout", str(tmp / "heldout.txt"), "--tokenizer", str(tmp / "tok"), "--steps", "4",
+        "--batch-size", "2", "--seq-len", "32", "--warmup", "2", "--log-every", "2", "--eval-every", "0",
+        "--device", "cpu", "--distill-from", str(teacher), "--distill-weight", "0.5",
+    ])
+    info = json.loads((out / "training.json").read_text())
+    assert info["distill_from"] == str(teacher) and info["distill_weight"] == 0.5
+    card = (out / "README.md").read_text()
+    assert "distilled from model: KL divergence from its next-token distribution, mixed 0.5 : 0.5" in card
+    assert f"--distill-from {teacher}" in card
