@@ -43,7 +43,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from engine.streams import ChunkInterval, ChunkPacer
+from engine.streams import ChunkInterval, ChunkPacer, wake_at_deadline
 from engine.validation import validate_request
 
 # (index, new_token_ids, new_text, finish_reason, stop_reason, new_logprobs)
@@ -180,6 +180,8 @@ class _Stream:
         self._finished = False
         self._num_cached = 0
         self._metrics: RequestMetrics | None = None
+        self._held = False  # outputs the pacer did not wake the consumer for
+        self._timer = None  # wakes the consumer for them when no newer delta comes in time
 
     def apply(self, delta: RequestDelta, now: float) -> None:
         _, self._finished, self._num_cached, self._metrics, choices = delta
@@ -196,14 +198,31 @@ class _Stream:
             has_tokens = has_tokens or bool(new_ids)
         if self._pacer.due(now, self._finished, has_tokens):
             self.ready.set()
+        else:
+            self._held = True
+            if self._timer is None:
+                # A preempted request gets no delta for a while: what is held must not wait for it.
+                self._timer = wake_at_deadline(self._pacer, now, self._wake_held)
+
+    def _wake_held(self) -> None:
+        self._timer = None
+        if self._held and not self.ready.is_set():
+            self._pacer.woken(time.monotonic())
+            self.ready.set()
 
     def fail(self, exc: BaseException) -> None:
+        if self._finished:
+            return  # the request ended first: its consumer gets the end, not the later failure
         self.error = exc
         self.ready.set()
 
     def take(self) -> RequestOutput:
         """Everything since the last take, as one output."""
         self.ready.clear()
+        self._held = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         outputs = [
             CompletionOutput(
                 i, list(self._token_ids[i]), self._text[i], self._new_ids[i], self._new_text[i], *self._finish[i],

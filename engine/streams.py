@@ -11,6 +11,7 @@ finish are what callers wait for).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 from engine.outputs import CompletionOutput, RequestOutput
@@ -34,6 +35,14 @@ class ChunkPacer:
             return True
         return False
 
+    def deadline(self) -> float:
+        """When outputs held now are due should no newer one come (inf: never by time alone)."""
+        return self._last_wake + (math.inf if self._interval_s is None else self._interval_s())
+
+    def woken(self, now: float) -> None:
+        """The consumer was woken without `due` (held outputs whose deadline passed)."""
+        self._last_wake = now
+
 
 def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
     """`newer` with the per-step fields (new_token_ids, new_text, new_logprobs) of both."""
@@ -56,6 +65,16 @@ def _merge_choice(older: CompletionOutput | None, newer: CompletionOutput) -> Co
     )
 
 
+def wake_at_deadline(pacer: ChunkPacer, now: float, wake: Callable[[], None]):
+    """Calls wake on the running loop at the pacer's deadline; the TimerHandle, or None if there is none."""
+    import asyncio
+
+    delay = pacer.deadline() - now
+    if not math.isfinite(delay):
+        return None
+    return asyncio.get_running_loop().call_later(max(delay, 0.0), wake)
+
+
 class OutputStream:
     """One request's `RequestOutput`s on their way to its consumer, merged while it is not due."""
 
@@ -66,19 +85,34 @@ class OutputStream:
         self._ready = asyncio.Event()
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
+        self._timer = None  # wakes the consumer for held outputs when no newer output comes in time
 
     def put(self, out: RequestOutput, now: float) -> None:
         self._pending = out if self._pending is None else merge_outputs(self._pending, out)
         if self._pacer.due(now, out.finished, any(c.new_token_ids for c in out.outputs)):
             self._ready.set()
+        elif self._timer is None:
+            # A preempted request gets no output for a while: what is held must not wait for it.
+            self._timer = wake_at_deadline(self._pacer, now, self._wake_held)
+
+    def _wake_held(self) -> None:
+        self._timer = None
+        if self._pending is not None and not self._ready.is_set():
+            self._pacer.woken(time.monotonic())
+            self._ready.set()
 
     def fail(self, exc: BaseException) -> None:
+        if self._pending is not None and self._pending.finished:
+            return  # the request ended first: its consumer gets the end, not the later failure
         self._error = exc
         self._ready.set()
 
     async def get(self) -> RequestOutput:
         await self._ready.wait()
         self._ready.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._error is not None:
             raise self._error
         out, self._pending = self._pending, None
