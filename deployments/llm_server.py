@@ -44,13 +44,14 @@ class LLMServer:
     def __init__(self, config: AppConfig, draft: DeploymentHandle | None = None) -> None:
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self._config = config
+        # Looked up first: nothing that can raise comes after the engine (a child process) has started.
+        self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
         self.engine = _start_engine(config, draft)
         self._ongoing = 0
         # Arrival here -> first token, summed over requests: set against the clients' TTFT it
         # tells waiting inside the replica from waiting before it (proxy, ingress, routing).
         self._first_token_wait_s = 0.0
         self._first_tokens = 0
-        self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
         self._index_address: tuple[str, str] | None = None
         self._publisher: CachePublisher | None = None
 
@@ -67,9 +68,11 @@ class LLMServer:
             raise RuntimeError(f"engine step loop failed: {self.engine.errored!r}")
 
     def __del__(self) -> None:
-        if self._publisher is not None:
+        # Serve calls this even when __init__ raised or has not finished: any attribute may be missing.
+        if getattr(self, "_publisher", None) is not None:
             self._publisher.stop()
-        self.engine.shutdown()
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
 
     # ----- calls from the ingress ----------------------------------------------------------
 

@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -248,8 +249,13 @@ class EngineCoreClient:
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0) -> None:
         self._config = config
         self._process, self._conn = _spawn_core()
-        self._conn.send(config)
-        info = self._wait_ready(startup_timeout_s)
+        try:
+            self._conn.send(config)
+            info = self._wait_ready(startup_timeout_s)
+        except BaseException:  # no core, no socket left behind
+            _reap(self._process, timeout_s=30)
+            self._conn.close()
+            raise
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self._stats = info.stats
@@ -260,6 +266,11 @@ class EngineCoreClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer = None
         self.errored: BaseException | None = None
+        self._closed = False
+        # Sent from a thread: a core that reads slowly (mid-step, or stuck) never blocks the event loop.
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="core-client-write", daemon=True)
+        self._writer.start()
         self._reader = threading.Thread(target=self._read, name="core-client-read", daemon=True)
         self._reader.start()
 
@@ -305,7 +316,7 @@ class EngineCoreClient:
                 yield item
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self.errored is None:
+            if not finished and self.errored is None and not self._closed:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -316,14 +327,24 @@ class EngineCoreClient:
         return await self._call("cached_block_hashes")
 
     def shutdown(self) -> None:
+        """Stops the core. Called on an event loop it returns at once and the core is reaped on a thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._outbox.put(ForkingPickler.dumps(("stop",)))
+        self._outbox.put(None)
         try:
-            self._conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._stop()
+        else:
+            threading.Thread(target=self._stop, name="core-client-stop", daemon=True).start()
+
+    def _stop(self) -> None:
+        _reap(self._process, timeout_s=5)
+        # The core is gone, so the writer and the reader end (EPIPE, EOF): only then is the socket closed.
+        self._writer.join(timeout=5)
+        self._reader.join(timeout=5)
         self._conn.close()
 
     # ----- plumbing --------------------------------------------------------------------------
@@ -347,10 +368,18 @@ class EngineCoreClient:
             raise EngineError(f"the engine core has failed: {self.errored!r}")
 
     def _send(self, message: tuple) -> None:
-        try:
-            self._conn.send(message)
-        except (OSError, ValueError) as exc:  # the core is gone; the reader reports why
-            raise EngineError(f"the engine core is not reachable: {exc!r}") from exc
+        if self._closed:
+            raise EngineError("the engine core has been shut down")
+        # Pickled here, so a message that cannot be pickled fails its caller, not the writer thread.
+        self._outbox.put(ForkingPickler.dumps(message))
+
+    def _write(self) -> None:
+        """Writer thread: send what the loop queued, in order."""
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send_bytes(message)
+            except (OSError, ValueError):  # the core is gone; the reader reports why
+                return
 
     async def _call(self, name: str) -> Any:
         self._check_alive()
@@ -374,7 +403,6 @@ class EngineCoreClient:
                 raise EngineError(f"the engine core was not ready within {timeout_s:.0f} s")
         kind, value = self._conn.recv()
         if kind == "fatal":
-            self._process.wait(timeout=30)
             raise value
         return value
 
@@ -428,6 +456,15 @@ class EngineCoreClient:
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(EngineError(f"engine core failed: {exc!r}"))
+
+
+def _reap(process: subprocess.Popen, timeout_s: float) -> None:
+    """Waits for the core to exit, killing it after timeout_s; never leaves a zombie behind."""
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _spawn_core() -> tuple[subprocess.Popen, Connection]:

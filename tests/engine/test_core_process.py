@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -170,3 +174,128 @@ def test_a_chunk_interval_merges_steps_into_fewer_outputs(client):
         return await collect(client, PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)
 
     check_paced_stream(asyncio.run(main()), num_tokens=12)
+
+
+def test_a_core_with_async_scheduling_returns_the_last_in_flight_tokens(llama_ckpt, make_engine):
+    """With async scheduling a step's tokens come with the next step: the core must step until they do."""
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (1, 2, 5)]
+    expected = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(PROMPTS[:3], params)
+    config = _config(llama_ckpt)
+    config.async_scheduling = True
+    client = EngineCoreClient(config)
+
+    async def main():
+        alone = await collect(client, PROMPTS[0], params[0], "alone")  # one request, one token
+        together = await asyncio.gather(*(collect(client, p, sp, f"r{i}") for i, (p, sp) in enumerate(zip(PROMPTS, params))))
+        await wait_until(lambda: all_free(client))
+        return [alone] + together
+
+    try:
+        streams = asyncio.run(main())
+    finally:
+        client.shutdown()
+    for stream, want in zip(streams, [expected[0]] + expected):
+        assert stream[-1].finished and stream[-1].outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def _stopped(process):
+    os.kill(process.pid, signal.SIGSTOP)  # a core that reads nothing: stuck in a step, or swapped out
+
+
+def test_sending_to_a_core_that_does_not_read_never_blocks_the_event_loop(client):
+    pid = client._process.pid
+
+    async def main():
+        for i in range(50_000):  # far more than a socket buffer holds
+            client.abort(f"gone-{i}")
+
+    _stopped(client._process)
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    runner.start()
+    runner.join(timeout=10)
+    blocked = runner.is_alive()
+    os.kill(pid, signal.SIGCONT)
+    runner.join(timeout=30)
+    assert not blocked
+
+    async def after():
+        return await collect(client, PROMPTS[1], GREEDY, "after")
+
+    assert asyncio.run(after())[-1].finished
+
+
+def test_shutdown_kills_and_reaps_a_core_that_does_not_stop(llama_ckpt):
+    client = EngineCoreClient(_config(llama_ckpt))
+    _stopped(client._process)
+    client.shutdown()
+    assert client._process.returncode is not None  # reaped: no zombie left behind
+
+
+def test_shutdown_on_the_event_loop_does_not_wait_for_the_core(llama_ckpt):
+    client = EngineCoreClient(_config(llama_ckpt))
+    _stopped(client._process)
+
+    async def main():
+        start = time.monotonic()
+        client.shutdown()  # e.g. from the replica's __del__, which Serve calls on its loop
+        took = time.monotonic() - start
+        await wait_until(lambda: client._process.returncode is not None)
+        return took
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_a_core_not_ready_in_time_is_killed_and_reaped_and_its_socket_closed(llama_ckpt, monkeypatch):
+    from engine import core_process
+
+    spawned = []
+    spawn = core_process._spawn_core
+    monkeypatch.setattr(core_process, "_spawn_core", lambda: spawned.append(spawn()) or spawned[-1])
+    with pytest.raises(EngineError, match="not ready"):
+        EngineCoreClient(_config(llama_ckpt), startup_timeout_s=0.01)
+    process, conn = spawned[0]
+    assert process.returncode is not None and conn.closed
+
+
+# ----- the replica's use of the core ---------------------------------------------------------
+
+
+def _replica_class():
+    from deployments.llm_server import LLMServer
+
+    return LLMServer.func_or_class
+
+
+def test_the_replica_destructor_runs_before_init_finished():
+    """Serve calls __del__ even when the constructor raised or has not finished."""
+    server = _replica_class().__new__(_replica_class())
+    server.__del__()
+
+
+def test_a_replica_constructor_that_fails_leaves_no_engine_running(monkeypatch):
+    import deployments.llm_server as llm_server
+
+    class FakeEngine:
+        started = stopped = False
+
+        def __init__(self):
+            FakeEngine.started = True
+
+        def shutdown(self):
+            FakeEngine.stopped = True
+
+    class Context:
+        class replica_id:
+            @staticmethod
+            def to_full_id_str():
+                return "replica-1"
+
+    def no_index(name):
+        raise ValueError(f"no actor {name!r}")
+
+    monkeypatch.setattr(llm_server.serve, "get_replica_context", lambda: Context)
+    monkeypatch.setattr(llm_server.serve, "get_deployment_actor", no_index)
+    monkeypatch.setattr(llm_server, "_start_engine", lambda config, draft: FakeEngine())
+    with pytest.raises(ValueError, match="no actor"):
+        _replica_class()(config=None)
+    assert not FakeEngine.started or FakeEngine.stopped
