@@ -260,7 +260,11 @@ class EngineCoreClient:
         self.vocab_size = info.vocab_size
         self._stats = info.stats
         self._tokenizer_path = info.tokenizer_path
-        self._streams: dict[str, _Stream] = {}
+        # The core knows each request by an id of its own: deltas of an aborted request still on
+        # their way must not reach a later request with the same id.
+        self._streams: dict[str, _Stream] = {}  # by core id
+        self._core_ids: dict[str, str] = {}  # request id -> core id, while its stream is open
+        self._add_ids = itertools.count()
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -298,15 +302,17 @@ class EngineCoreClient:
         """
         self._check_alive()
         token_ids = self._tokenize(prompt)
-        if request_id in self._streams:
+        if request_id in self._core_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         validate_request(token_ids, params, self.vocab_size, self.max_model_len)
         self._bind_loop()
         stream = _Stream(request_id, token_ids, params.n, ChunkPacer(chunk_interval_s))
-        self._streams[request_id] = stream
+        core_id = f"{request_id}#{next(self._add_ids)}"
+        self._core_ids[request_id] = core_id
+        self._streams[core_id] = stream
         finished = False
         try:
-            self._send(("add", request_id, token_ids, params))
+            self._send(("add", core_id, token_ids, params))
             while not finished:
                 await stream.ready.wait()
                 if stream.error is not None:
@@ -315,12 +321,13 @@ class EngineCoreClient:
                 finished = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            del self._streams[core_id], self._core_ids[request_id]
             if not finished and self.errored is None and not self._closed:
-                self.abort(request_id)
+                self._send(("abort", core_id))
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        if (core_id := self._core_ids.get(request_id)) is not None:
+            self._send(("abort", core_id))
 
     async def cached_block_hashes(self) -> list[int]:
         """Hashes of the blocks the core can serve from its prefix cache (for the router)."""
@@ -411,16 +418,21 @@ class EngineCoreClient:
         try:
             while True:
                 message = self._conn.recv()
-                if self._loop is None:  # nothing asked yet, so nothing can be waiting
-                    if message[0] == "fatal":
-                        self.errored = message[1]
-                    continue
-                if not self._hand_to_loop(message) or message[0] == "fatal":
+                if message[0] == "fatal":
+                    return self._lost(message[1])
+                # With no loop bound nothing was asked yet, so nothing can be waiting.
+                if self._loop is not None and not self._hand_to_loop(message):
                     return
         except (EOFError, OSError) as exc:
-            lost = EngineError(f"the engine core exited (code {self._process.poll()}): {exc!r}")
-            if self._loop is None or not self._hand_to_loop(("fatal", lost)):
-                self.errored = self.errored or lost
+            self._lost(EngineError(f"the engine core exited (code {self._process.poll()}): {exc!r}"))
+
+    def _lost(self, exc: BaseException) -> None:
+        """Reader thread: the core is gone. With no loop bound yet, `errored` refuses new requests;
+        a request that binds the loop meanwhile is failed on the loop (hence the second check)."""
+        if self._loop is None:
+            self.errored = self.errored or exc
+        if self._loop is None or not self._hand_to_loop(("fatal", exc)):
+            self.errored = self.errored or exc
 
     def _hand_to_loop(self, message: tuple) -> bool:
         try:
@@ -445,12 +457,12 @@ class EngineCoreClient:
             future = self._calls.get(message[1])
             if future is not None and not future.done():
                 future.set_result(message[2])
-        elif kind == "fatal" and self.errored is None:
+        elif kind == "fatal":
             self._fail(message[1])
 
     def _fail(self, exc: BaseException) -> None:
         """The core is gone: every open stream and call gets an error, loudly."""
-        self.errored = exc
+        self.errored = self.errored or exc
         for stream in self._streams.values():
             stream.fail(RequestAbortedError(f"engine core failed: {exc!r}"))
         for future in self._calls.values():

@@ -207,7 +207,7 @@ def test_sending_to_a_core_that_does_not_read_never_blocks_the_event_loop(client
 
     async def main():
         for i in range(50_000):  # far more than a socket buffer holds
-            client.abort(f"gone-{i}")
+            client._send(("abort", f"gone-{i}"))  # what a generate left early sends
 
     _stopped(client._process)
     runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
@@ -299,3 +299,22 @@ def test_a_replica_constructor_that_fails_leaves_no_engine_running(monkeypatch):
     with pytest.raises(ValueError, match="no actor"):
         _replica_class()(config=None)
     assert not FakeEngine.started or FakeEngine.stopped
+
+
+def test_an_id_reused_right_after_leaving_gets_none_of_the_old_requests_tokens(client, llama_ckpt, make_engine):
+    """The old request's last steps may still be on their way when its id is used again."""
+    expected = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate([PROMPTS[1]], GREEDY)[0]
+
+    async def main():
+        results = []
+        for _ in range(5):
+            old = client.generate(PROMPTS[3], LONG, "reused")
+            await old.__anext__()
+            await asyncio.sleep(0.05)  # the core steps on: its deltas for "reused" are in flight
+            await old.aclose()
+            results.append(await collect(client, PROMPTS[1], GREEDY, "reused"))
+        return results
+
+    for outs in asyncio.run(main()):
+        assert outs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
+        assert sum((o.outputs[0].new_token_ids for o in outs), []) == expected.outputs[0].token_ids
