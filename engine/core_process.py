@@ -16,7 +16,7 @@ socket pair (multiprocessing.connection framing, pickled tuples):
     client -> core   ("add", request_id, token_ids, params) | ("abort", request_id)
                      ("call", call_id, method_name) | ("stop",)
     core -> client   ("ready", CoreInfo) | ("step", deltas, failed, stats)
-                     ("reply", call_id, value) | ("fatal", exception)
+                     ("reply", call_id, value, error) | ("fatal", exception)
 
 One "step" message per engine step carries every request's new tokens, not
 one message per request: the core pickles only what changed (see
@@ -124,7 +124,11 @@ class EngineCore:
             self._engine.abort_request(message[1])
         elif kind == "call":
             _, call_id, name = message
-            self._conn.send(("reply", call_id, getattr(self._engine, name)()))
+            try:
+                reply = ("reply", call_id, getattr(self._engine, name)(), None)
+            except Exception as exc:  # a failed query fails its caller, not the core
+                reply = ("reply", call_id, None, EngineError(f"{name} failed in the engine core: {exc!r}"))
+            self._conn.send(reply)
 
 
 def core_main(fd: int) -> int:
@@ -454,9 +458,13 @@ class EngineCoreClient:
                 if (stream := self._streams.get(delta[0])) is not None:
                     stream.apply(delta, now)
         elif kind == "reply":
-            future = self._calls.get(message[1])
+            _, call_id, value, error = message
+            future = self._calls.get(call_id)
             if future is not None and not future.done():
-                future.set_result(message[2])
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(error)
         elif kind == "fatal":
             self._fail(message[1])
 

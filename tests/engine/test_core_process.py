@@ -318,3 +318,12 @@ def test_an_id_reused_right_after_leaving_gets_none_of_the_old_requests_tokens(c
     for outs in asyncio.run(main()):
         assert outs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
         assert sum((o.outputs[0].new_token_ids for o in outs), []) == expected.outputs[0].token_ids
+
+
+def test_a_failing_query_fails_its_caller_not_the_core(client):
+    async def main():
+        with pytest.raises(EngineError, match="no_such_query"):
+            await client._call("no_such_query")
+        return await collect(client, PROMPTS[1], GREEDY, "after")
+
+    assert asyncio.run(main())[-1].finished and client.errored is None
