@@ -93,13 +93,24 @@ async def run_levels(label: str, levels: list[int], prompts_for, one_request, pr
     await run_level(prompts_for(4), 4, one_request)
     out = []
     for c in levels:
-        before = await probe() if probe else None
+        before = await settled(probe) if probe else None
         out.append((await run_level(prompts_for(c), c, one_request)).summary())
         if probe:
-            await asyncio.sleep(0.5)  # replicas publish their counters every publish_interval_s
-            out[-1].update(replica_wait(before, await probe()))
+            out[-1].update(replica_wait(before, await settled(probe)))
         print(f"  {label:<7} c={c:<4} {out[-1]['tok_s']:8.0f} tok/s  errors {out[-1]['errors']}", flush=True)
     return out
+
+
+async def settled(probe, every_s: float = 0.25, tries: int = 12):
+    """The probe's reading once two in a row agree: replicas publish every publish_interval_s."""
+    last = await probe()
+    for _ in range(tries):
+        await asyncio.sleep(every_s)
+        now = await probe()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def replica_wait(before: tuple[float, float], after: tuple[float, float]) -> dict:
