@@ -64,3 +64,20 @@ def test_bench_quant_smoke(text_ckpt, text_file, tmp_path):
     assert speed["int4"]["weight_bytes"] < speed["int8"]["weight_bytes"]
     assert set(results["ppl"]) == {"none", "int8", "int4-rtn", "int4-awq"}
     assert json.loads((tmp_path / "w3.json").read_text())["preset"] == "tiny-llama"
+
+
+def test_bench_quant_times_each_mode_with_and_without_async_scheduling():
+    from bench import quant
+
+    assert quant.speed_runs(["bf16", "int4"], "off") == ["bf16", "int4"]
+    assert quant.speed_runs(["bf16", "int4"], "on") == ["bf16+async", "int4+async"]
+    assert quant.speed_runs(["bf16", "int4"], "both") == ["bf16", "bf16+async", "int4", "int4+async"]
+    results = quant.main([
+        "--preset", "tiny-llama", "--modes", "bf16,int4-triton", "--async-scheduling", "both", "--prompt-len", "8",
+        "--output-len", "4", "--repeats", "1", "--ppl-modes", "none", "--skip-kernel-check",
+    ])
+    speed = results["speed"]
+    assert list(speed) == ["bf16", "bf16+async", "int4-triton", "int4-triton+async"]
+    # Same greedy tokens whether the next step is launched before the last one's are read back.
+    assert speed["bf16"]["first_tokens"] == speed["bf16+async"]["first_tokens"]
+    assert speed["int4-triton"]["first_tokens"] == speed["int4-triton+async"]["first_tokens"]
