@@ -44,7 +44,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from engine.streams import ChunkInterval, ChunkPacer, wake_at_deadline
+from engine.streams import ChunkInterval, ChunkPacer, PacedWake
 from engine.validation import validate_request
 
 # (index, new_token_ids, new_text, finish_reason, stop_reason, new_logprobs)
@@ -172,9 +172,8 @@ class _Stream:
     def __init__(self, request_id: str, prompt_token_ids: list[int], n: int, pacer: ChunkPacer) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
-        self.ready = asyncio.Event()
         self.error: BaseException | None = None
-        self._pacer = pacer
+        self._wake = PacedWake(pacer)
         self._token_ids: list[list[int]] = [[] for _ in range(n)]
         self._text = [""] * n
         self._logprobs: list[list[TokenLogprob] | None] = [None] * n
@@ -185,8 +184,6 @@ class _Stream:
         self._finished = False
         self._num_cached = 0
         self._metrics: RequestMetrics | None = None
-        self._held = False  # outputs the pacer did not wake the consumer for
-        self._timer = None  # wakes the consumer for them when no newer delta comes in time
 
     def apply(self, delta: RequestDelta, now: float) -> None:
         _, self._finished, self._num_cached, self._metrics, choices = delta
@@ -196,42 +193,28 @@ class _Stream:
             self._new_ids[index].extend(new_ids)
             self._text[index] += new_text
             self._new_text[index] += new_text
-            if new_logprobs is not None:
-                self._logprobs[index] = (self._logprobs[index] or []) + new_logprobs
-                self._new_logprobs[index] = (self._new_logprobs[index] or []) + new_logprobs
+            if new_logprobs is not None:  # extended in place: take() hands out copies
+                _extend(self._logprobs, index, new_logprobs)
+                _extend(self._new_logprobs, index, new_logprobs)
             self._finish[index] = (finish_reason, stop_reason)
             has_tokens = has_tokens or bool(new_ids)
-        if self._pacer.due(now, self._finished, has_tokens):
-            self.ready.set()
-        else:
-            self._held = True
-            if self._timer is None:
-                # A preempted request gets no delta for a while: what is held must not wait for it.
-                self._timer = wake_at_deadline(self._pacer, now, self._wake_held)
-
-    def _wake_held(self) -> None:
-        self._timer = None
-        if self._held and not self.ready.is_set():
-            self._pacer.woken(time.monotonic())
-            self.ready.set()
+        self._wake.offer(now, self._finished, has_tokens)
 
     def fail(self, exc: BaseException) -> None:
         if self._finished:
             return  # the request ended first: its consumer gets the end, not the later failure
         self.error = exc
-        self.ready.set()
+        self._wake.set()
 
-    def take(self) -> RequestOutput:
-        """Everything since the last take, as one output."""
-        self.ready.clear()
-        self._held = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    async def get(self) -> RequestOutput:
+        """Everything since the last get, as one output, once the consumer is due."""
+        await self._wake.wait()
+        if self.error is not None:
+            raise self.error
         outputs = [
             CompletionOutput(
                 i, list(self._token_ids[i]), self._text[i], self._new_ids[i], self._new_text[i], *self._finish[i],
-                self._logprobs[i], self._new_logprobs[i],
+                None if self._logprobs[i] is None else list(self._logprobs[i]), self._new_logprobs[i],
             )
             for i in range(len(self._token_ids))
         ]
@@ -241,6 +224,12 @@ class _Stream:
         return RequestOutput(
             self.request_id, self.prompt_token_ids, outputs, self._finished, self._num_cached, self._metrics
         )
+
+
+def _extend(lists: list[list[TokenLogprob] | None], index: int, items: list[TokenLogprob]) -> None:
+    if lists[index] is None:
+        lists[index] = []
+    lists[index].extend(items)
 
 
 class EngineCoreClient:
@@ -318,10 +307,7 @@ class EngineCoreClient:
         try:
             self._send(("add", core_id, token_ids, params))
             while not finished:
-                await stream.ready.wait()
-                if stream.error is not None:
-                    raise stream.error
-                item = stream.take()
+                item = await stream.get()
                 finished = item.finished
                 yield item
         finally:

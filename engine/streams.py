@@ -65,54 +65,74 @@ def _merge_choice(older: CompletionOutput | None, newer: CompletionOutput) -> Co
     )
 
 
-def wake_at_deadline(pacer: ChunkPacer, now: float, wake: Callable[[], None]):
-    """Calls wake on the running loop at the pacer's deadline; the TimerHandle, or None if there is none."""
-    import asyncio
+class PacedWake:
+    """Wakes one stream's consumer: when its pacer says so, or at the pacer's deadline for held outputs.
 
-    delay = pacer.deadline() - now
-    if not math.isfinite(delay):
-        return None
-    return asyncio.get_running_loop().call_later(max(delay, 0.0), wake)
+    The deadline timer covers a request that gets no output for a while
+    (preempted, stalled) right after a step the pacer held back.
+    """
+
+    def __init__(self, pacer: ChunkPacer) -> None:
+        import asyncio  # the engine's core process has no event loop; only consumers need it
+
+        self._pacer = pacer
+        self._event = asyncio.Event()
+        self._held = False
+        self._timer = None
+
+    def offer(self, now: float, finished: bool, has_tokens: bool) -> None:
+        """A new output is waiting for the consumer."""
+        if self._pacer.due(now, finished, has_tokens):
+            self._event.set()
+            return
+        self._held = True
+        if self._timer is None:
+            delay = self._pacer.deadline() - now
+            if math.isfinite(delay):
+                import asyncio
+
+                self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake_held)
+
+    def set(self) -> None:
+        """Wakes the consumer now whatever the pacer says (an error)."""
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Returns once the consumer should take what is waiting."""
+        await self._event.wait()
+        self._event.clear()
+        self._held = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake_held(self) -> None:
+        self._timer = None
+        if self._held and not self._event.is_set():
+            self._pacer.woken(time.monotonic())
+            self._event.set()
 
 
 class OutputStream:
     """One request's `RequestOutput`s on their way to its consumer, merged while it is not due."""
 
     def __init__(self, pacer: ChunkPacer) -> None:
-        import asyncio  # the engine's core process has no event loop; only consumers need it
-
-        self._pacer = pacer
-        self._ready = asyncio.Event()
+        self._wake = PacedWake(pacer)
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
-        self._timer = None  # wakes the consumer for held outputs when no newer output comes in time
 
     def put(self, out: RequestOutput, now: float) -> None:
         self._pending = out if self._pending is None else merge_outputs(self._pending, out)
-        if self._pacer.due(now, out.finished, any(c.new_token_ids for c in out.outputs)):
-            self._ready.set()
-        elif self._timer is None:
-            # A preempted request gets no output for a while: what is held must not wait for it.
-            self._timer = wake_at_deadline(self._pacer, now, self._wake_held)
-
-    def _wake_held(self) -> None:
-        self._timer = None
-        if self._pending is not None and not self._ready.is_set():
-            self._pacer.woken(time.monotonic())
-            self._ready.set()
+        self._wake.offer(now, out.finished, any(c.new_token_ids for c in out.outputs))
 
     def fail(self, exc: BaseException) -> None:
         if self._pending is not None and self._pending.finished:
             return  # the request ended first: its consumer gets the end, not the later failure
         self._error = exc
-        self._ready.set()
+        self._wake.set()
 
     async def get(self) -> RequestOutput:
-        await self._ready.wait()
-        self._ready.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        await self._wake.wait()
         if self._error is not None:
             raise self._error
         out, self._pending = self._pending, None

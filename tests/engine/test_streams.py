@@ -70,13 +70,7 @@ def _stream_kinds():
             choice = (0, c.new_token_ids, c.new_text, c.finish_reason, c.stop_reason, c.new_logprobs)
             stream.apply(("r", out.finished, 0, None, [choice]), now)
 
-        async def get() -> RequestOutput:
-            await stream.ready.wait()
-            if stream.error is not None:
-                raise stream.error
-            return stream.take()
-
-        return put, stream.fail, get
+        return put, stream.fail, stream.get
 
     return {"output-stream": output_stream, "core-stream": core_stream}
 
