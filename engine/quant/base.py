@@ -55,6 +55,44 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PerChannelLinear(QuantLinear):
+    """A weight quantized per output channel: qweight [N, K] of `weight_dtype` and fp32 scales [N].
+
+    Subclasses name the storage type and the quantizer (int8, fp8); building,
+    loading and dequantizing are the same for all of them.
+    """
+
+    weight_dtype: torch.dtype
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        self.register_buffer("qweight", qweight)  # weight_dtype [N, K]
+        self.register_buffer("scales", scales)  # fp32 [N]
+
+    @staticmethod
+    def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [N, K] of weight_dtype, s fp32 [N]) of a float weight [N, K]."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "PerChannelLinear":
+        q, s = cls.quantize_weight(linear.weight.data)
+        bias = None if linear.bias is None else linear.bias.data.clone()
+        return cls(q, s, bias)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype, device) -> "PerChannelLinear":
+        bias = torch.empty(out_features, dtype=dtype, device=device) if has_bias else None
+        return cls(
+            torch.empty(out_features, in_features, dtype=cls.weight_dtype, device=device),
+            torch.empty(out_features, dtype=torch.float32, device=device),
+            bias,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scales[:, None]).to(dtype)
+
+
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and persistent buffers (what a checkpoint of it holds)."""
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())

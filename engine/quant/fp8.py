@@ -13,10 +13,9 @@ tests check the math that way) but the engine refuses to run it there.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from engine.errors import ConfigError
-from engine.quant.base import QuantLinear
+from engine.quant.base import PerChannelLinear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -56,32 +55,14 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / a).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), a
 
 
-class Fp8Linear(QuantLinear):
+class Fp8Linear(PerChannelLinear):
     method = "fp8"
+    weight_dtype = FP8_DTYPE
+    quantize_weight = staticmethod(quantize_fp8_weight)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        self.register_buffer("qweight", qweight)  # float8_e4m3fn [N, K]
-        self.register_buffer("scales", scales)  # fp32 [N]
+        super().__init__(qweight, scales, bias)
         self.use_triton = True  # False: torch._scaled_mm for every row count
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Fp8Linear":
-        q, s = quantize_fp8_weight(linear.weight.data)
-        bias = None if linear.bias is None else linear.bias.data.clone()
-        return cls(q, s, bias)
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype, device) -> "Fp8Linear":
-        bias = torch.empty(out_features, dtype=dtype, device=device) if has_bias else None
-        return cls(
-            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
-            torch.empty(out_features, dtype=torch.float32, device=device),
-            bias,
-        )
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scales[:, None]).to(dtype)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Emulation in fp32: exactly the products of e4m3 values that the GPU sums."""

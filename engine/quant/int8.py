@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.quant.base import KERNEL_MAX_ROWS, QuantLinear
+from engine.quant.base import KERNEL_MAX_ROWS, PerChannelLinear
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,31 +22,10 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-class Int8Linear(QuantLinear):
+class Int8Linear(PerChannelLinear):
     method = "int8"
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        self.register_buffer("qweight", qweight)  # int8 [N, K]
-        self.register_buffer("scales", scales)  # fp32 [N]
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        q, s = quantize_int8(linear.weight.data)
-        bias = None if linear.bias is None else linear.bias.data.clone()
-        return cls(q, s, bias)
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype, device) -> "Int8Linear":
-        bias = torch.empty(out_features, dtype=dtype, device=device) if has_bias else None
-        return cls(
-            torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-            torch.empty(out_features, dtype=torch.float32, device=device),
-            bias,
-        )
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scales[:, None]).to(dtype)
+    weight_dtype = torch.int8
+    quantize_weight = staticmethod(quantize_int8)
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > KERNEL_MAX_ROWS:
