@@ -178,8 +178,10 @@ class AppConfig(_Strict):
     seed: int = 0
     max_model_len: int | None = Field(None, ge=1)
     enforce_eager: bool = False
-    async_scheduling: bool = Field(
-        False, description="Launch each engine step before the last one's tokens are read back (host work overlaps the GPU's)."
+    async_scheduling: bool | Literal["auto"] = Field(
+        "auto",
+        description="Launch each engine step before the last one's tokens are read back (host work overlaps the "
+        "GPU's); auto: on for CUDA, off on the CPU.",
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

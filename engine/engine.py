@@ -149,7 +149,8 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = SequenceIds()
         # Speculation reads each step's tokens on the host before it proposes: it stays synchronous.
-        self.async_scheduling = config.async_scheduling and self.proposer is None
+        wanted = self.device.type == "cuda" if config.async_scheduling == "auto" else config.async_scheduling
+        self.async_scheduling = wanted and self.proposer is None
         self._inflight: InflightStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0

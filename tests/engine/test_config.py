@@ -26,6 +26,7 @@ from engine import CacheConfig, ConfigError, EngineConfig, QuantConfig, Schedule
         (lambda: EngineConfig(model=""), "model"),
         (lambda: EngineConfig(model="preset:tiny-llama", dtype="int8"), "dtype"),
         (lambda: EngineConfig(model="preset:tiny-llama", max_model_len=0), "max_model_len"),
+        (lambda: EngineConfig(model="preset:tiny-llama", async_scheduling="yes"), "async_scheduling"),
     ],
 )
 def test_bad_values_raise_config_error(make, field):
@@ -54,3 +55,5 @@ def test_engine_on_a_preset_sizes_its_cache_from_cpu_bytes():
     assert engine.kv_cache.shape[2] == 2**20 // (2 * 2 * 2 * 16 * 4 * 16) == 128
     assert engine.max_model_len == min(1024, 127 * 16)
     assert engine.tokenizer is None and engine.eos_token_ids == {2}
+    # async_scheduling "auto" overlaps host and device only where they are two things (CUDA).
+    assert engine.config.async_scheduling == "auto" and engine.async_scheduling is False
