@@ -34,6 +34,8 @@ class LevelResult:
     seconds: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
+    # Server-Timing of streamed answers (ms): ingress call -> first output, -> replica arrival, arrival -> token.
+    server_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -48,6 +50,7 @@ class LevelResult:
             "ttft_p99_ms": _pct(self.ttft_s, 99) * 1e3,
             "itl_p50_ms": _pct(self.itl_s, 50) * 1e3,
             "itl_p99_ms": _pct(self.itl_s, 99) * 1e3,
+            **{f"server_{k}_mean_ms": sum(v) / len(v) for k, v in self.server_ms.items() if v},
         }
 
 
@@ -171,6 +174,8 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
 async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for, output_len: int) -> list[dict]:
     import httpx
 
+    from deployments.server_timing import parse_server_timing
+
     limits = httpx.Limits(max_connections=max(levels) + 8, max_keepalive_connections=max(levels) + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
 
@@ -183,6 +188,8 @@ async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for,
             async with client.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                for name, ms in parse_server_timing(resp.headers.get("server-timing", "")).items():
+                    result.server_ms.setdefault(name, []).append(ms)
                 arrivals: list[float] = []
                 completion_tokens = 0
                 async for line in resp.aiter_lines():
@@ -337,6 +344,12 @@ def report(results: dict, argv: list[str] | None) -> None:
             print(f"{d['concurrency']:>5}{d['tok_s']:>14.0f}{s['tok_s']:>13.0f}{kept:>7.0%}"
                   f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}"
                   f"{s['ttft_mean_ms']:>20.1f} / {s.get('replica_ttft_mean_ms', float('nan')):.1f} / {d['ttft_mean_ms']:.1f}")
+        print("  where the Serve TTFT went (means, ms): client | ingress call -> first output "
+              "[= route to replica + replica -> first token] | the rest: proxy, ingress queue, way out")
+        for s in variant["levels"]:
+            ingress, route, replica = (s.get(f"server_{k}_mean_ms", float("nan")) for k in ("ingress", "route", "replica"))
+            print(f"  c={s['concurrency']:<5} {s['ttft_mean_ms']:8.1f} | {ingress:8.1f} [= {route:7.1f} + {replica:7.1f}]"
+                  f" | {s['ttft_mean_ms'] - ingress:8.1f}")
     d, s = results["direct"][-1], results["serve"][-1]
     cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(

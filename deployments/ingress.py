@@ -38,6 +38,7 @@ from deployments.messages import GenerateOutput, GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from deployments.serving import ChatShaper, CompletionShaper, Prompts, load_ingress_tokenizer, sampling_params
+from deployments.server_timing import format_server_timing
 from engine.errors import InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
@@ -211,7 +212,7 @@ class OpenAIIngress:
         usage_chunk: Callable[[GenerateOutput], dict[str, Any]],
         include_usage: bool,
     ) -> Response:
-        start = time.monotonic()
+        start, sent_unix_s = time.monotonic(), time.time()
         gen: DeploymentResponseGenerator = self._llm_stream.generate_stream.remote(call)
         try:
             # Wait for the first output before answering 200, so a request the engine
@@ -253,9 +254,9 @@ class OpenAIIngress:
                     gen.cancel()  # the client left: abort on the replica, free its blocks
             yield "".join(pending) + _sse("[DONE]")
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"x-replica-id": first.replica_id, "cache-control": "no-cache"}
-        )
+        headers = {"x-replica-id": first.replica_id, "cache-control": "no-cache"}
+        headers["server-timing"] = format_server_timing(first, sent_unix_s, time.time())
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     # ----- helpers ---------------------------------------------------------------------------
 

@@ -131,7 +131,8 @@ class LLMServer:
         self._ongoing += 1
         start = time.monotonic()
         last_token: float | None = None
-        timing = RequestTiming()
+        timing = RequestTiming(arrived_unix_s=time.time())
+        first_sent = False
         pending: GenerateOutput | None = None
         pace = stream_interval_s or (lambda: math.inf)
         try:
@@ -155,9 +156,10 @@ class LLMServer:
                         pending = delta
                     else:
                         pending.merge(delta)
-                    if out.finished:
-                        pending.timing = timing
                     if out.finished or stream_interval_s is not None:
+                        if out.finished or not first_sent:
+                            pending.timing = timing
+                        first_sent = True
                         yield pending
                         pending = None
         finally:

@@ -39,10 +39,15 @@ class ChoiceDelta:
 
 @dataclass
 class RequestTiming:
-    """Latencies seen by the replica: from the request's arrival there to its tokens."""
+    """Latencies seen by the replica: from the request's arrival there to its tokens.
+
+    Sent with a stream's first output (arrival and first token known) and again,
+    complete, with the last.
+    """
 
     time_to_first_token_s: float | None = None
     inter_token_latencies_s: list[float] = field(default_factory=list)
+    arrived_unix_s: float | None = None  # wall clock, so the ingress can tell how long routing took
 
 
 @dataclass
@@ -53,7 +58,7 @@ class GenerateOutput:
     cached_tokens: int
     choices: list[ChoiceDelta]
     finished: bool = False
-    timing: RequestTiming | None = None  # set on the last output only
+    timing: RequestTiming | None = None  # set on a stream's first and last outputs
 
     def merge(self, other: GenerateOutput) -> None:
         """Folds a later delta into this one (choices matched by index)."""

@@ -19,6 +19,8 @@ import pytest
 
 from deploy_helpers import ServeCluster, app_args
 
+from deployments.server_timing import parse_server_timing
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 APP = "single"
@@ -118,7 +120,12 @@ def test_completion_stream_equals_unary(client: httpx.Client, reference) -> None
     with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        timing = parse_server_timing(r.headers["server-timing"])
         events = sse_events(r.iter_lines())
+    # Where the time to first token went: routing to the replica plus the replica's own
+    # wait make up the ingress's wait (clocks of one machine; 1 ms of rounding room).
+    assert set(timing) == {"ingress", "route", "replica"}
+    assert min(timing.values()) >= 0 and timing["route"] + timing["replica"] <= timing["ingress"] + 1.0
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     usage = chunks[-1]["usage"]

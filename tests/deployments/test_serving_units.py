@@ -130,3 +130,15 @@ def test_chunk_interval_grows_with_open_streams(open_streams: int, min_interval_
 
     # 2000 chunks/s per replica over all streams: 256 streams -> each stream sends every 128 ms.
     assert chunk_interval_s(open_streams, min_interval_s, 2000.0) == pytest.approx(expected)
+
+
+def test_server_timing_header_round_trip():
+    from deployments.server_timing import format_server_timing, parse_server_timing
+
+    first = GenerateOutput("r", "replica", 3, 0, [ChoiceDelta(0, "a", [5])])
+    assert format_server_timing(first, 100.0, 100.05) == "ingress;dur=50.0"  # no timing sent: only what the ingress saw
+    first.timing = RequestTiming(time_to_first_token_s=0.03, arrived_unix_s=100.012)
+    header = format_server_timing(first, 100.0, 100.05)
+    assert header == "ingress;dur=50.0, route;dur=12.0, replica;dur=30.0"
+    assert parse_server_timing(header) == {"ingress": 50.0, "route": 12.0, "replica": 30.0}
+    assert parse_server_timing('cache;desc="hit", db;dur=2.5;desc=x') == {"db": 2.5}

@@ -1,0 +1,38 @@
+"""The Server-Timing header of streamed answers: where a request's time to first token went.
+
+    server-timing: ingress;dur=41.0, route;dur=12.5, replica;dur=27.9
+
+(milliseconds) ingress: from the ingress's call to the LLM deployment to the
+first output back there; route: from that call to the request's arrival on
+its LLM replica (Serve's routing and the replica's queue); replica: from
+arrival to the first token. A client's own time to first token minus
+`ingress` is what was spent before the ingress (the HTTP proxy, the ingress's
+queue) and on the way back out.
+"""
+
+from __future__ import annotations
+
+from deployments.messages import GenerateOutput
+
+
+def format_server_timing(first: GenerateOutput, sent_unix_s: float, now_unix_s: float) -> str:
+    """The header for a stream whose first output is `first`; times are wall clock (one host, or NTP)."""
+    parts = [f"ingress;dur={(now_unix_s - sent_unix_s) * 1e3:.1f}"]
+    timing = first.timing
+    if timing is not None and timing.arrived_unix_s is not None:
+        parts.append(f"route;dur={(timing.arrived_unix_s - sent_unix_s) * 1e3:.1f}")
+        if timing.time_to_first_token_s is not None:
+            parts.append(f"replica;dur={timing.time_to_first_token_s * 1e3:.1f}")
+    return ", ".join(parts)
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """'ingress;dur=4.1, route;dur=1.0' -> {'ingress': 4.1, 'route': 1.0} (entries without dur left out)."""
+    out = {}
+    for entry in filter(None, (e.strip() for e in header.split(","))):
+        name, _, params = entry.partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                out[name.strip()] = float(value)
+    return out
