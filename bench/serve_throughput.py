@@ -7,7 +7,9 @@ and, in the same run, against the engine driven directly in one process.
     python bench/serve_throughput.py --serve-set "" --serve-set max_stream_chunks_per_s=500,ingress.num_replicas=4
         # the Serve path once per --serve-set (app args changed by dotted key=value), one direct run
 
-Figures per concurrency: output tok/s, TTFT and inter-token latency p50/p99, errors.
+Figures per concurrency: output tok/s, TTFT and inter-token latency p50/p99, errors, and
+where the Serve path's TTFT went (the answers' Server-Timing header). The Serve path's
+client runs in several processes (--client-procs), so that the client is not the limit.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import argparse
 import asyncio
 import gc
 import json
+import multiprocessing
+import os
 import socket
 import sys
 import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,29 +93,26 @@ async def run_level(prompts: list[list[int]], concurrency: int, one_request) -> 
     return result
 
 
-async def run_levels(label: str, levels: list[int], prompts_for, one_request, probe=None) -> list[dict]:
-    """A warm-up, then every concurrency level in turn; one summary per level.
-
-    probe (optional, async): the replicas' first-token counters, read before and after
-    each level, so each summary also says how long requests waited once on a replica.
-    """
+async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
+    """A warm-up, then every concurrency level in turn; one summary per level."""
     await run_level(prompts_for(4), 4, one_request)
     out = []
     for c in levels:
-        before = await settled(probe) if probe else None
         out.append((await run_level(prompts_for(c), c, one_request)).summary())
-        if probe:
-            out[-1].update(replica_wait(before, await settled(probe)))
-        print(f"  {label:<7} c={c:<4} {out[-1]['tok_s']:8.0f} tok/s  errors {out[-1]['errors']}", flush=True)
+        _print_level(label, out[-1])
     return out
 
 
-async def settled(probe, every_s: float = 0.25, tries: int = 12):
+def _print_level(label: str, summary: dict) -> None:
+    print(f"  {label:<7} c={summary['concurrency']:<4} {summary['tok_s']:8.0f} tok/s  errors {summary['errors']}", flush=True)
+
+
+def settled(probe, every_s: float = 0.25, tries: int = 12):
     """The probe's reading once two in a row agree: replicas publish every publish_interval_s."""
-    last = await probe()
+    last = probe()
     for _ in range(tries):
-        await asyncio.sleep(every_s)
-        now = await probe()
+        time.sleep(every_s)
+        now = probe()
         if now == last:
             return now
         last = now
@@ -171,42 +174,93 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
 # ----- through Ray Serve over HTTP ----------------------------------------------------
 
 
-async def bench_serve(base_url: str, model: str, levels: list[int], prompts_for, output_len: int) -> list[dict]:
-    import httpx
+# One Python process cannot drive hundreds of SSE streams at the engine's pace: on the
+# H100 a single client process sat at 100% CPU while every Serve process idled at a
+# third of a core, and requests queued in the client. A level's requests are spread
+# over several client processes, each an aiohttp event loop.
 
+
+def bench_serve(pool, procs: int, base_url: str, model: str, levels: list[int], prompts_for, output_len: int) -> list[dict]:
+    """A warm-up, then each level; each summary also says how long requests waited once on a replica."""
+
+    def probe() -> tuple[float, float]:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=30) as resp:
+            return parse_first_token_counters(resp.read().decode())
+
+    def level(c: int) -> LevelResult:
+        prompts = prompts_for(c)
+        n = max(1, min(procs, c))
+        shares = [prompts[i::n] for i in range(n)]
+        concurrency = [c // n + (i < c % n) for i in range(n)]
+        parts = pool.map(client_share, [base_url] * n, [model] * n, shares, concurrency, [output_len] * n)
+        return merge_shares(c, list(parts))
+
+    level(max(4, procs))  # warm-up, which also starts every client process (spawned on first use)
+    out = []
+    for c in levels:
+        before = settled(probe)
+        out.append(level(c).summary())
+        out[-1].update(replica_wait(before, settled(probe)))
+        _print_level("serve", out[-1])
+    return out
+
+
+def client_share(base_url: str, model: str, prompts: list[list[int]], concurrency: int, output_len: int):
+    """In a client process: its share of a level. Returns (result, start, end) on the shared monotonic clock."""
+    import aiohttp
+
+    async def main() -> LevelResult:
+        connector = aiohttp.TCPConnector(limit=concurrency + 8)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
+            return await run_level(prompts, concurrency, lambda p, r: stream_one(session, model, p, output_len, r))
+
+    start = time.monotonic()
+    result = asyncio.run(main())
+    return result, start, time.monotonic()
+
+
+async def stream_one(session, model: str, prompt: list[int], output_len: int, result: LevelResult) -> None:
     from deployments.server_timing import parse_server_timing
 
-    limits = httpx.Limits(max_connections=max(levels) + 8, max_keepalive_connections=max(levels) + 8)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    async with session.post("/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
+        for name, ms in parse_server_timing(resp.headers.get("server-timing", "")).items():
+            result.server_ms.setdefault(name, []).append(ms)
+        arrivals: list[float] = []
+        completion_tokens = 0
+        async for raw in resp.content:  # one line at a time
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                completion_tokens = chunk["usage"]["completion_tokens"]
+            elif any(c.get("text") for c in chunk.get("choices", [])):
+                arrivals.append(time.perf_counter())
+    # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
+    _record(result, start, arrivals, completion_tokens)
 
-        async def one(prompt: list[int], result: LevelResult) -> None:
-            body = {
-                "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-            }
-            start = time.perf_counter()
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-                for name, ms in parse_server_timing(resp.headers.get("server-timing", "")).items():
-                    result.server_ms.setdefault(name, []).append(ms)
-                arrivals: list[float] = []
-                completion_tokens = 0
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        completion_tokens = chunk["usage"]["completion_tokens"]
-                    elif any(c.get("text") for c in chunk.get("choices", [])):
-                        arrivals.append(time.perf_counter())
-            # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
-            _record(result, start, arrivals, completion_tokens)
 
-        async def probe() -> tuple[float, float]:
-            return parse_first_token_counters((await client.get("/metrics")).text)
-
-        return await run_levels("serve", levels, prompts_for, one, probe)
+def merge_shares(concurrency: int, parts: list[tuple[LevelResult, float, float]]) -> LevelResult:
+    """One level's result from its client processes' shares; it lasted from the first start to the last end."""
+    total = LevelResult(concurrency)
+    for part, _, _ in parts:
+        total.requests += part.requests
+        total.errors += part.errors
+        total.output_tokens += part.output_tokens
+        total.ttft_s += part.ttft_s
+        total.itl_s += part.itl_s
+        for name, values in part.server_ms.items():
+            total.server_ms.setdefault(name, []).extend(values)
+    total.seconds = max(end for _, _, end in parts) - min(start for _, start, _ in parts)
+    return total
 
 
 def start_serve(num_gpus: int) -> str:
@@ -245,6 +299,11 @@ def variant_args(app_args: dict, sets: str) -> dict:
     return args
 
 
+def client_procs_for(concurrency: int) -> int:
+    """One client process per 32 concurrent streams, at most 8 and at most half the cores."""
+    return max(1, min(8, -(-concurrency // 32), (os.cpu_count() or 2) // 2))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -264,6 +323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--serve-set", action="append", default=None, metavar="K=V,K=V",
         help="one Serve variant: app args changed by dotted key=value pairs (repeat for several; default: one, unchanged)",
     )
+    p.add_argument("--client-procs", type=int, default=0, help="client processes for the Serve path (0: one per 32 streams, at most 8)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -298,16 +358,20 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     base_url = start_serve(num_gpus=1 if cuda else 0)
+    procs = args.client_procs or client_procs_for(max(levels))
     variants = []
-    for sets in args.serve_set or [""]:
-        print(f"through Ray Serve over HTTP{f' ({sets})' if sets else ''}:", flush=True)
-        run_app(variant_args(app_args, sets))
-        variants.append({"sets": sets, "levels": asyncio.run(bench_serve(base_url, "bench", levels, prompts_for, args.output_len))})
+    # spawn, not fork: this process runs Ray's threads by now.
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for sets in args.serve_set or [""]:
+            print(f"through Ray Serve over HTTP{f' ({sets})' if sets else ''}, {procs} client processes:", flush=True)
+            run_app(variant_args(app_args, sets))
+            variants.append({"sets": sets, "levels": bench_serve(pool, procs, base_url, "bench", levels, prompts_for, args.output_len)})
     results = {
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "model": args.model,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
+        "client_procs": procs,
         "direct": direct,
         "serve": variants[0]["levels"],
         "serve_variants": variants,
@@ -333,6 +397,7 @@ def _vocab_size(model: str) -> int:
 
 def report(results: dict, argv: list[str] | None) -> None:
     print(f"\nW2 serving on {results['device']} ({results['model']}, prompt {results['prompt_len']}, "
+          f"{results['client_procs']} client processes for Serve, "
           f"output {results['output_len']} tokens, streaming)")
     for variant in results["serve_variants"]:
         if variant["sets"]:
