@@ -1,9 +1,9 @@
 """W1 of shared/BENCHMARK.md: offline throughput, ours beside Hugging Face, against the ceiling.
 
-    python bench/throughput.py                      # the headline run (Qwen3-0.6B shape, 256 requests)
-    python bench/throughput.py --num-requests 64 --peers none
-    python bench/throughput.py --preset tiny-qwen3 --num-requests 4 --output-len 4   # CPU smoke run
-    python bench/throughput.py --peers none --variants graphs,graphs-async --profile  # async scheduling beside the synchronous step
+    python -m bench.throughput                      # the headline run (Qwen3-0.6B shape, 256 requests)
+    python -m bench.throughput --num-requests 64 --peers none
+    python -m bench.throughput --preset tiny-qwen3 --num-requests 4 --output-len 4   # CPU smoke run
+    python -m bench.throughput --peers none --variants graphs,graphs-async --profile  # async scheduling beside the synchronous step
 
 Prints a table and the W1 report line; --json writes every figure.
 """
@@ -154,7 +154,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
     hf_part = f", {hf['tok_s']:.0f} tok/s HF generate_batch" if hf else ""
     padded = results.get("hf_padded_generate")
     padded_part = f", {padded['tok_s']:.0f} tok/s HF padded generate" if padded else ""
-    cmd = "python bench/throughput.py " + " ".join(sys.argv[1:])
+    cmd = "python -m bench.throughput " + " ".join(sys.argv[1:])
     print(
         f"W1: {best['tok_s']:.0f} tok/s ours{hf_part}{ratio}{padded_part}, "
         f"{best['tok_s'] / ceiling:.2f} of ceiling ({results['device']}, {cmd.strip()})"

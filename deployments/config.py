@@ -200,7 +200,7 @@ class AppConfig(_Strict):
         0.0, ge=0, description="Replicas send stream chunks at most this often (0: every engine step)."
     )
     max_stream_chunks_per_s: float = Field(
-        2000.0,
+        500.0,
         gt=0,
         description=(
             "The most stream chunks one replica sends per second, over all its requests: under load each "
