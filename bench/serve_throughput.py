@@ -4,8 +4,10 @@ and, in the same run, against the engine driven directly in one process.
     python bench/serve_throughput.py                                   # demo model, device auto
     python bench/serve_throughput.py --model preset:qwen3-0.6b --concurrency 1,16,64,256
     python bench/serve_throughput.py --concurrency 2 --requests-per-level 4 --output-len 8   # CPU smoke run
-    python bench/serve_throughput.py --serve-set "" --serve-set max_stream_chunks_per_s=500,ingress.num_replicas=4
-        # the Serve path once per --serve-set (app args changed by dotted key=value), one direct run
+    python bench/serve_throughput.py --serve-set "" --serve-set max_stream_chunks_per_s=1000,ingress.num_replicas=4 \
+        --serve-set env.RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+        # the Serve path once per --serve-set (app args changed by dotted key=value; env.NAME=value
+        # starts a fresh Ray with that environment variable), one direct run
 
 Figures per concurrency: output tok/s, TTFT and inter-token latency p50/p99, errors, and
 where the Serve path's TTFT went (the answers' Server-Timing header). The Serve path's
@@ -263,14 +265,31 @@ def merge_shares(concurrency: int, parts: list[tuple[LevelResult, float, float]]
     return total
 
 
-def start_serve(num_gpus: int) -> str:
+def start_serve(num_gpus: int, env: dict[str, str]) -> str:
+    """A local Ray with Serve's HTTP proxy on a free port; `env` is set for every Ray process."""
     import ray
     from ray import serve
 
     port = _free_port()
-    ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    # Ray's processes inherit the environment of the raylet that ray.init starts here
+    # (Serve reads settings such as RAY_SERVE_THROUGHPUT_OPTIMIZED at import).
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
+
+
+def stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
 
 
 def run_app(app_args: dict) -> None:
@@ -282,21 +301,25 @@ def run_app(app_args: dict) -> None:
     serve.run(build_app(app_args), name="llm", route_prefix="/")
 
 
-def variant_args(app_args: dict, sets: str) -> dict:
-    """app_args with `key.path=value,key=value` applied (yaml values)."""
+def variant_args(app_args: dict, sets: str) -> tuple[dict, dict[str, str]]:
+    """app_args with `key.path=value,key=value` applied (yaml values), and the `env.NAME=value` items."""
     import copy
 
     import yaml
 
     from loadtest.serve_local import set_dotted
 
-    args = copy.deepcopy(app_args)
+    args, env = copy.deepcopy(app_args), {}
     for item in filter(None, sets.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"bad --serve-set item {item!r}: use key.path=value")
-        set_dotted(args, key.strip(), yaml.safe_load(value))
-    return args
+            raise SystemExit(f"bad --serve-set item {item!r}: use key.path=value or env.NAME=value")
+        key = key.strip()
+        if key.startswith("env."):
+            env[key.removeprefix("env.")] = value
+        else:
+            set_dotted(args, key, yaml.safe_load(value))
+    return args, env
 
 
 def client_procs_for(concurrency: int) -> int:
@@ -321,7 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-kv-blocks", type=int, default=16384)
     p.add_argument(
         "--serve-set", action="append", default=None, metavar="K=V,K=V",
-        help="one Serve variant: app args changed by dotted key=value pairs (repeat for several; default: one, unchanged)",
+        help="one Serve variant: app args changed by dotted key=value pairs, env.NAME=value for Ray's environment "
+        "(repeat for several; default: one, unchanged)",
     )
     p.add_argument("--client-procs", type=int, default=0, help="client processes for the Serve path (0: one per 32 streams, at most 8)")
     p.add_argument("--json", type=Path, default=None)
@@ -357,14 +381,19 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    base_url = start_serve(num_gpus=1 if cuda else 0)
     procs = args.client_procs or client_procs_for(max(levels))
     variants = []
+    env_now: dict[str, str] | None = None
     # spawn, not fork: this process runs Ray's threads by now.
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for sets in args.serve_set or [""]:
+            variant_app_args, env = variant_args(app_args, sets)
+            if env != env_now:  # Ray's own settings: a fresh Ray for this variant
+                if env_now is not None:
+                    stop_serve()
+                base_url, env_now = start_serve(1 if cuda else 0, env), env
             print(f"through Ray Serve over HTTP{f' ({sets})' if sets else ''}, {procs} client processes:", flush=True)
-            run_app(variant_args(app_args, sets))
+            run_app(variant_app_args)
             variants.append({"sets": sets, "levels": bench_serve(pool, procs, base_url, "bench", levels, prompts_for, args.output_len)})
     results = {
         "device": torch.cuda.get_device_name() if cuda else "CPU",
@@ -380,9 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
-    from ray import serve
-
-    serve.shutdown()
+    stop_serve()
     return results
 
 
@@ -409,12 +436,15 @@ def report(results: dict, argv: list[str] | None) -> None:
             print(f"{d['concurrency']:>5}{d['tok_s']:>14.0f}{s['tok_s']:>13.0f}{kept:>7.0%}"
                   f"{s['ttft_p50_ms']:>9.1f}/{s['ttft_p99_ms']:<8.1f}{s['itl_p50_ms']:>8.2f}/{s['itl_p99_ms']:<8.2f}{s['errors']:>6}"
                   f"{s['ttft_mean_ms']:>20.1f} / {s.get('replica_ttft_mean_ms', float('nan')):.1f} / {d['ttft_mean_ms']:.1f}")
-        print("  where the Serve TTFT went (means, ms): client | ingress call -> first output "
-              "[= route to replica + replica -> first token] | the rest: proxy, ingress queue, way out")
+        print("  where the Serve TTFT went (means, ms; Server-Timing): client | ingress handler "
+              "[= body read and checks + call -> first output [= routing + replica -> first token]] | the rest")
         for s in variant["levels"]:
-            ingress, route, replica = (s.get(f"server_{k}_mean_ms", float("nan")) for k in ("ingress", "route", "replica"))
-            print(f"  c={s['concurrency']:<5} {s['ttft_mean_ms']:8.1f} | {ingress:8.1f} [= {route:7.1f} + {replica:7.1f}]"
-                  f" | {s['ttft_mean_ms'] - ingress:8.1f}")
+            handler, ingress, route, replica = (
+                s.get(f"server_{k}_mean_ms", float("nan")) for k in ("handler", "ingress", "route", "replica")
+            )
+            print(f"  c={s['concurrency']:<5} {s['ttft_mean_ms']:8.1f} | {handler:8.1f} [= {handler - ingress:6.1f} + {ingress:7.1f}"
+                  f" [= {route:6.1f} + {replica:6.1f}]] | {s['ttft_mean_ms'] - handler:8.1f}")
+        print("  the rest: before the ingress handler ran (HTTP proxy, routing to the ingress, its queue) and the way back out")
     d, s = results["direct"][-1], results["serve"][-1]
     cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(

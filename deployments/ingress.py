@@ -38,7 +38,7 @@ from deployments.messages import GenerateOutput, GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from deployments.serving import ChatShaper, CompletionShaper, Prompts, load_ingress_tokenizer, sampling_params
-from deployments.server_timing import format_server_timing
+from deployments.server_timing import add_handler_time, format_server_timing
 from engine.errors import InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
@@ -140,6 +140,7 @@ class OpenAIIngress:
         bodies are counted in the metrics like every other answer.
         """
         status = "500"
+        entered = time.monotonic()
         self._metrics.in_progress.inc()
         try:
             self._authorize(request)
@@ -149,6 +150,8 @@ class OpenAIIngress:
                 raise errors.from_validation_errors(list(exc.errors(include_url=False))) from None
             response = await handler(body)
             status = str(response.status_code)
+            if "server-timing" in response.headers:
+                response.headers["server-timing"] = add_handler_time(response.headers["server-timing"], time.monotonic() - entered)
             return response
         except asyncio.CancelledError:
             status = "499"  # the client went away

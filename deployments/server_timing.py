@@ -1,13 +1,15 @@
 """The Server-Timing header of streamed answers: where a request's time to first token went.
 
-    server-timing: ingress;dur=41.0, route;dur=12.5, replica;dur=27.9
+    server-timing: ingress;dur=41.0, route;dur=12.5, replica;dur=27.9, handler;dur=43.2
 
 (milliseconds) ingress: from the ingress's call to the LLM deployment to the
 first output back there; route: from that call to the request's arrival on
 its LLM replica (Serve's routing and the replica's queue); replica: from
-arrival to the first token. A client's own time to first token minus
-`ingress` is what was spent before the ingress (the HTTP proxy, the ingress's
-queue) and on the way back out.
+arrival to the first token; handler: from the ingress handler's start to the
+response being ready (so handler - ingress is reading the body from the HTTP
+proxy, validating and tokenizing it). A client's own time to first token
+minus `handler` was spent before the handler ran (the HTTP proxy, the
+ingress's queue) and on the way back out.
 """
 
 from __future__ import annotations
@@ -36,3 +38,8 @@ def parse_server_timing(header: str) -> dict[str, float]:
             if key == "dur":
                 out[name.strip()] = float(value)
     return out
+
+
+def add_handler_time(header: str, handler_s: float) -> str:
+    """The header with the ingress handler's own time appended."""
+    return f"{header}, handler;dur={handler_s * 1e3:.1f}"

@@ -46,12 +46,15 @@ def test_serve_throughput_runs_direct_and_each_serve_variant(tmp_path):
     cmd = [
         sys.executable, "bench/serve_throughput.py", "--concurrency", "2", "--requests-per-level", "4",
         "--output-len", "6", "--prompt-len", "16", "--num-kv-blocks", "256",
-        "--serve-set", "", "--serve-set", "max_stream_chunks_per_s=1,ingress.num_replicas=1", "--json", str(out),
+        "--serve-set", "", "--serve-set", "max_stream_chunks_per_s=1,ingress.num_replicas=1,env.RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=100",
+        "--client-procs", "2", "--json", str(out),
     ]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=380)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = json.loads(out.read_text())
-    assert [v["sets"] for v in results["serve_variants"]] == ["", "max_stream_chunks_per_s=1,ingress.num_replicas=1"]
+    assert [v["sets"] for v in results["serve_variants"]] == [
+        "", "max_stream_chunks_per_s=1,ingress.num_replicas=1,env.RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=100"
+    ]
     for levels in [results["direct"]] + [v["levels"] for v in results["serve_variants"]]:
         assert [(lv["requests"], lv["errors"], lv["output_tokens"]) for lv in levels] == [(4, 0, 24)]
     assert "W2: " in done.stdout and "Serve variant: max_stream_chunks_per_s=1" in done.stdout
@@ -59,6 +62,19 @@ def test_serve_throughput_runs_direct_and_each_serve_variant(tmp_path):
     for variant in results["serve_variants"]:
         (level,) = variant["levels"]
         assert level["replica_first_tokens"] == 4 and 0 < level["replica_ttft_mean_ms"] <= level["ttft_mean_ms"]
+        # ... and where the clients' TTFT went, from the Server-Timing headers.
+        assert 0 < level["server_ingress_mean_ms"] <= level["server_handler_mean_ms"] <= level["ttft_mean_ms"]
+
+
+def test_serve_variant_args_split_app_args_and_ray_environment():
+    from bench.serve_throughput import variant_args
+
+    base = {"ingress": {"num_replicas": 2}, "model": "m"}
+    args, env = variant_args(base, "ingress.num_replicas=4,env.RAY_SERVE_THROUGHPUT_OPTIMIZED=1,max_stream_chunks_per_s=500")
+    assert args == {"ingress": {"num_replicas": 4}, "model": "m", "max_stream_chunks_per_s": 500}
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} and base["ingress"]["num_replicas"] == 2
+    with pytest.raises(SystemExit, match="env.NAME=value"):
+        variant_args(base, "ingress.num_replicas")
 
 
 def test_first_token_counters_are_summed_over_replicas():

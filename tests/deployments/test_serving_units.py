@@ -133,7 +133,7 @@ def test_chunk_interval_grows_with_open_streams(open_streams: int, min_interval_
 
 
 def test_server_timing_header_round_trip():
-    from deployments.server_timing import format_server_timing, parse_server_timing
+    from deployments.server_timing import add_handler_time, format_server_timing, parse_server_timing
 
     first = GenerateOutput("r", "replica", 3, 0, [ChoiceDelta(0, "a", [5])])
     assert format_server_timing(first, 100.0, 100.05) == "ingress;dur=50.0"  # no timing sent: only what the ingress saw
@@ -142,3 +142,4 @@ def test_server_timing_header_round_trip():
     assert header == "ingress;dur=50.0, route;dur=12.0, replica;dur=30.0"
     assert parse_server_timing(header) == {"ingress": 50.0, "route": 12.0, "replica": 30.0}
     assert parse_server_timing('cache;desc="hit", db;dur=2.5;desc=x') == {"db": 2.5}
+    assert parse_server_timing(add_handler_time(header, 0.0625))["handler"] == 62.5
