@@ -1,5 +1,5 @@
 """W2 of shared/BENCHMARK.md: streaming requests at fixed concurrency, through Ray Serve over HTTP
-and, in the same run, against the engine driven directly in one process.
+and, in the same run, against the engine driven directly (its core in a child process, as in a replica).
 
     python bench/serve_throughput.py                                   # demo model, device auto
     python bench/serve_throughput.py --model preset:qwen3-0.6b --concurrency 1,16,64,256
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -26,6 +27,7 @@ import socket
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,11 +151,22 @@ def _record(result: LevelResult, start: float, arrivals: list[float], tokens: in
 # ----- engine direct ------------------------------------------------------------------
 
 
-async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_len: int) -> list[dict]:
+async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_len: int, loop: str) -> list[dict]:
+    """The engine without Serve or HTTP. loop "process": its core in a child process, as each
+    LLM replica runs it (engine_loop: auto), so that the two paths differ only by Serve and HTTP;
+    "thread": stepped in a thread of this process, which shares its GIL with the client."""
     from deployments.config import parse_app_config
     from engine import AsyncLLMEngine, SamplingParams
+    from engine.core_process import EngineCoreClient
 
-    engine = AsyncLLMEngine(parse_app_config(app_args).to_engine_config())
+    app = parse_app_config(app_args)
+    if loop == "process":
+        # The thread count Ray gives a replica of this many CPUs; on a busy CPU more torch
+        # threads would spin against the client's.
+        with environment({"OMP_NUM_THREADS": str(max(1, int(app.llm_server.ray_actor_options.num_cpus)))}):
+            engine = EngineCoreClient(app.to_engine_config())
+    else:
+        engine = AsyncLLMEngine(app.to_engine_config())
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     counter = iter(range(10**9))
 
@@ -273,15 +286,22 @@ def start_serve(num_gpus: int, env: dict[str, str]) -> str:
     port = _free_port()
     # Ray's processes inherit the environment of the raylet that ray.init starts here
     # (Serve reads settings such as RAY_SERVE_THROUGHPUT_OPTIMIZED at import).
+    with environment(env):
+        ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` set, for the child processes started inside; restored after."""
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return f"http://127.0.0.1:{port}"
 
 
 def stop_serve() -> None:
@@ -347,6 +367,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one Serve variant: app args changed by dotted key=value pairs, env.NAME=value for Ray's environment "
         "(repeat for several; default: one, unchanged)",
     )
+    p.add_argument(
+        "--direct-loop", choices=("process", "thread"), default="process",
+        help="the direct engine's core: in a child process as in a replica (default), or a thread of the client's process",
+    )
     p.add_argument("--client-procs", type=int, default=0, help="client processes for the Serve path (0: one per 32 streams, at most 8)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -377,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_for = (lambda c: args.requests_per_level or max(4 * c, 32))
     prompts_for = lambda c: make_prompts(n_for(c), args.prompt_len, vocab_size, seed=c)  # noqa: E731
     print("engine direct:", flush=True)
-    direct = asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len))
+    direct = asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop))
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -401,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "client_procs": procs,
+        "direct_loop": args.direct_loop,
         "direct": direct,
         "serve": variants[0]["levels"],
         "serve_variants": variants,
