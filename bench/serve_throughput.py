@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from bench.process_cpu import SERVE_ROLES, cpu_seconds_by_role, per_request_ms
+
 
 @dataclass
 class LevelResult:
@@ -213,8 +215,10 @@ def bench_serve(pool, procs: int, base_url: str, model: str, levels: list[int], 
     level(max(4, procs))  # warm-up, which also starts every client process (spawned on first use)
     out = []
     for c in levels:
-        before = settled(probe)
-        out.append(level(c).summary())
+        before, cpu_before = settled(probe), cpu_seconds_by_role()
+        result = level(c)
+        cpu = per_request_ms(cpu_before, cpu_seconds_by_role(), result.requests)
+        out.append({**result.summary(), **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()}})
         out[-1].update(replica_wait(before, settled(probe)))
         _print_level("serve", out[-1])
     return out
@@ -470,6 +474,10 @@ def report(results: dict, argv: list[str] | None) -> None:
             print(f"  c={s['concurrency']:<5} {s['ttft_mean_ms']:8.1f} | {handler:8.1f} [= {handler - ingress:6.1f} + {ingress:7.1f}"
                   f" [= {route:6.1f} + {replica:6.1f}]] | {s['ttft_mean_ms'] - handler:8.1f}")
         print("  the rest: before the ingress handler ran (HTTP proxy, routing to the ingress, its queue) and the way back out")
+        print("  CPU ms per request, by process role (all replicas of a role summed): " + ", ".join(SERVE_ROLES))
+        for s in variant["levels"]:
+            cpu = [s.get(f"cpu_ms_per_request_{role}", float("nan")) for role in SERVE_ROLES]
+            print(f"  c={s['concurrency']:<5} " + "  ".join(f"{role} {ms:6.1f}" for role, ms in zip(SERVE_ROLES, cpu)))
     d, s = results["direct"][-1], results["serve"][-1]
     cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(
