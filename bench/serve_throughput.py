@@ -29,74 +29,17 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bench.process_cpu import SERVE_ROLES, cpu_seconds_by_role, per_request_ms
-
-
-@dataclass
-class LevelResult:
-    concurrency: int
-    requests: int = 0
-    errors: int = 0
-    output_tokens: int = 0
-    seconds: float = 0.0
-    ttft_s: list[float] = field(default_factory=list)
-    itl_s: list[float] = field(default_factory=list)
-    # Server-Timing of streamed answers (ms): ingress call -> first output, -> replica arrival, arrival -> token.
-    server_ms: dict[str, list[float]] = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        return {
-            "concurrency": self.concurrency,
-            "requests": self.requests,
-            "errors": self.errors,
-            "output_tokens": self.output_tokens,
-            "seconds": self.seconds,
-            "tok_s": self.output_tokens / self.seconds if self.seconds else 0.0,
-            "ttft_mean_ms": sum(self.ttft_s) / len(self.ttft_s) * 1e3 if self.ttft_s else float("nan"),
-            "ttft_p50_ms": _pct(self.ttft_s, 50) * 1e3,
-            "ttft_p99_ms": _pct(self.ttft_s, 99) * 1e3,
-            "itl_p50_ms": _pct(self.itl_s, 50) * 1e3,
-            "itl_p99_ms": _pct(self.itl_s, 99) * 1e3,
-            **{f"server_{k}_mean_ms": sum(v) / len(v) for k, v in self.server_ms.items() if v},
-        }
-
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+from bench.stream_levels import LevelResult, client_procs_for, client_share, merge_shares, record_request, run_level
 
 
 def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(10, vocab, (prompt_len,), generator=gen).tolist() for _ in range(n)]
-
-
-async def run_level(prompts: list[list[int]], concurrency: int, one_request) -> LevelResult:
-    """Runs every prompt with at most `concurrency` in flight; one_request(prompt, result) does one."""
-    result = LevelResult(concurrency)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def guarded(p: list[int]) -> None:
-        async with sem:
-            try:
-                await one_request(p, result)
-            except Exception as exc:  # counted, and the first few shown: errors are a figure here
-                result.errors += 1
-                if result.errors <= 3:
-                    print(f"  request failed: {exc!r}", flush=True)
-            result.requests += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(guarded(p) for p in prompts))
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
@@ -141,15 +84,6 @@ def parse_first_token_counters(metrics_text: str) -> tuple[float, float]:
     return totals["llm_replica_first_token_wait_seconds_total"], totals["llm_replica_first_tokens_total"]
 
 
-def _record(result: LevelResult, start: float, arrivals: list[float], tokens: int) -> None:
-    """One request's figures: TTFT, and its mean inter-token latency (the same rule on both paths)."""
-    result.output_tokens += tokens
-    if arrivals:
-        result.ttft_s.append(arrivals[0] - start)
-        if tokens > 1:
-            result.itl_s.append((arrivals[-1] - arrivals[0]) / (tokens - 1))
-
-
 # ----- engine direct ------------------------------------------------------------------
 
 
@@ -181,7 +115,7 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
             if n:
                 arrivals.append(time.perf_counter())
                 tokens += n
-        _record(result, start, arrivals, tokens)
+        record_request(result, start, arrivals, tokens)
 
     out = await run_levels("direct", levels, prompts_for, one)
     engine.shutdown()
@@ -189,12 +123,6 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
 
 
 # ----- through Ray Serve over HTTP ----------------------------------------------------
-
-
-# One Python process cannot drive hundreds of SSE streams at the engine's pace: on the
-# H100 a single client process sat at 100% CPU while every Serve process idled at a
-# third of a core, and requests queued in the client. A level's requests are spread
-# over several client processes, each an aiohttp event loop.
 
 
 def bench_serve(pool, procs: int, base_url: str, model: str, levels: list[int], prompts_for, output_len: int) -> list[dict]:
@@ -222,64 +150,6 @@ def bench_serve(pool, procs: int, base_url: str, model: str, levels: list[int], 
         out[-1].update(replica_wait(before, settled(probe)))
         _print_level("serve", out[-1])
     return out
-
-
-def client_share(base_url: str, model: str, prompts: list[list[int]], concurrency: int, output_len: int):
-    """In a client process: its share of a level. Returns (result, start, end) on the shared monotonic clock."""
-    import aiohttp
-
-    async def main() -> LevelResult:
-        connector = aiohttp.TCPConnector(limit=concurrency + 8)
-        timeout = aiohttp.ClientTimeout(total=600)
-        async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
-            return await run_level(prompts, concurrency, lambda p, r: stream_one(session, model, p, output_len, r))
-
-    start = time.monotonic()
-    result = asyncio.run(main())
-    return result, start, time.monotonic()
-
-
-async def stream_one(session, model: str, prompt: list[int], output_len: int, result: LevelResult) -> None:
-    from deployments.server_timing import parse_server_timing
-
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    async with session.post("/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
-        for name, ms in parse_server_timing(resp.headers.get("server-timing", "")).items():
-            result.server_ms.setdefault(name, []).append(ms)
-        arrivals: list[float] = []
-        completion_tokens = 0
-        async for raw in resp.content:  # one line at a time
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                completion_tokens = chunk["usage"]["completion_tokens"]
-            elif any(c.get("text") for c in chunk.get("choices", [])):
-                arrivals.append(time.perf_counter())
-    # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
-    _record(result, start, arrivals, completion_tokens)
-
-
-def merge_shares(concurrency: int, parts: list[tuple[LevelResult, float, float]]) -> LevelResult:
-    """One level's result from its client processes' shares; it lasted from the first start to the last end."""
-    total = LevelResult(concurrency)
-    for part, _, _ in parts:
-        total.requests += part.requests
-        total.errors += part.errors
-        total.output_tokens += part.output_tokens
-        total.ttft_s += part.ttft_s
-        total.itl_s += part.itl_s
-        for name, values in part.server_ms.items():
-            total.server_ms.setdefault(name, []).extend(values)
-    total.seconds = max(end for _, _, end in parts) - min(start for _, start, _ in parts)
-    return total
 
 
 def start_serve(num_gpus: int, env: dict[str, str]) -> str:
@@ -344,11 +214,6 @@ def variant_args(app_args: dict, sets: str) -> tuple[dict, dict[str, str]]:
         else:
             set_dotted(args, key, yaml.safe_load(value))
     return args, env
-
-
-def client_procs_for(concurrency: int) -> int:
-    """One client process per 32 concurrent streams, at most 8 and at most half the cores."""
-    return max(1, min(8, -(-concurrency // 32), (os.cpu_count() or 2) // 2))
 
 
 def _free_port() -> int:
