@@ -15,11 +15,19 @@ the same windows (mixed with plain cross-entropy by --distill-weight).
 
     python -m scripts.demo_models.train --preset draft --time-budget 90 --out models/demo-draft \
         --distill-from models/demo-target
+
+`--init-from FOLDER` starts from a saved checkpoint of the same preset instead
+of random weights: to fine-tune an existing draft toward its target, say,
+without training it again from scratch.
+
+    python -m scripts.demo_models.train --preset draft --init-from models/demo-draft \
+        --distill-from models/demo-target --time-budget 900 --out /tmp/draft-kd
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -92,6 +100,38 @@ def build_model(preset: str, vocab_size: int):
     return LlamaForCausalLM(config).to(torch.float32), config
 
 
+def load_init(path: str, preset: str, vocab_size: int):
+    """The weights to start from. Only a checkpoint of the preset's own shape:
+    the card describes the architecture by its preset, so it must not lie."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    want = dict(PRESETS[preset]["arch"], vocab_size=vocab_size)
+    config = LlamaConfig.from_pretrained(path)
+    wrong = {k: (getattr(config, k, None), v) for k, v in want.items() if getattr(config, k, None) != v}
+    if wrong:
+        detail = ", ".join(f"{k} {got} (preset: {v})" for k, (got, v) in wrong.items())
+        raise SystemExit(f"--init-from {path} does not match --preset {preset}: {detail}")
+    # fp32 master weights whatever the checkpoint was saved in (bf16 for the demo models).
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def start_model(args: argparse.Namespace, vocab_size: int):
+    """(model, sha256 of the init weights or None): random init, or --init-from's weights."""
+    if not args.init_from:
+        return build_model(args.preset, vocab_size)[0], None
+    digest = weights_digest(args.init_from)  # read before --out (maybe the same folder) is overwritten
+    return load_init(args.init_from, args.preset, vocab_size), digest
+
+
+def weights_digest(path: str) -> str:
+    """sha256 of the init checkpoint's weights: the folder may be overwritten by this very run."""
+    h = hashlib.sha256()
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -157,7 +197,7 @@ license: other
 
 # {os.path.basename(os.path.normpath(out))}
 
-A small Llama-family causal language model trained from scratch for this
+A small Llama-family causal language model {_origin(r)} for this
 project's demo and tests: the `{r['preset']}` preset of
 `scripts/demo_models/train.py`. It writes Python-flavoured text; it knows
 nothing else. Trained on the Python standard library's source (PSF License).
@@ -170,6 +210,7 @@ nothing else. Trained on the Python standard library's source (PSF License).
 | tokenizer | byte-level BPE, {r['vocab_size']} tokens (models/demo-tokenizer); `<\\|endoftext\\|>` separates documents, ChatML `<\\|im_start\\|>` / `<\\|im_end\\|>` for chat |
 | corpus | {corpus} |
 | training | {r['steps']} steps x {r['batch_size']} x {r['seq_len']} tokens = {r['tokens_seen']:,} tokens ({r['epochs']:.1f} epochs of {r['train_tokens']:,}); AdamW lr {r['lr']} (warmup {r['warmup']}, cosine to 10%), wd {r['weight_decay']}, seed {r['seed']} |
+| initial weights | {_start(r)} |
 | objective | {_objective(r)} |
 | time | {r['train_seconds']:.0f} s on {r['device_name']} ({r['tokens_per_second']:,.0f} tokens/s) |
 | final train loss | {r['final_train_loss']:.4f} (the objective above, mean of the last {r['loss_window']} steps) |
@@ -185,6 +226,19 @@ Reproduce:
 Trained on windows of {r['seq_len']} tokens: longer contexts load and run
 (max_position_embeddings {MAX_POSITIONS}) but are untested.
 """
+
+
+def _origin(r: dict) -> str:
+    if not r.get("init_from"):
+        return "trained from scratch"
+    return f"fine-tuned from {os.path.basename(os.path.normpath(r['init_from']))}"
+
+
+def _start(r: dict) -> str:
+    if not r.get("init_from"):
+        return f"random (seed {r['seed']})"
+    # The digest names the exact weights, since the path may now hold this model.
+    return f"`{r['init_from']}` (model.safetensors sha256 {r['init_sha256'][:16]}...)"
 
 
 def _objective(r: dict) -> str:
@@ -220,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     ap.add_argument("--distill-from", default=None, help="teacher checkpoint (same tokenizer): learn its distribution")
     ap.add_argument("--distill-weight", type=float, default=1.0, help="share of the KL term; the rest is cross-entropy")
+    ap.add_argument("--init-from", default=None, help="checkpoint of the same preset to start from (default: random init)")
     args = ap.parse_args(argv)
     if not 0.0 < args.distill_weight <= 1.0:
         ap.error("--distill-weight must be in (0, 1]")
@@ -239,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizers import Tokenizer
 
     vocab_size = Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json")).get_vocab_size()
-    model, config = build_model(args.preset, vocab_size)
+    model, init_sha256 = start_model(args, vocab_size)
     model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.preset}: {params:,} parameters on {device}", flush=True)
@@ -343,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "corpus_manifest": manifest, "log": log,
         "distill_from": args.distill_from, "distill_weight": args.distill_weight if args.distill_from else None,
+        "init_from": args.init_from, "init_sha256": init_sha256,
     }
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({k: v for k, v in result.items() if k != "corpus_manifest"}, f, indent=1)

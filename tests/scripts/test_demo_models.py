@@ -111,3 +111,43 @@ def test_a_draft_distilled_from_a_teacher_says_so_in_its_card(trained):
     card = (out / "README.md").read_text()
     assert "distilled from model: KL divergence from its next-token distribution, mixed 0.5 : 0.5" in card
     assert f"--distill-from {teacher}" in card
+
+
+def tiny_run(tmp, out, *extra):
+    train.main([
+        "--preset", "tiny", "--out", str(out), "--corpus", str(tmp / "train.txt"),
+        "--heldout", str(tmp / "heldout.txt"), "--tokenizer", str(tmp / "tok"), "--batch-size", "2",
+        "--seq-len", "32", "--warmup", "2", "--log-every", "1", "--eval-every", "0", "--device", "cpu", *extra,
+    ])
+
+
+def test_init_from_refuses_a_checkpoint_of_another_preset(trained, tmp_path):
+    init, tmp = trained
+    with pytest.raises(SystemExit, match=r"--init-from .* does not match --preset draft: hidden_size 64 \(preset: 192\)"):
+        tiny_run(tmp, tmp_path / "out", "--steps", "1", "--init-from", str(init), "--preset", "draft")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_starts_from_the_checkpoints_weights(trained, tmp_path):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    init, tmp = trained
+    # A step at a negligible learning rate: the saved (bf16) weights are the init's, not a random draw.
+    tiny_run(tmp, tmp_path / "ft", "--steps", "1", "--lr", "1e-12", "--init-from", str(init))
+    before, after = load_file(init / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    info = json.loads((tmp_path / "ft" / "training.json").read_text())
+    assert info["heldout_ppl"] == pytest.approx(json.loads((init / "training.json").read_text())["heldout_ppl"], rel=1e-4)
+    assert info["init_from"] == str(init)
+    assert info["init_sha256"] == hashlib.sha256((init / "model.safetensors").read_bytes()).hexdigest()
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "fine-tuned from model" in card and f"--init-from {init}" in card
+    assert info["init_sha256"][:16] in card
+    # Without --init-from the same run starts from random weights, far from the init's.
+    tiny_run(tmp, tmp_path / "scratch", "--steps", "1", "--lr", "1e-12")
+    scratch = json.loads((tmp_path / "scratch" / "training.json").read_text())
+    assert scratch["init_from"] is None and scratch["heldout_ppl"] > 1.5 * info["heldout_ppl"]
+    assert "trained from scratch" in (tmp_path / "scratch" / "README.md").read_text()
