@@ -327,13 +327,17 @@ def _matmul_kernel(
 _MATVEC = [(8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (8, 1024, 4, 2)]
 _MATMUL = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 4)]  # (BLOCK_N, BLOCK_K, warps, stages)
 
-# int4 matvec: (BLOCK_N, BLOCK_K, SPLIT_K, warps). A thread holds 4 words (32 codes) of a row
-# and BLOCK_N * BLOCK_K / (32 * 32 * warps) rows, 4 or 8 here, so its x loads serve that many
-# rows; SPLIT_K > 1 adds programs where N / BLOCK_N alone leaves SMs idle (N = 4096 at
-# batch 1). The autotuner picks per shape on the device.
+# int4 matvec: (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages). A thread holds 4 words (32 codes) of
+# a row and BLOCK_N * BLOCK_K / (32 * 32 * warps) rows, 4 or 8 here, so its x loads serve that
+# many rows; SPLIT_K > 1 adds programs where N / BLOCK_N alone leaves SMs idle (N = 4096 at
+# batch 1). stages > 1 lets the compiler issue the next step's weight loads before this
+# step's arithmetic, more bytes in flight per SM for a kernel bound by memory latency; the
+# last six configs add that, and longer steps. The autotuner picks per shape on the device.
 _INT4_MATVEC = [
-    (64, 256, 1, 4), (128, 256, 1, 4), (32, 256, 1, 2), (64, 256, 1, 2),
-    (64, 256, 2, 4), (64, 256, 4, 4), (32, 256, 4, 2), (64, 256, 8, 4), (32, 256, 8, 2),
+    (64, 256, 1, 4, 1), (128, 256, 1, 4, 1), (32, 256, 1, 2, 1), (64, 256, 1, 2, 1),
+    (64, 256, 2, 4, 1), (64, 256, 4, 4, 1), (32, 256, 4, 2, 1), (64, 256, 8, 4, 1), (32, 256, 8, 2, 1),
+    (64, 256, 1, 4, 3), (64, 256, 4, 4, 3), (128, 256, 2, 8, 3),
+    (64, 512, 1, 4, 2), (32, 512, 4, 4, 2), (64, 512, 2, 8, 2),
 ]
 INT4_MAX_SPLIT = max(c[2] for c in _INT4_MATVEC)
 INT4_MIN_BLOCK_N = 8  # the smallest BLOCK_N a split may use: the workspace has a counter per 8 rows
@@ -367,8 +371,8 @@ def _prune_int4_matvec(configs, named_args, **kwargs):
 
 _int4_matvec_tuned = triton.autotune(
     configs=[
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=1)
-        for n, k, sk, w in _INT4_MATVEC
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+        for n, k, sk, w, st in _INT4_MATVEC
     ],
     key=["N", "K", "GROUP", "X_QUADS"],
     prune_configs_by={"early_config_prune": _prune_int4_matvec},

@@ -189,7 +189,7 @@ def test_int4_matvec_every_tuned_config(kernels):
     ref = q.forward_reference(x.float())
     ws = kernels.Int4Workspace.for_rows(72, x.device)
     for c in kernels._int4_matvec_tuned.configs:
-        cfg = dict(c.kwargs, num_warps=c.num_warps)
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         y = kernels.quant_matmul(x, kernels.FMT_INT4, q.qweight, q.scales, q.zeros, None, 128, cfg, ws)
         check_int4(y, ref)
 
