@@ -54,6 +54,7 @@ import torch
 from bench.device import device_name, free_memory
 
 from bench.ceiling import measure_device_rates
+from bench.step_profile import print_profile, profile_decode
 from engine import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
 
 SPEED_MODES = "bf16,int8,int4-triton,int4-torch,fp8,fp8-torch"
@@ -94,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--skip-kernel-check", action="store_true")
     p.add_argument("--skip-self-check", action="store_true")
+    p.add_argument("--profile", action="store_true", help="each speed run: GPU time per kernel of one decode step (torch profiler)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -342,6 +344,10 @@ def run_speed(run: str, args: argparse.Namespace, rates, device: torch.device) -
         "dtype": str(engine.dtype).removeprefix("torch."),
         "kernels": backend_summary(engine.model) if device.type == "cuda" else "cpu reference",
     }
+    if args.profile:
+        # Where a token's time goes at batch 1: the weight-streaming matmuls against the small kernels.
+        result["profile"] = profile_decode(engine, [prompt], steps=16, top=24)
+        print_profile(result["profile"])
     del engine
     free_memory()
     return result
