@@ -35,6 +35,7 @@ import torch
 
 from bench.process_cpu import SERVE_ROLES, cpu_seconds_by_role, per_request_ms
 from bench.stream_levels import LevelResult, client_procs_for, client_share, merge_shares, record_request, run_level
+from deployments.ray_env import missing_serve_settings
 
 
 def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -160,7 +161,7 @@ def start_serve(num_gpus: int, env: dict[str, str]) -> str:
     port = _free_port()
     # Ray's processes inherit the environment of the raylet that ray.init starts here
     # (Serve reads settings such as RAY_SERVE_THROUGHPUT_OPTIMIZED at import).
-    with environment(env):
+    with environment({**missing_serve_settings({**os.environ, **env}), **env}):
         ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployments.ray_env import serve_process_env
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 APP = "llm"
@@ -127,7 +129,7 @@ class LocalCluster:
 
     def env(self) -> dict[str, str]:
         """The environment of every Ray process and CLI call of this cluster."""
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env = serve_process_env({k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")})
         env.update(
             RAY_TMPDIR=str(self.workdir),  # default temp dir of anything started here: never /tmp/ray
             RAY_AUTH_MODE="token",

@@ -96,8 +96,9 @@ def _sse(body: dict[str, Any] | str) -> str:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, config: AppConfig) -> None:
-        self._llm = llm
-        self._llm_stream = llm.options(stream=True)
+        # gRPC passes each request and chunk by value: no object-store round trip per message.
+        self._llm = llm.options(_by_reference=config.handle_transport == "ray")
+        self._llm_stream = self._llm.options(stream=True)
         self._config = config
         self._prompts = Prompts(load_ingress_tokenizer(config))
         self._metrics = IngressMetrics()
@@ -204,9 +205,15 @@ class OpenAIIngress:
         return JSONResponse(shaper.response(out).model_dump(), headers=_replica_header([out]))
 
     async def _generate_all(self, calls: list[GenerateRequest]) -> list[GenerateOutput]:
-        if len(calls) == 1:
-            return [await self._llm.generate.remote(calls[0])]
-        return await self._llm.generate_many.remote(calls)
+        response = self._llm.generate.remote(calls[0]) if len(calls) == 1 else self._llm.generate_many.remote(calls)
+        try:
+            result = await response
+        except asyncio.CancelledError:
+            # Ray's own cancel of this handler reaches the call below it; an asyncio cancel
+            # (the gRPC proxy's, or a departed client's) does not: cancel it by hand.
+            response.cancel()
+            raise
+        return [result] if len(calls) == 1 else result
 
     async def _stream(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -75,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.ray_env import missing_serve_settings
 
     print(f"app args: {json.dumps(args)}", flush=True)
     app = build_app(args)  # validates the args before Ray starts
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Ray's processes inherit this process's environment: Serve's settings must be there first.
+    os.environ.update(missing_serve_settings())
     ray.init(
         address="local",
         num_cpus=a.num_cpus,

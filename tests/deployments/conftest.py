@@ -6,6 +6,7 @@ it at the end, so modules can run alone or together.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +32,11 @@ def serve_cluster() -> Iterator[ServeCluster]:
     import ray
     from ray import serve
 
+    from deployments.ray_env import missing_serve_settings
+
     port = free_port()
     # More logical CPUs than cores: replicas mostly wait, and each asks for a fraction.
+    os.environ.update(missing_serve_settings())  # the proxy takes its transport from the environment
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -98,6 +98,7 @@ def test_preset_model_name() -> None:
         ({"router": {"index_timeout_s": 0}}, "router.index_timeout_s"),
         ({"max_stream_chunks_per_s": 0}, "max_stream_chunks_per_s"),
         ({"engine_loop": "fork"}, "engine_loop"),
+        ({"handle_transport": "http"}, "handle_transport"),
         (
             {"engine_loop": "process", "speculative": {"method": "remote", "draft_model": "models/demo-draft"}},
             "engine_loop 'process' cannot call the draft deployment",

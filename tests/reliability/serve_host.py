@@ -85,7 +85,10 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from deployments.ray_env import missing_serve_settings
+
     # More logical CPUs than cores: replicas mostly wait, and each asks for a fraction.
+    os.environ.update(missing_serve_settings())  # the proxy takes its transport from the environment
     ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": a.port})

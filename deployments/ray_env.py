@@ -1,0 +1,30 @@
+"""Environment for the Ray processes that run this app: Serve reads some settings only from there.
+
+Ray Serve's HTTP proxy picks its transport to the ingress replicas at start, from
+RAY_SERVE_PROXY_USE_GRPC; no application config reaches it. gRPC passes each request and
+stream chunk by value and, on an H100 host under 256 streams, cut the proxy's CPU per
+request by a third (BENCHMARKS.md, W2). `make serve` sets the same variable on the command
+line; launchers in this repo that start Ray call `serve_process_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+_DEFAULTS = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
+def serve_process_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: os.environ) with this app's Serve settings added where `base` leaves them unset,
+    so a user's own choice (e.g. RAY_SERVE_PROXY_USE_GRPC=0) wins."""
+    env = dict(os.environ if base is None else base)
+    for name, value in _DEFAULTS.items():
+        env.setdefault(name, value)
+    return env
+
+
+def missing_serve_settings(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The settings `serve_process_env` would add to `base`: what to put in os.environ before ray.init."""
+    env = os.environ if base is None else base
+    return {name: value for name, value in _DEFAULTS.items() if name not in env}
