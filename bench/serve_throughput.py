@@ -241,6 +241,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--direct-loop", choices=("process", "thread"), default="process",
         help="the direct engine's core: in a child process as in a replica (default), or a thread of the client's process",
     )
+    p.add_argument(
+        "--direct-twice", action="store_true",
+        help="also drive the engine directly after the Serve variants; the baseline is the mean of both runs",
+    )
     p.add_argument("--client-procs", type=int, default=0, help="client processes for the Serve path (0: one per 32 streams, at most 8)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -292,6 +296,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"through Ray Serve over HTTP{f' ({sets})' if sets else ''}, {procs} client processes:", flush=True)
             run_app(variant_app_args)
             variants.append({"sets": sets, "levels": bench_serve(pool, procs, base_url, "bench", levels, prompts_for, args.output_len)})
+    direct_runs = [direct]
+    if args.direct_twice:
+        # The host's speed drifts within a run (and between runs far more): the baseline is the
+        # mean of a direct run before and one after the Serve variants (Serve idles meanwhile).
+        print("engine direct, again:", flush=True)
+        direct_runs.append(asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop)))
+        direct = mean_direct(direct_runs)
     results = {
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "model": args.model,
@@ -311,6 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def mean_direct(runs: list[list[dict]]) -> list[dict]:
+    """Per level: the first run's figures with tok/s the mean over the runs (each run's in tok_s_runs)."""
+    out = []
+    for per_run in zip(*runs):
+        level = dict(per_run[0])
+        level["tok_s_runs"] = [r["tok_s"] for r in per_run]
+        level["tok_s"] = sum(level["tok_s_runs"]) / len(per_run)
+        out.append(level)
+    return out
+
+
 def _vocab_size(model: str) -> int:
     from engine.model.loader import PRESET_PREFIX
     from engine.model.presets import preset_config
@@ -324,6 +346,9 @@ def report(results: dict, argv: list[str] | None) -> None:
     print(f"\nW2 serving on {results['device']} ({results['model']}, prompt {results['prompt_len']}, "
           f"{results['client_procs']} client processes for Serve, "
           f"output {results['output_len']} tokens, streaming)")
+    for d in results["direct"]:
+        if len(d.get("tok_s_runs", [])) > 1:
+            print(f"  direct c={d['concurrency']}: " + " then ".join(f"{t:.0f}" for t in d["tok_s_runs"]) + " tok/s (before, after Serve)")
     for variant in results["serve_variants"]:
         if variant["sets"]:
             print(f"Serve variant: {variant['sets']}")
