@@ -218,7 +218,7 @@ class AppConfig(_Strict):
     handle_transport: Literal["grpc", "ray"] = Field(
         "grpc",
         description=(
-            "How the ingress calls the LLM replicas (and an LLM replica the draft deployment): 'grpc' (Ray Serve's "
+            "How the ingress calls the LLM replicas and reads their streams: 'grpc' (Ray Serve's "
             "gRPC transport, by value: less CPU per request and per chunk under streaming load) or 'ray' "
             "(Ray's own actor calls and object store). The HTTP proxy's hop to the ingress follows the "
             "environment variable RAY_SERVE_PROXY_USE_GRPC=1, which `make serve` sets."

@@ -122,7 +122,6 @@ def remote_proposer(config: Any, handle: DeploymentHandle) -> RemoteDraftPropose
     """What an LLM replica gives its engine when speculative.method is 'remote' (config: AppConfig)."""
     from engine.model.loader import resolve_device
 
-    handle = handle.options(_by_reference=config.handle_transport == "ray")  # one call per engine step: gRPC's lower latency
     return RemoteDraftProposer(
         handle, config.speculative.num_speculative_tokens, _vocab_size(config.model), resolve_device(config.device)
     )
