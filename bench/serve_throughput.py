@@ -5,9 +5,10 @@ and, in the same run, against the engine driven directly (its core in a child pr
     python bench/serve_throughput.py --model preset:qwen3-0.6b --concurrency 1,16,64,256
     python bench/serve_throughput.py --concurrency 2 --requests-per-level 4 --output-len 8   # CPU smoke run
     python bench/serve_throughput.py --serve-set "" --serve-set max_stream_chunks_per_s=1000,ingress.num_replicas=4 \
-        --serve-set env.RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+        --serve-set env.RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --serve-set ingress_direct_http.port=18000
         # the Serve path once per --serve-set (app args changed by dotted key=value; env.NAME=value
-        # starts a fresh Ray with that environment variable), one direct run
+        # starts a fresh Ray with that environment variable; with ingress_direct_http the clients call
+        # the ingress replicas' own port instead of Serve's proxy), one direct run
 
 Figures per concurrency: output tok/s, TTFT and inter-token latency p50/p99, errors, and
 where the Serve path's TTFT went (the answers' Server-Timing header). The Serve path's
@@ -126,8 +127,13 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
 # ----- through Ray Serve over HTTP ----------------------------------------------------
 
 
-def bench_serve(pool, procs: int, base_url: str, model: str, levels: list[int], prompts_for, output_len: int) -> list[dict]:
-    """A warm-up, then each level; each summary also says how long requests waited once on a replica."""
+def bench_serve(
+    pool, procs: int, base_url: str, client_url: str, model: str, levels: list[int], prompts_for, output_len: int
+) -> list[dict]:
+    """A warm-up, then each level; each summary also says how long requests waited once on a replica.
+
+    client_url: where the clients send their requests (Serve's proxy, or the ingress replicas' own
+    port with ingress_direct_http); base_url: the proxy, read for the replicas' counters."""
 
     def probe() -> tuple[float, float]:
         with urllib.request.urlopen(base_url + "/metrics", timeout=30) as resp:
@@ -138,7 +144,7 @@ def bench_serve(pool, procs: int, base_url: str, model: str, levels: list[int], 
         n = max(1, min(procs, c))
         shares = [prompts[i::n] for i in range(n)]
         concurrency = [c // n + (i < c % n) for i in range(n)]
-        parts = pool.map(client_share, [base_url] * n, [model] * n, shares, concurrency, [output_len] * n)
+        parts = pool.map(client_share, [client_url] * n, [model] * n, shares, concurrency, [output_len] * n)
         return merge_shares(c, list(parts))
 
     level(max(4, procs))  # warm-up, which also starts every client process (spawned on first use)
@@ -295,7 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
                 base_url, env_now = start_serve(1 if cuda else 0, env), env
             print(f"through Ray Serve over HTTP{f' ({sets})' if sets else ''}, {procs} client processes:", flush=True)
             run_app(variant_app_args)
-            variants.append({"sets": sets, "levels": bench_serve(pool, procs, base_url, "bench", levels, prompts_for, args.output_len)})
+            direct_http = variant_app_args.get("ingress_direct_http")
+            client_url = base_url if direct_http is None else f"http://{direct_http.get('host', '127.0.0.1')}:{direct_http['port']}"
+            variants.append({
+                "sets": sets,
+                "client_url": client_url,
+                "levels": bench_serve(pool, procs, base_url, client_url, "bench", levels, prompts_for, args.output_len),
+            })
     direct_runs = [direct]
     if args.direct_twice:
         # The host's speed drifts within a run (and between runs far more): the baseline is the

@@ -165,6 +165,11 @@ class RouterOptions(_Strict):
     heartbeat_s: float = Field(5.0, gt=0, description="How often an idle replica republishes its stats.")
 
 
+class DirectHTTPOptions(_Strict):
+    host: str = Field("127.0.0.1", description="Address the ingress replicas listen on themselves.")
+    port: int = Field(ge=1, le=65535, description="Port shared by every ingress replica of a node (SO_REUSEPORT).")
+
+
 class AppConfig(_Strict):
     """The `args` of the app in serve_config.yaml."""
 
@@ -222,6 +227,14 @@ class AppConfig(_Strict):
             "gRPC transport, by value: less CPU per request and per chunk under streaming load) or 'ray' "
             "(Ray's own actor calls and object store). The HTTP proxy's hop to the ingress follows the "
             "environment variable RAY_SERVE_PROXY_USE_GRPC=1, which `make serve` sets."
+        ),
+    )
+    ingress_direct_http: DirectHTTPOptions | None = Field(
+        None,
+        description=(
+            "Each ingress replica also serves the OpenAI API itself on this host:port, beside Serve's HTTP "
+            "proxy: the replicas of a node share the port (SO_REUSEPORT), so HTTP capacity grows with "
+            "ingress.num_replicas instead of stopping at the one proxy process per node. null: proxy only."
         ),
     )
     router: RouterOptions = Field(default_factory=RouterOptions)

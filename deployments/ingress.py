@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import errors
 from deployments.config import AppConfig
+from deployments.direct_http import DirectHTTPServer
 from deployments.errors import OpenAIError
 from deployments.messages import GenerateOutput, GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
@@ -87,6 +88,20 @@ def _replica_header(outputs: list[GenerateOutput]) -> dict[str, str]:
     return {"x-replica-id": ",".join(dict.fromkeys(o.replica_id for o in outputs))}
 
 
+def direct_app(ingress: "OpenAIIngress") -> FastAPI:
+    """The same routes and error bodies as `app`, bound to one ingress replica, for its own listener."""
+    direct = FastAPI(title="LLM serving (direct)", docs_url=None, redoc_url=None, openapi_url=None)
+    direct.add_exception_handler(RequestValidationError, _validation_error)
+    direct.add_exception_handler(OpenAIError, _openai_error)
+    direct.add_exception_handler(StarletteHTTPException, _http_error)
+    direct.add_api_route("/health", ingress.health, methods=["GET"])
+    direct.add_api_route("/v1/models", ingress.models, methods=["GET"])
+    direct.add_api_route("/metrics", ingress.metrics, methods=["GET"])
+    direct.add_api_route("/v1/completions", ingress.completions, methods=["POST"])
+    direct.add_api_route("/v1/chat/completions", ingress.chat_completions, methods=["POST"])
+    return direct
+
+
 def _sse(body: dict[str, Any] | str) -> str:
     data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -104,6 +119,9 @@ class OpenAIIngress:
         self._metrics = IngressMetrics()
         self._info: ModelInfo | None = None
         self._index: Any = None  # the prefix index actor, for /metrics
+        direct = config.ingress_direct_http
+        # The constructor runs on the replica's event loop, which the listener then shares.
+        self._direct = None if direct is None else DirectHTTPServer(direct_app(self), direct.host, direct.port)
 
     # ----- plain endpoints -------------------------------------------------------------------
 
