@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.attention.backend import write_kv
+
 
 # ----- torch reference ---------------------------------------------------------------
 
@@ -66,6 +68,37 @@ def qk_norm_rope(
         q, k = rmsnorm_ref(q, q_weight, eps), rmsnorm_ref(k, k_weight, eps)
     cos, sin = cos_table[positions], sin_table[positions]
     return rotate_ref(q, cos, sin), rotate_ref(k, cos, sin)
+
+
+def rope_and_cache(
+    q: torch.Tensor,  # [T, H, D] (strided views of the fused qkv output are fine)
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    cos_table: torch.Tensor,  # [max_positions, D] fp32
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,  # [T]
+    q_weight: torch.Tensor | None,  # per-head RMSNorm weights (Qwen3), or None
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D], any float dtype (cast on store)
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> torch.Tensor:
+    """qk_norm_rope, then write_kv of the rotated k and v; returns the rotated q, contiguous.
+
+    On CUDA this is one kernel where the unfused path launches four per layer
+    (rotary of q, of k, and write_kv's two index_copy_): at batch-1 decode
+    each of those is a few microseconds of launch and latency for a few KB.
+    """
+    if q.is_cuda:
+        from engine.model import triton_ops
+
+        return triton_ops.rope_and_cache(
+            q, k, v, cos_table, sin_table, positions, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping
+        )
+    q, k = qk_norm_rope(q, k, cos_table, sin_table, positions, q_weight, k_weight, eps)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

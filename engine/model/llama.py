@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention, write_kv
+from engine.attention import AttentionMetadata, paged_attention
 from engine.model.arch import ModelArch, rope_inv_freq
-from engine.model.fused_ops import add_rmsnorm, qk_norm_rope, silu_and_mul
+from engine.model.fused_ops import add_rmsnorm, rope_and_cache, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -64,13 +64,14 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = qk_norm_rope(
-            q, k, rotary.cos, rotary.sin, positions,
+        # Norm + rotary of q and k, and the new K/V into the cache, in one step (one kernel on CUDA).
+        q = rope_and_cache(
+            q, k, v, rotary.cos, rotary.sin, positions,
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
             self.q_norm.eps if self.q_norm is not None else 0.0,
+            kv_cache[0], kv_cache[1], meta.slot_mapping,
         )
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))
 
