@@ -1,0 +1,25 @@
+"""bench/sass_count.py: the int4 kernels compiled for sm_90 offline (no GPU), instructions counted.
+
+This is also the check that the tensor-core kernel keeps its point after a Triton upgrade: if
+Triton stopped keeping the loaded words in the dot's register layout (staging the dequantized
+tile through shared memory instead) or ptxas stopped fusing the mask and the magic into one
+LOP3, the count per weight would rise well above these bounds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import sass_count
+
+pytestmark = pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas / cuobjdump in the triton wheel")
+
+
+def test_the_mma_kernel_issues_far_fewer_instructions_per_weight():
+    (mma,) = sass_count.mma_counts(configs=[(64, 8, 1, 4, 1)])
+    (matvec,) = sass_count.matvec_counts(configs=[(64, 256, 1, 4, 1)])
+    assert mma.top.get("HGMMA", 0) > 0  # wgmma: the weights' tile stays in registers
+    # 7 logic / shift instructions per 8 weights plus one wgmma per 8 (per thread) are the floor
+    assert 1.0 < mma.per_weight < 2.0
+    assert mma.per_weight < 0.5 * matvec.per_weight
+    assert mma.top["LOP3"] <= 256 + 8  # one LOP3 per word and plane: 64 words x 4 planes per step
