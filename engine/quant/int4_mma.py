@@ -236,7 +236,7 @@ def _fits(step_groups: int, split: int, group: int, num_groups: int) -> bool:
     return step_groups <= MMA_COLUMNS and chunk * group // 4 >= 16 and (split == 1 or split * step_groups <= num_groups)
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     group = kwargs.get("GROUP", named_args.get("GROUP"))
     num_groups = named_args["K"] // group
     kept = [c for c in configs if _fits(c.kwargs["STEP_GROUPS"], c.kwargs["SPLIT_K"], group, num_groups)]
@@ -245,7 +245,7 @@ def _prune(configs, named_args, **kwargs):
     return [triton.Config({"BLOCK_N": 64, "STEP_GROUPS": max(1, 64 // group), "SPLIT_K": 1}, num_warps=4, num_stages=1)]
 
 
-def _bench(fn, quantiles):
+def _bench(fn, quantiles) -> float | list[float]:
     # As kernels._bench: short, an engine start tunes every distinct layer shape once.
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
