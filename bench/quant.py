@@ -22,20 +22,21 @@
    a message if absent) for none / int8 / int4-rtn / int4-awq / fp8.
 
 Modes: bf16 (none), int8, int4-triton (our Triton matvec for decode),
-int4-torch (PyTorch's tinygemm int4 kernel), int4 (the config default,
-backend "auto"), fp8 (our kernel for decode), fp8-torch (torch._scaled_mm
-throughout). Each int4 backend is its own row, with the kernels its layers
-actually ran; the W3 line takes the fastest int4 row and names it. A mode the
-device cannot run is reported as skipped. Perplexity modes pin the Triton
-backend (its prefill path is the exact dequantized product), so they compare
-with earlier runs.
+int4-torch (PyTorch's tinygemm int4 kernel), int4-triton-mma (our tensor-core
+int4 kernel, engine/quant/int4_mma.py), int4 (the config default, backend
+"auto"), fp8 (our kernel for decode), fp8-torch (torch._scaled_mm throughout).
+Each int4 backend is its own row, with the kernels its layers actually ran;
+the W3 line takes the fastest int4 row and names it. A mode the device cannot
+run is reported as skipped. Perplexity modes pin the Triton backend (its
+prefill path is the exact dequantized product), so they compare with earlier
+runs.
 
 0. Self-check (CUDA, before any timing): each int4 backend on random layers
    of the preset's shapes, against the dequantized reference: the Triton
-   matvec (autotuned, and every config it may pick, split-K included) within
-   half a bf16 ulp plus 1e-4 of max |y|; tinygemm (offsets rounded to bf16)
-   within 1% relative norm error; then replayed 3 times from a CUDA graph,
-   bit-identical to the eager call. A backend that fails is not timed.
+   matvec and the tensor-core kernel (autotuned, and every config they may
+   pick, split-K included) within half a bf16 ulp plus 1e-4 of max |y|;
+   tinygemm (offsets rounded to bf16) within 1% relative norm error; then
+   replayed 3 times from a CUDA graph, bit-identical to the eager call. A backend that fails is not timed.
 
 Prints a table and the W3 report line; --json writes every figure.
 """
@@ -57,7 +58,7 @@ from bench.ceiling import measure_device_rates
 from bench.step_profile import print_profile, profile_decode
 from engine import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
 
-SPEED_MODES = "bf16,int8,int4-triton,int4-torch,fp8,fp8-torch"
+SPEED_MODES = "bf16,int8,int4-triton,int4-torch,int4-triton-mma,fp8,fp8-torch"
 PPL_MODES = "none,int8,int4-rtn,int4-awq,fp8"
 
 
@@ -69,6 +70,7 @@ def mode_config(mode: str) -> QuantConfig:
         "int4": QuantConfig(method="int4", awq=False),  # backend "auto": the config default
         "int4-triton": QuantConfig(method="int4", awq=False, backend="triton"),
         "int4-torch": QuantConfig(method="int4", awq=False, backend="torch"),
+        "int4-triton-mma": QuantConfig(method="int4", awq=False, backend="triton-mma"),
         "int4-rtn": QuantConfig(method="int4", awq=False, backend="triton"),
         "int4-awq": QuantConfig(method="int4", awq=True, backend="triton"),
         "fp8": QuantConfig(method="fp8"),
@@ -127,12 +129,17 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
         if tg.tinygemm_supported():
             tg.to_tinygemm_()
             variants["int4-torch"] = tg
+        mma = Int4Linear.from_float(lin, 128)
+        if mma.mma_supported():
+            mma.to_mma_()
+            variants["int4-triton-mma"] = mma
         if fp8_ok:
             variants["fp8"] = Fp8Linear.from_float(lin)
             f = Fp8Linear.from_float(lin)
             f.use_triton = False
             variants["fp8-torch"] = f
-        ref_layers = {"int4-torch": variants["int4-triton"], "fp8-torch": variants.get("fp8")}
+        int4_ref = variants["int4-triton"]  # the same codes: the portable layout's dequantized reference
+        ref_layers = {"int4-torch": int4_ref, "int4-triton-mma": int4_ref, "fp8-torch": variants.get("fp8")}
         for vname, layer in variants.items():
             row = {"shape": name, "K": k, "N": n, "variant": vname}
             try:
@@ -157,8 +164,8 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
             msg = row.get("error") or (
                 f"err {row['max_rel_err']:.2e}  {row['us']:8.1f} us  {row['weight_GBps']:7.0f} GB/s"
             )
-            log(f"  kernel {name:<8} {vname:<11} {msg}")
-        del variants, ref_layers, tg, lin
+            log(f"  kernel {name:<8} {vname:<15} {msg}")
+        del variants, ref_layers, int4_ref, tg, mma, lin
         free_memory()
     return rows
 
@@ -184,7 +191,7 @@ def int4_self_check(preset: str, device: torch.device) -> dict[str, str]:
     """backend -> "ok" or what failed: each int4 backend on the preset's "qkv" and "down" shapes."""
     shapes = _preset_shapes(preset)
     out: dict[str, str] = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch", "triton-mma"):
         problems = []
         for name in ("qkv", "down"):
             try:
@@ -200,7 +207,7 @@ def int4_self_check(preset: str, device: torch.device) -> dict[str, str]:
 def _self_check_layer(backend: str, k: int, n: int, device: torch.device) -> list[str]:
     from torch import nn
 
-    from engine.quant import kernels
+    from engine.quant import int4_mma, kernels
     from engine.quant.int4 import Int4Linear
 
     gen = torch.Generator(device=device).manual_seed(1)
@@ -219,12 +226,21 @@ def _self_check_layer(backend: str, k: int, n: int, device: torch.device) -> lis
                 calls[str(cfg)] = lambda cfg=cfg: kernels.quant_matmul(
                     x, kernels.FMT_INT4, layer.qweight, layer.scales, layer.zeros, None, 128, cfg, ws
                 )
+    elif backend == "triton-mma":
+        layer.to_mma_()
+        mws = layer.mma_workspace()
+        for c in int4_mma._int4_mma_tuned.configs:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            if int4_mma._fits(cfg["STEP_GROUPS"], cfg["SPLIT_K"], 128, k // 128):
+                calls[str(cfg)] = lambda cfg=cfg: int4_mma.int4_mma_matmul(
+                    x, layer.mma_qweight, layer.scales, layer.zeros, None, 128, mws, cfg
+                )
     else:
         layer.to_tinygemm_()
     problems = []
     for label, call in calls.items():
         y = call().float()
-        if backend == "triton":  # one rounding of an fp32 sum: half a bf16 ulp, plus summation error
+        if backend != "torch":  # one rounding of an fp32 sum: half a bf16 ulp, plus summation error
             # slack 1e-4 of max |y|: fp32 rounding over K = 14336 (~2e-5 of it), far below a wrong code
             bound = 2.0**-8 * ref.abs() + 1e-4 * ref.abs().max()
             excess = float((((y - ref).abs() - bound) / bound).max())

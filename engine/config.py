@@ -63,16 +63,17 @@ class QuantConfig:
     group_size: int = 128  # int4 only
     awq: bool = True  # int4 only: activation-aware scales (False: plain round-to-nearest)
     # CUDA kernels: "triton" (ours, for decode-sized batches), "torch" (PyTorch's own
-    # _weight_int4pack_mm for int4 and _scaled_mm for fp8; int8 dequantizes), or "auto": per
-    # method, the one engine/quant/swap.py's AUTO_BACKEND names (from bench/quant.py's W3 runs).
-    # The CPU ignores it.
-    backend: Literal["auto", "triton", "torch"] = "auto"
+    # _weight_int4pack_mm for int4 and _scaled_mm for fp8; int8 dequantizes), "triton-mma"
+    # (int4 on our tensor-core kernel, engine/quant/int4_mma.py, bf16 / fp16 models; int8 / fp8
+    # as "triton"), or "auto": per method, the one engine/quant/swap.py's AUTO_BACKEND names
+    # (from bench/quant.py's W3 runs). The CPU ignores it.
+    backend: Literal["auto", "triton", "torch", "triton-mma"] = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in ("none", "int8", "int4", "fp8"):
             raise ConfigError(f"quantization.method must be none|int8|int4|fp8, got {self.method!r}")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"quantization.backend must be auto|triton|torch, got {self.backend!r}")
+        if self.backend not in ("auto", "triton", "torch", "triton-mma"):
+            raise ConfigError(f"quantization.backend must be auto|triton|torch|triton-mma, got {self.backend!r}")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ConfigError("quantization.group_size must be a power of two >= 16")
 

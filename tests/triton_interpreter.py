@@ -21,3 +21,27 @@ def interpreted_module(name: str, kernel: str) -> ModuleType:
     if not isinstance(getattr(module, kernel), interpreter.InterpretedFunction):
         pytest.skip(f"{name} was imported before TRITON_INTERPRET=1 was set")
     return module
+
+
+def exact_bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets the interpreter's tl.dot take bf16 operands (tensor cores do; numpy has no bf16).
+
+    The interpreter holds bf16 tensors as their uint16 bits and multiplies with np.matmul, which
+    would multiply the bit patterns as integers. This widens such operands to fp32 first: exact,
+    as on the GPU, where bf16 products are exact and summed in fp32."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widened(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot)

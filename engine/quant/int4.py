@@ -89,7 +89,9 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales", scales)  # [N, K/group], model dtype
         self.register_buffer("zeros", zeros)  # uint8 [N, K/group]
         self.tinygemm = False
+        self.mma = False  # codes repacked for the tensor-core kernel (to_mma_, int4_mma.py)
         self._workspace = None  # the Triton matvec's split-K buffers, made on first use (kernels.py)
+        self._mma_workspace = None  # the same for the tensor-core kernel (int4_mma.MmaWorkspace)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group: int) -> "Int4Linear":
@@ -116,12 +118,20 @@ class Int4Linear(QuantLinear):
         if self.tinygemm:
             raise RuntimeError("an Int4Linear in tinygemm form cannot be dequantized")
         n, k, g = self.out_features, self.in_features, self.group_size
-        q = unpack_int4(self.qweight).reshape(n, k // g, g)
+        q = unpack_int4(self.packed_codes()).reshape(n, k // g, g)
         if dtype == torch.float32:
             w = (q.float() - self.zeros.float()[..., None]) * self.scales.float()[..., None]
         else:  # integers up to 15 are exact in any float type: only the product rounds
             w = (q.to(dtype) - self.zeros.to(dtype)[..., None]) * self.scales.to(dtype)[..., None]
         return w.reshape(n, k)
+
+    def packed_codes(self) -> torch.Tensor:
+        """The codes as uint8 [N, K/2] in the checkpoint's layout (even k low), whatever the form."""
+        if self.mma:
+            from engine.quant.int4_mma import unpack_mma
+
+            return unpack_mma(self.mma_qweight, self.group_size)
+        return self.qweight
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         if self.tinygemm:
@@ -129,6 +139,8 @@ class Int4Linear(QuantLinear):
                 x.to(torch.bfloat16), self.tg_weight, self.group_size, self.tg_scales_zeros
             ).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.mma:
+            return self._forward_mma(x)
         g = self.group_size
         if x.shape[0] > KERNEL_MAX_ROWS or g < 32 or g & (g - 1):
             return self.forward_reference(x)
@@ -151,6 +163,55 @@ class Int4Linear(QuantLinear):
         if ws is None or ws.partials.device != self.qweight.device:
             ws = self._workspace = kernels.Int4Workspace.for_rows(self.out_features, self.qweight.device)
         return ws
+
+    # ----- our tensor-core kernel (int4_mma.py), a runtime-only form ---------------------
+
+    def mma_supported(self) -> bool:
+        """bf16 / fp16 models (the tensor cores' operand types; fp32 stays on the matvec, exact in fp32)."""
+        from engine.quant.int4_mma import OFFSET, SUPPORTED_GROUPS
+
+        return (
+            self.qweight is not None
+            and self.qweight.is_cuda
+            and self.group_size in SUPPORTED_GROUPS
+            and self.scales.dtype in OFFSET
+        )
+
+    @torch.no_grad()
+    def to_mma_(self, rows_per_chunk: int = 8192) -> None:
+        """Repacks the codes for int4_mma's kernel (a permutation of the nibbles within each group:
+        same bytes) and frees the checkpoint layout. dequantize() still works (it unpacks), but
+        the state_dict now holds mma_qweight, not qweight: do not save the layer afterwards.
+        Rows go a chunk at a time, so the repacking's temporaries stay small (lm_head)."""
+        from engine.quant.int4_mma import pack_mma
+
+        if self.tinygemm or self.mma:
+            raise RuntimeError(f"this Int4Linear is already repacked ({self.extra_repr()})")
+        words = torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32, device=self.qweight.device)
+        for r in range(0, self.out_features, rows_per_chunk):
+            words[r : r + rows_per_chunk] = pack_mma(self.qweight[r : r + rows_per_chunk], self.group_size)
+        self.qweight = None
+        self.register_buffer("mma_qweight", words)
+        self.mma = True
+
+    def mma_workspace(self):
+        """int4_mma.MmaWorkspace on the weights' device: made at load (swap.set_backend_), before
+        any CUDA graph capture, then reused, as matvec_workspace."""
+        from engine.quant.int4_mma import MmaWorkspace
+
+        ws = self._mma_workspace
+        if ws is None or ws.partials.device != self.mma_qweight.device:
+            ws = self._mma_workspace = MmaWorkspace.for_rows(self.out_features, self.mma_qweight.device)
+        return ws
+
+    def _forward_mma(self, x: torch.Tensor) -> torch.Tensor:
+        from engine.quant.int4_mma import OFFSET, int4_mma_matmul
+
+        if x.shape[0] > KERNEL_MAX_ROWS or x.dtype not in OFFSET:
+            return self.forward_reference(x)
+        return int4_mma_matmul(
+            x, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace()
+        )
 
     # ----- PyTorch's own int4 kernel (tinygemm), a runtime-only form --------------------
 
@@ -183,4 +244,5 @@ class Int4Linear(QuantLinear):
         self.tinygemm = True
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}" + (", tinygemm" if self.tinygemm else "")
+        form = ", tinygemm" if self.tinygemm else ", mma" if self.mma else ""
+        return super().extra_repr() + f", group_size={self.group_size}" + form

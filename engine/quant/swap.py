@@ -95,21 +95,35 @@ AUTO_BACKEND = {"int8": "triton", "int4": "torch", "fp8": "triton"}
 
 
 def resolve_backend(method: str, backend: str) -> str:
-    return AUTO_BACKEND.get(method, "triton") if backend == "auto" else backend
+    if backend == "auto":
+        return AUTO_BACKEND.get(method, "triton")
+    if backend == "triton-mma" and method != "int4":
+        return "triton"  # an int4 kernel: the other methods keep our Triton ones
+    return backend
 
 
 def set_backend_(model: nn.Module, backend: str) -> None:
     """"triton": our kernels for few rows; "torch": PyTorch's own int4 (tinygemm) and fp8 (_scaled_mm)
-    ops; "auto": AUTO_BACKEND's choice per layer kind. Runs once at load: tinygemm's repacking
-    happens here, never per call, so a captured CUDA graph replays only the matmul."""
+    ops; "triton-mma": int4 on our tensor-core kernel (int4_mma.py; bf16 / fp16 models, the others
+    keep the matvec), int8 / fp8 as "triton"; "auto": AUTO_BACKEND's choice per layer kind. Runs
+    once at load: tinygemm's and the mma kernel's repacking happen here, never per call, so a
+    captured CUDA graph replays only the matmul."""
+    repacked = False
     for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.use_triton = resolve_backend("fp8", backend) == "triton"
-        elif isinstance(module, Int4Linear) and not module.tinygemm:
-            if resolve_backend("int4", backend) == "torch" and _tinygemm_suits(module, explicit=backend == "torch"):
+        elif isinstance(module, Int4Linear) and not (module.tinygemm or module.mma):
+            int4 = resolve_backend("int4", backend)
+            if int4 == "torch" and _tinygemm_suits(module, explicit=backend == "torch"):
                 module.to_tinygemm_()
+            elif int4 == "triton-mma" and module.mma_supported():
+                module.to_mma_()
+                module.mma_workspace()
+                repacked = True
             elif module.qweight.is_cuda:
                 module.matvec_workspace()
+    if repacked and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the repacking's temporaries go back to the KV cache sizing
 
 
 def _tinygemm_suits(module: Int4Linear, explicit: bool) -> bool:
@@ -123,7 +137,7 @@ def backend_summary(model: nn.Module) -> str:
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            key = "int4: " + ("torch" if module.tinygemm else "triton")
+            key = "int4: " + ("torch" if module.tinygemm else "triton-mma" if module.mma else "triton")
         elif isinstance(module, Fp8Linear):
             key = "fp8: " + ("triton" if module.use_triton else "torch")
         elif isinstance(module, Int8Linear):

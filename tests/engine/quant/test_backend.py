@@ -71,3 +71,34 @@ def test_on_the_cpu_nothing_is_repacked():
     assert not model.a.tinygemm
     x = torch.randn(1, 256).to(torch.bfloat16)
     torch.testing.assert_close(model.a(x), model.a.forward_reference(x))
+
+
+@pytest.fixture
+def fake_mma_device(monkeypatch):
+    """Every layer counts as runnable by the tensor-core kernel (a CUDA check); the repacking is real."""
+    monkeypatch.setattr(Int4Linear, "mma_supported", lambda self: self.qweight is not None)
+
+
+def test_triton_mma_backend_repacks_the_int4_layers(fake_mma_device):
+    model = TwoLayers(torch.bfloat16)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    before = model.a(x)
+    set_backend_(model, "triton-mma")
+    assert model.a.mma and model.b.mma and not model.a.tinygemm
+    assert backend_summary(model) == "int4: triton-mma 2"
+    assert torch.equal(model.a(x), before)  # the CPU reference unpacks the repacked codes
+    set_backend_(model, "triton-mma")  # a second call leaves repacked layers alone
+    assert model.a.mma
+
+
+def test_triton_mma_is_an_int4_backend():
+    assert QuantConfig(method="int4", backend="triton-mma").backend == "triton-mma"
+    assert resolve_backend("int4", "triton-mma") == "triton-mma"
+    assert resolve_backend("fp8", "triton-mma") == "triton"  # the other methods keep our kernels
+    assert resolve_backend("int8", "triton-mma") == "triton"
+
+
+def test_on_the_cpu_the_mma_backend_repacks_nothing():
+    model = TwoLayers(torch.bfloat16)
+    set_backend_(model, "triton-mma")  # mma_supported() is False off CUDA
+    assert not model.a.mma and backend_summary(model) == "int4: triton 2"

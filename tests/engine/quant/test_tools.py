@@ -49,11 +49,11 @@ def test_bench_quant_smoke(text_ckpt, text_file, tmp_path):
     from bench import quant
 
     results = quant.main([
-        "--preset", "tiny-llama", "--modes", "bf16,int8,int4,int4-triton,int4-torch,fp8", "--prompt-len", "8",
+        "--preset", "tiny-llama", "--modes", "bf16,int8,int4,int4-triton,int4-torch,int4-triton-mma,fp8", "--prompt-len", "8",
         "--output-len", "4", "--repeats", "1", "--ppl-model", str(text_ckpt), "--ppl-text", str(text_file),
         "--ppl-windows", "2", "--ppl-seq-len", "32", "--json", str(tmp_path / "w3.json"),
     ])
-    assert set(results["speed"]) == {"bf16", "int8", "int4", "int4-triton", "int4-torch"}
+    assert set(results["speed"]) == {"bf16", "int8", "int4", "int4-triton", "int4-torch", "int4-triton-mma"}
     assert {r["kernels"] for r in results["speed"].values()} == {"cpu reference"}
     assert "self_check" not in results  # CUDA only
     assert "compute capability" in results["skipped"]["fp8"]

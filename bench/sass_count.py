@@ -1,0 +1,129 @@
+"""SASS instructions per weight in the main loop of the two int4 decode kernels, without a GPU.
+
+    python -m bench.sass_count            # every tuned config of both kernels, group 128, bf16
+
+Each config is compiled for sm_90 by this Triton (ptxas from its wheel) as the autotuner would
+launch it on the 8B model's layers (bf16, group 128, pointers and sizes divisible by 16, whole
+blocks), disassembled with the wheel's cuobjdump, and the instructions of its longest loop are
+divided by the weights one thread handles per iteration. At batch 1 a kernel that issues n
+instructions per weight needs n * 9e9 issue slots per token: a bound on speed, not a timing
+(that is bench/quant.py's kernel check, on a GPU).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "count_ptr", "magic_ptr",
+              "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_ym")
+
+
+@dataclass(frozen=True)
+class LoopCount:
+    label: str
+    registers: int
+    shared_bytes: int
+    loop_instructions: int
+    per_weight: float
+    top: dict[str, int]  # the most frequent opcodes of the loop
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def tools_available() -> bool:
+    return _tool("cuobjdump").exists() and _tool("ptxas").exists()
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE if a in signature}
+    src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs, attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _sass(cubin: bytes) -> tuple[str, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(_tool("cuobjdump")), "-sass", str(path)], capture_output=True, text=True).stdout
+        res = subprocess.run([str(_tool("cuobjdump")), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    return sass, int(regs.group(1)) if regs else -1
+
+
+def longest_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the longest span from a backward branch's target to the branch."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    best = collections.Counter()
+    for i, (addr, text) in enumerate(ins):
+        target = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
+        start = index.get(int(target.group(1), 16)) if target else None
+        if start is not None and start < i:
+            body = (re.sub(r"^@!?U?P[T\d]\s+", "", t) for _, t in ins[start : i + 1])  # drop predicates
+            ops = collections.Counter(line.split()[0].split(".")[0] for line in body)
+            if sum(ops.values()) > sum(best.values()):
+                best = ops
+    return best
+
+
+def _count(label: str, fn, signature: dict, constexprs: dict, warps: int, stages: int, weights: int) -> LoopCount:
+    kernel = compile_sm90(fn, signature, constexprs, warps, stages)
+    sass, regs = _sass(kernel.asm["cubin"])
+    ops = longest_loop(sass)
+    n = sum(ops.values())
+    return LoopCount(label, regs, kernel.metadata.shared, n, n / weights, dict(ops.most_common(6)))
+
+
+def mma_counts(group: int = 128, configs: list[tuple] | None = None) -> list[LoopCount]:
+    """The tensor-core kernel (engine/quant/int4_mma.py), each tuned config (or `configs`), batch 1."""
+    from engine.quant import int4_mma
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+    out = []
+    for n, step, split, warps, stages in configs or int4_mma._MMA_CONFIGS:
+        consts = {"GROUP": group, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": n, "STEP_GROUPS": step,
+                  "SPLIT_K": split, "EVEN": True}
+        weights = n * step * group // (32 * warps)  # per thread per step
+        label = f"triton-mma BLOCK_N {n} STEP_GROUPS {step} SPLIT_K {split} warps {warps} stages {stages}"
+        out.append(_count(label, int4_mma._int4_mma_kernel, sig, consts, warps, stages, weights))
+    return out
+
+
+def matvec_counts(group: int = 128, configs: list[tuple] | None = None) -> list[LoopCount]:
+    """The fp32 matvec (engine/quant/kernels.py), each tuned config (or `configs`), x as bf16 quads."""
+    from engine.quant import kernels
+
+    sig = {"x_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32",
+           "exp_one": "i32"}
+    out = []
+    for n, k, split, warps, stages in configs or kernels._INT4_MATVEC:
+        consts = {"GROUP": group, "HAS_BIAS": False, "X_QUADS": True, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}
+        label = f"triton     BLOCK_N {n} BLOCK_K {k} SPLIT_K {split} warps {warps} stages {stages}"
+        out.append(_count(label, kernels._int4_matvec_kernel, sig, consts, warps, stages, n * k // (32 * warps)))
+    return out
+
+
+def main() -> None:
+    for c in matvec_counts() + mma_counts():
+        print(f"{c.label:<72} {c.per_weight:5.2f} / weight  ({c.loop_instructions} in the loop, "
+              f"{c.registers} registers, {c.shared_bytes // 1024} KiB shared)  {c.top}")
+
+
+if __name__ == "__main__":
+    main()

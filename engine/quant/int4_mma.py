@@ -1,0 +1,349 @@
+"""int4 weights on the tensor cores: the "triton-mma" backend's kernel for decode-sized batches.
+
+Why. A batch-1 decode step reads every weight once, so the int4 matmul should run at the memory's
+bandwidth. The Triton matvec of kernels.py turns each 4-bit code into an fp32 with a shift and a
+logic op, then one fp32 multiply-add, plus its share of per-step cross-lane reductions: about 5
+SASS instructions per weight in its loop on sm_90, so instruction issue bounds it near 2 TB/s.
+Here:
+
+* One int32 word holds 8 codes, and `(w >> 4p) & 0x000F000F | magic` makes two of them (nibbles p
+  and p + 4) into two 16-bit floats OFFSET + q at once: with magic 0x43004300 each half reads as
+  bf16 128 + q (7 mantissa bits, exact for q < 16); fp16 uses 0x64006400, 1024 + q. That is one
+  shift and one three-input logic op per two weights, 7 instructions per 8. The magic is loaded
+  from memory (MmaWorkspace.magic) rather than written as a constant: two constants do not fit one
+  LOP3 (ptxas then emits an AND and an OR), and a kernel-argument scalar stops Triton from keeping
+  the words in the dot's register layout (it then converts the dequantized tile through shared
+  memory, 2 bytes per weight); a loaded tensor is neither.
+* The multiply-adds run on the tensor cores (tl.dot: wgmma on Hopper) with the weights on the M
+  side (rows = output features) and x on the N side, so the CUDA cores do no per-weight fp32 work.
+* Layout (pack_mma, once at load; the checkpoint format is unchanged): per row and group of G
+  codes, G/8 int32 words; nibble p + 4h (p < 4, h < 2) of word w holds the code of k = p*G/4 + 2w + h
+  of the group. The shifted word's halves are then codes k, k+1 of "plane" p: exactly the pair of
+  consecutive k one 32-bit register of an mma operand holds, so Triton keeps the loaded words in
+  the operand's register layout and the join of the two halves moves no data. Each plane is one dot.
+
+Counted in the compiled loop (ptxas for sm_90 from this Triton, offline, no GPU): about 1.7 SASS
+instructions per weight at BLOCK_N 64 and 8 groups per step (1.5 to 2.2 over the tuned configs),
+against 4.3 to 6.1 for the matvec's configs (4.9 at BLOCK_N 64, BLOCK_K 256).
+
+Math. Per group g of row n and x row m: sum_k x_k (q_k - z) s = s (D - (OFFSET + z) X) with
+D = sum_k x_k (OFFSET + q_k) (the dot, fp32 accumulation of exact products) and X = sum_k x_k.
+
+Columns. tl.dot needs 16 columns on the N side. Column c holds x row c // STEP_GROUPS restricted
+to group c % STEP_GROUPS of the step (zero elsewhere: block diagonal), so one step's dots give the
+sums of STEP_GROUPS groups for 16 / STEP_GROUPS rows, and the scales and zeros are applied once
+per step. Batch 1 uses STEP_GROUPS = 4..16; larger batches use fewer groups and more rows.
+
+Split-K (batch 1 only) is deterministic as in kernels.py: each slice stores its fp32 partials,
+the last program of a row block to arrive (a counter) adds them in slice order and resets the
+counter, so a CUDA graph replays the same bits.
+
+Everything here also runs under the Triton interpreter (TRITON_INTERPRET=1; tests/engine/quant/
+test_int4_mma.py): the numbers are checked there; the register layouts and the speed only on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
+OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+MAGIC = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}
+_MAGIC_ORDER = (torch.bfloat16, torch.float16)  # the order of MmaWorkspace.magic
+
+MMA_COLUMNS = 16  # the N side of every dot: tl.dot's smallest
+MMA_MIN_BLOCK_N = 16  # tl.dot's smallest M; the workspace has a split-K counter per 16 rows
+CHUNK_K = 512  # codes of a row per weight load (64 int32 registers per thread at most, see _chunk)
+SUPPORTED_GROUPS = (32, 64, 128, 256)  # 512 and up: a step of 8 groups would not fit shared memory
+
+
+# ----- layout ----------------------------------------------------------------------------
+
+
+def pack_mma(qweight: torch.Tensor, group: int) -> torch.Tensor:
+    """uint8 [N, K/2] (two codes a byte, even k low) -> int32 [N, K/8] in this kernel's layout.
+
+    Nibble p + 4h of word w of a group holds k = p * group/4 + 2w + h of that group."""
+    n, half = qweight.shape
+    k = 2 * half
+    q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k // group, 4, group // 8, 2)  # [n, g, p, w, h]
+    nib = q.permute(0, 1, 3, 4, 2).reshape(n, k // group, group // 8, 8)  # [n, g, w, nibble p + 4h]
+    byte = nib[..., 0::2] | (nib[..., 1::2] << 4)  # little endian: nibble i at bits 4i
+    return byte.contiguous().view(torch.int32).reshape(n, k // 8)
+
+
+def unpack_mma(words: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of pack_mma: int32 [N, K/8] -> uint8 [N, K/2], even k in the low nibble."""
+    n, num_words = words.shape
+    k = 8 * num_words
+    byte = words.contiguous().view(torch.uint8).reshape(n, k // group, group // 8, 4)
+    nib = torch.stack([byte & 0xF, byte >> 4], dim=-1).reshape(n, k // group, group // 8, 2, 4)  # [n, g, w, h, p]
+    q = nib.permute(0, 1, 4, 2, 3).reshape(n, k)  # k = p * group/4 + 2w + h
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+# ----- kernel ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _plane(w, p: tl.constexpr, magic, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, DT: tl.constexpr):
+    """Plane p of words w [BLOCK_N, WORDS]: [BLOCK_N, 2 * WORDS] of OFFSET + q in dtype DT, element
+    2j + h from nibble p + 4h of word j. One shift and one logic op per word (fused by ptxas)."""
+    t = ((w >> (4 * p)) & 0x000F000F) | magic
+    lo = t.to(tl.int16).to(DT, bitcast=True)
+    hi = (t >> 16).to(tl.int16).to(DT, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), [BLOCK_N, 2 * WORDS])
+
+
+@triton.jit
+def _chunk_dots(d, w, x_ptr, b_off, b_mask, magic, gc,
+                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, DT: tl.constexpr):
+    """d + the four planes' dots of one chunk of words w (first group gc) with their x columns."""
+    PLANE: tl.constexpr = GROUP // 4
+    for p in tl.static_range(4):
+        a = _plane(w, p, magic, BLOCK_N, CW, DT)
+        b = tl.load(x_ptr + gc * GROUP + p * PLANE + b_off, mask=b_mask, other=0.0)
+        d = tl.dot(a, b, d)
+    return d
+
+
+@triton.jit
+def _int4_mma_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+):
+    """y = x W^T for int4 W in pack_mma's layout; program (row block, k split, block of x rows).
+
+    A step covers STEP_GROUPS groups, loaded in chunks of CHUNK codes a row (registers); its dots
+    fill the 16 accumulator columns, then the scales and zeros of its groups are applied.
+    EVEN: whole row blocks and whole steps (every layer of the 8B model), so the weight loads need
+    no masks: masked loads cost a predicate and a zeroed register each."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    ROWS: tl.constexpr = 16 // STEP_GROUPS  # x rows per program
+    # Groups per weight load: the whole step, or CHUNK_K codes a row when the step is longer.
+    CHUNK: tl.constexpr = STEP_GROUPS // (STEP_GROUPS * GROUP // 512 + (STEP_GROUPS * GROUP < 512))
+    WPG: tl.constexpr = GROUP // 8
+    PLANE: tl.constexpr = GROUP // 4
+    CW: tl.constexpr = CHUNK * WPG
+    CP: tl.constexpr = CHUNK * PLANE
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    col = tl.arange(0, 16)
+    col_row = pid_m * ROWS + col // STEP_GROUPS  # the x row of each accumulator column
+    col_grp = col % STEP_GROUPS  # and its group within the step
+    col_ok = col_row < M
+
+    num_groups = K // GROUP
+    per_split = tl.cdiv(tl.cdiv(num_groups, SPLIT_K), STEP_GROUPS) * STEP_GROUPS
+    g_start = pid_k * per_split
+    g_end = tl.minimum(num_groups, g_start + per_split)
+
+    j = tl.arange(0, CW)
+    cp = tl.arange(0, CP)
+    cp_grp = cp // PLANE  # the group (within the chunk) of each plane position
+    # x of plane position cp (plane 0, first chunk) for each column; zero off the block diagonal
+    b_off = (cp_grp * GROUP + cp % PLANE)[:, None] + (col_row * stride_xm)[None, :]
+    x_grp = tl.arange(0, GROUP)[:, None] + (col_grp * GROUP + col_row * stride_xm)[None, :]
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+    magic = tl.load(magic_ptr + tl.zeros([1, 1], dtype=tl.int32))
+    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    for g0 in range(g_start, g_end, STEP_GROUPS):
+        d = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        for ch in tl.static_range(STEP_GROUPS // CHUNK):
+            gc = g0 + ch * CHUNK
+            b_mask = ((ch * CHUNK + cp_grp)[:, None] == col_grp[None, :]) & col_ok[None, :]
+            if EVEN:
+                w = tl.load(w_rows + gc * WPG + j[None, :])
+            else:
+                w_mask = n_mask[:, None] & (gc + j // WPG < g_end)[None, :]
+                w = tl.load(w_rows + gc * WPG + j[None, :], mask=w_mask, other=0)
+                b_mask = b_mask & (gc + cp_grp < g_end)[:, None]
+            d = _chunk_dots(d, w, x_ptr, b_off, b_mask, magic, gc, GROUP, BLOCK_N, CW, DT)
+        grp = g0 + col_grp
+        g_ok = col_ok if EVEN else col_ok & (grp < g_end)
+        xg = tl.load(x_ptr + g0 * GROUP + x_grp, mask=g_ok[None, :], other=0.0).to(tl.float32)
+        xsum = tl.sum(xg, axis=0)  # [16]: sum of x over each column's group
+        sz = offs_n[:, None] * stride_sn + grp[None, :]
+        sz_mask = n_mask[:, None] & g_ok[None, :]
+        s = tl.load(s_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=sz_mask, other=0).to(tl.float32)
+        acc += s * (d - (OFFSET + z) * xsum[None, :])
+    if SPLIT_K == 1:
+        out = tl.sum(tl.reshape(acc, [BLOCK_N, ROWS, STEP_GROUPS]), axis=2)  # [BLOCK_N, ROWS]
+        rows = pid_m * ROWS + tl.arange(0, ROWS)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y_off = rows[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
+    else:
+        # One x row (the host allows a split only then): the other rows' columns are zero.
+        _finish_split(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
+                      HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Stores this slice's partials; the last slice of the row block to arrive adds all of them in
+    slice order (so the sum does not depend on arrival order), writes y and resets the counter."""
+    tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+    # Every thread's partials are written before one thread bumps the counter; acq_rel makes
+    # them visible to whichever program reads them after the last bump.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        total = tl.zeros_like(acc)
+        for k in tl.static_range(SPLIT_K):
+            # .cg: read from L2, never from a stale line of this SM's L1
+            total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+        tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+# ----- autotuning ------------------------------------------------------------------------
+
+# Batch 1: (BLOCK_N, STEP_GROUPS, SPLIT_K, warps, stages) as read for group 128. wgmma wants 64
+# rows per warpgroup (BLOCK_N 64 with 4 warps, 128 with 8; fewer rows fall back to mma.sync, whose
+# operand loads cost more than they save). Longer steps apply the scales less often (SASS
+# instructions per weight in the loop, offline for sm_90: 2.1 at 4 groups a step, 1.7 at 8, 1.5 at
+# 16). stages = 1 stores each dot's x columns from registers, behind a proxy fence; stages = 2
+# copies weights and x columns into shared memory asynchronously (cp.async), a step ahead, and
+# needs no fence but 50-135 KB of shared memory (fewer programs per SM): which wins is for the
+# device to say. A split adds programs where N / BLOCK_N alone leaves SMs idle (N = 4096: 64 row
+# blocks for 132 SMs). Each config is a compile at engine start: eleven of them.
+_MMA_CONFIGS = [
+    (64, 8, 1, 4, 1), (128, 8, 1, 8, 1), (64, 16, 1, 4, 1), (64, 8, 1, 4, 2), (64, 4, 1, 4, 2), (128, 8, 1, 8, 2),
+    (64, 8, 2, 4, 1), (64, 8, 4, 4, 1), (64, 8, 4, 4, 2), (64, 4, 4, 4, 2), (64, 4, 8, 4, 1),
+]
+MMA_MAX_SPLIT = max(c[2] for c in _MMA_CONFIGS)
+
+
+def _fits(step_groups: int, split: int, group: int, num_groups: int) -> bool:
+    """A step's plane of one chunk spans >= 16 k (a dot's K); a split gets at least one step."""
+    chunk = step_groups if step_groups * group <= CHUNK_K else CHUNK_K // group
+    return step_groups <= MMA_COLUMNS and chunk * group // 4 >= 16 and (split == 1 or split * step_groups <= num_groups)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    group = kwargs.get("GROUP", named_args.get("GROUP"))
+    num_groups = named_args["K"] // group
+    kept = [c for c in configs if _fits(c.kwargs["STEP_GROUPS"], c.kwargs["SPLIT_K"], group, num_groups)]
+    if kept:
+        return kept
+    return [triton.Config({"BLOCK_N": 64, "STEP_GROUPS": max(1, 64 // group), "SPLIT_K": 1}, num_warps=4, num_stages=1)]
+
+
+def _bench(fn, quantiles) -> float | list[float]:
+    # As kernels._bench: short, an engine start tunes every distinct layer shape once.
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _even(args: dict) -> bool:
+    """Whole row blocks and whole steps: no masks on the weight loads (the kernel's EVEN)."""
+    return args["N"] % args["BLOCK_N"] == 0 and (args["K"] // args["GROUP"]) % args["STEP_GROUPS"] == 0
+
+
+_int4_mma_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+        for n, sg, sk, w, st in _MMA_CONFIGS
+    ],
+    key=["N", "K", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_bench,
+)(triton.heuristics({"EVEN": _even})(_int4_mma_kernel))
+
+
+def rows_config(m: int, group: int) -> dict:
+    """The (untuned) config for m > 1 rows: as many rows per program as fit the 16 columns, up to m."""
+    rows = min(MMA_COLUMNS, triton.next_power_of_2(m))
+    step = max(MMA_COLUMNS // rows, 64 // group)  # a chunk's plane spans >= 16 k
+    return {"BLOCK_N": 64, "STEP_GROUPS": step, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
+
+
+# ----- host side -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MmaWorkspace:
+    """One weight's buffers: split-K fp32 partials [MMA_MAX_SPLIT, N], one arrival counter per 16
+    rows (zero between calls: the last program of a block resets its own), and the magic words
+    per activation dtype (loaded by the kernel, see the module docstring)."""
+
+    partials: torch.Tensor
+    counters: torch.Tensor
+    magic: torch.Tensor
+
+    @classmethod
+    def for_rows(cls, n: int, device: torch.device) -> "MmaWorkspace":
+        return cls(
+            torch.empty(MMA_MAX_SPLIT, n, dtype=torch.float32, device=device),
+            torch.zeros(triton.cdiv(n, MMA_MIN_BLOCK_N), dtype=torch.int32, device=device),
+            torch.tensor([MAGIC[dt] for dt in _MAGIC_ORDER], dtype=torch.int32, device=device),
+        )
+
+
+def int4_mma_matmul(
+    x: torch.Tensor,  # [M, K] bf16 or fp16, rows contiguous
+    words: torch.Tensor,  # int32 [N, K/8], pack_mma's layout
+    scales: torch.Tensor,  # [N, K/group]
+    zeros: torch.Tensor,  # uint8 [N, K/group]
+    bias: torch.Tensor | None,
+    group: int,
+    workspace: MmaWorkspace | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x @ W^T (+ bias) in x's dtype. `config` pins the tile sizes (tests, self-check); otherwise
+    batch 1 is autotuned and more rows take rows_config. A layer passes its own workspace,
+    allocated once, so a captured CUDA graph owns no allocation and layers share no counters."""
+    if x.dtype not in OFFSET:
+        raise ValueError(f"the int4 mma kernel takes bf16 or fp16 activations, not {x.dtype}")
+    if group not in SUPPORTED_GROUPS:
+        raise ValueError(f"the int4 mma kernel takes group sizes {SUPPORTED_GROUPS}, not {group}")
+    m, k = x.shape
+    n = words.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    ws = workspace if workspace is not None else MmaWorkspace.for_rows(n, x.device)
+    i = _MAGIC_ORDER.index(x.dtype)
+    b = bias if bias is not None else scales  # an unused pointer without bias
+    args = (x, words, scales, zeros, b, y, ws.partials, ws.counters, ws.magic[i : i + 1],
+            m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0))
+    common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None)
+    if config is None and m == 1:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
+        _int4_mma_tuned[grid](*args, **common)
+        return y
+    cfg = dict(config) if config is not None else rows_config(m, group)
+    _check_config(cfg, m, group)
+    rows = MMA_COLUMNS // cfg["STEP_GROUPS"]
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1), triton.cdiv(m, rows))
+    tiles = dict(BLOCK_N=cfg["BLOCK_N"], STEP_GROUPS=cfg["STEP_GROUPS"], SPLIT_K=cfg.get("SPLIT_K", 1))
+    even = _even(dict(tiles, N=n, K=k, GROUP=group))
+    _int4_mma_kernel[grid](
+        *args, **common, **tiles, EVEN=even, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1)
+    )
+    return y
+
+
+def _check_config(cfg: dict, m: int, group: int) -> None:
+    split, step = cfg.get("SPLIT_K", 1), cfg["STEP_GROUPS"]
+    if split > 1 and (m != 1 or split > MMA_MAX_SPLIT):
+        raise ValueError(f"int4 mma config {cfg}: a split needs one x row and at most {MMA_MAX_SPLIT} slices")
+    if cfg["BLOCK_N"] < MMA_MIN_BLOCK_N or MMA_COLUMNS % step or not _fits(step, 1, group, 1):
+        raise ValueError(f"int4 mma config {cfg} does not fit group {group}")

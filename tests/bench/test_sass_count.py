@@ -1,0 +1,46 @@
+"""bench/sass_count.py: the int4 kernels compiled for sm_90 offline (no GPU), instructions counted.
+
+This is also the check that the tensor-core kernel keeps its point after a Triton upgrade: if
+Triton stopped keeping the loaded words in the dot's register layout (staging the dequantized
+tile through shared memory instead) or ptxas stopped fusing the mask and the magic into one
+LOP3, the count per weight would rise well above these bounds.
+
+The compiles run in a fresh process: the interpreter tests of this session switch
+TRITON_INTERPRET on, and kernels decorated under it cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import sass_count
+
+pytestmark = pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas / cuobjdump in the triton wheel")
+
+_COUNT = """
+import json
+from bench import sass_count
+(mma,) = sass_count.mma_counts(configs=[(64, 8, 1, 4, 1)])
+(matvec,) = sass_count.matvec_counts(configs=[(64, 256, 1, 4, 1)])
+print(json.dumps({"mma": mma.__dict__, "matvec": matvec.__dict__}))
+"""
+
+
+def test_the_mma_kernel_issues_far_fewer_instructions_per_weight():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _COUNT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    mma, matvec = counts["mma"], counts["matvec"]
+    assert mma["top"].get("HGMMA", 0) > 0  # wgmma: the weights' tile stays in registers
+    # 7 logic / shift instructions per 8 weights plus one wgmma per 8 (per thread) are the floor
+    assert 1.0 < mma["per_weight"] < 2.0
+    assert mma["per_weight"] < 0.5 * matvec["per_weight"]
+    assert mma["top"]["LOP3"] <= 256 + 8  # one LOP3 per word and plane: 64 words x 4 planes per step
