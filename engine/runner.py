@@ -193,9 +193,15 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         for arrays, dtype in ((int64s, np.int64), (int32s, np.int32)):
             parts = [np.asarray(a, dtype=dtype).reshape(-1) for a in arrays if a is not None]
-            host = torch.from_numpy(np.concatenate(parts))
+            # Every piece starts 16-byte aligned: Triton specializes a kernel on whether each
+            # pointer is, so offsets that move with the batch would compile new variants mid-serving.
+            per_16 = 16 // np.dtype(dtype).itemsize
+            padded = [-(-max(len(p), 1) // per_16) * per_16 for p in parts]
+            host = torch.zeros(sum(padded), dtype=torch.from_numpy(parts[0][:0]).dtype)
+            for piece, part in zip(host.split(padded), parts):
+                piece[: len(part)] = torch.from_numpy(part)
             flat = (host.pin_memory() if pin else host).to(self.device, non_blocking=True)
-            pieces = iter(flat.split([len(p) for p in parts]))
+            pieces = iter(piece[:len(part)] for piece, part in zip(flat.split(padded), parts))
             out.append([None if a is None else next(pieces) for a in arrays])
         return out[0], out[1]
 

@@ -32,7 +32,7 @@ _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # the table's width moves with the batch
 def _decode_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [num_blocks, block_size, KVH, D]
@@ -153,7 +153,7 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # the table's width moves with the batch
 def _prefill_kernel(
     q_ptr,  # [T, H, D]
     k_ptr,  # [num_blocks, block_size, KVH, D]
