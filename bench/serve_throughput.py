@@ -45,10 +45,10 @@ def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[lis
 
 
 async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
-    """A warm-up, then every concurrency level in turn; one summary per level."""
-    await run_level(prompts_for(4), 4, one_request)
+    """Every concurrency level in turn, each after a warm-up wave; one summary per level."""
     out = []
     for c in levels:
+        await run_level(prompts_for(c, warm_up=True), c, one_request)
         out.append((await run_level(prompts_for(c), c, one_request)).summary())
         _print_level(label, out[-1])
     return out
@@ -139,17 +139,18 @@ def bench_serve(
         with urllib.request.urlopen(base_url + "/metrics", timeout=30) as resp:
             return parse_first_token_counters(resp.read().decode())
 
-    def level(c: int) -> LevelResult:
-        prompts = prompts_for(c)
+    def level(c: int, warm_up: bool = False) -> LevelResult:
+        prompts = prompts_for(c, warm_up)
         n = max(1, min(procs, c))
         shares = [prompts[i::n] for i in range(n)]
         concurrency = [c // n + (i < c % n) for i in range(n)]
         parts = pool.map(client_share, [client_url] * n, [model] * n, shares, concurrency, [output_len] * n)
         return merge_shares(c, list(parts))
 
-    level(max(4, procs))  # warm-up, which also starts every client process (spawned on first use)
+    level(max(4, procs), warm_up=True)  # which also starts every client process (spawned on first use)
     out = []
     for c in levels:
+        level(c, warm_up=True)
         before, cpu_before = settled(probe), cpu_seconds_by_role()
         result = level(c)
         cpu = per_request_ms(cpu_before, cpu_seconds_by_role(), result.requests)
@@ -282,7 +283,14 @@ def main(argv: list[str] | None = None) -> dict:
     # At least 8 requests per stream up to 64 streams: with fewer, a level lasts under a second at 16
     # streams, and connection set-up and the last stragglers weigh as much as the steady state.
     n_for = (lambda c: args.requests_per_level or max(4 * c, min(16 * c, 512)))
-    prompts_for = lambda c: make_prompts(n_for(c), args.prompt_len, vocab_size, seed=c)  # noqa: E731
+    # Before each level, one request per stream with other prompts (no prefix-cache hits in the timed
+    # part): kernels first compiled for a batch size, connections opened and a cold step loop are not
+    # counted against whichever path happens to run first.
+    def prompts_for(c: int, warm_up: bool = False) -> list[list[int]]:
+        if warm_up:
+            return make_prompts(c, args.prompt_len, vocab_size, seed=1_000_000 + c)
+        return make_prompts(n_for(c), args.prompt_len, vocab_size, seed=c)
+
     print("engine direct:", flush=True)
     direct = asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop))
     gc.collect()
