@@ -89,7 +89,9 @@ def parse_first_token_counters(metrics_text: str) -> tuple[float, float]:
 # ----- engine direct ------------------------------------------------------------------
 
 
-async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_len: int, loop: str) -> list[dict]:
+async def bench_direct(
+    app_args: dict, levels: list[int], prompts_for, output_len: int, loop: str, label: str = "direct"
+) -> list[dict]:
     """The engine without Serve or HTTP. loop "process": its core in a child process, as each
     LLM replica runs it (engine_loop: auto), so that the two paths differ only by Serve and HTTP;
     "thread": stepped in a thread of this process, which shares its GIL with the client."""
@@ -119,7 +121,7 @@ async def bench_direct(app_args: dict, levels: list[int], prompts_for, output_le
                 tokens += n
         record_request(result, start, arrivals, tokens)
 
-    out = await run_levels("direct", levels, prompts_for, one)
+    out = await run_levels(label, levels, prompts_for, one)
     engine.shutdown()
     return out
 
@@ -252,6 +254,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--direct-twice", action="store_true",
         help="also drive the engine directly after the Serve variants; the baseline is the mean of both runs",
     )
+    p.add_argument(
+        "--compile-pass", action=argparse.BooleanOptionalAction, default=True,
+        help="first, an untimed direct pass with the warm-up prompts: on a fresh host Triton compiles a kernel variant "
+        "the first time a batch shape needs it (minutes in all), which would slow whichever path runs first",
+    )
     p.add_argument("--client-procs", type=int, default=0, help="client processes for the Serve path (0: one per 32 streams, at most 8)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -291,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
             return make_prompts(c, args.prompt_len, vocab_size, seed=1_000_000 + c)
         return make_prompts(n_for(c), args.prompt_len, vocab_size, seed=c)
 
+    if args.compile_pass:
+        print("untimed pass (compiles, fills Triton's cache):", flush=True)
+        warm_only = lambda c, warm_up=False: prompts_for(c, warm_up=True)  # noqa: E731
+        asyncio.run(bench_direct(app_args, levels, warm_only, args.output_len, args.direct_loop, label="untimed"))
     print("engine direct:", flush=True)
     direct = asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop))
     gc.collect()

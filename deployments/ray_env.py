@@ -3,8 +3,12 @@
 Ray Serve's HTTP proxy picks its transport to the ingress replicas at start, from
 RAY_SERVE_PROXY_USE_GRPC; no application config reaches it. gRPC passes each request and
 stream chunk by value and, on an H100 host under 256 streams, cut the proxy's CPU per
-request by a third (BENCHMARKS.md, W2). `make serve` sets the same variable on the command
-line; launchers in this repo that start Ray call `serve_process_env`.
+request by a third (BENCHMARKS.md, W2). Ray also starts its workers, and so every replica and
+the engine core each LLM replica spawns, at nice 15 (RAY_worker_niceness) unless told
+otherwise: on a host where anything else at nice 0 wants a core, the engine's step loop then
+waits behind it; serving processes are what this host is for, so they run at 0. `make serve`
+sets the same variables on the command line; launchers in this repo that start Ray call
+`serve_process_env`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-_DEFAULTS = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+_DEFAULTS = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_worker_niceness": "0"}
 
 
 def serve_process_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
