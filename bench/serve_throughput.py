@@ -46,16 +46,26 @@ def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[lis
 
 async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
     """Every concurrency level in turn, each after a warm-up wave; one summary per level."""
+    core_role = {"engine_core": SERVE_ROLES["engine_core"]}  # the direct engine's child, as in a replica
     out = []
     for c in levels:
         await run_level(prompts_for(c, warm_up=True), c, one_request)
-        out.append((await run_level(prompts_for(c), c, one_request)).summary())
+        cpu_before = cpu_seconds_by_role(core_role)
+        result = await run_level(prompts_for(c), c, one_request)
+        cpu = per_request_ms(cpu_before, cpu_seconds_by_role(core_role), result.requests)
+        out.append({**result.summary(), **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()}})
         _print_level(label, out[-1])
     return out
 
 
 def _print_level(label: str, summary: dict) -> None:
-    print(f"  {label:<7} c={summary['concurrency']:<4} {summary['tok_s']:8.0f} tok/s  errors {summary['errors']}", flush=True)
+    core = summary.get("cpu_ms_per_request_engine_core")
+    cpu = "" if core is None else f"  engine core {core:.1f} CPU ms/request"
+    print(
+        f"  {label:<7} c={summary['concurrency']:<4} {summary['tok_s']:8.0f} tok/s  errors {summary['errors']}  "
+        f"TTFT p50 {summary['ttft_p50_ms']:.1f} ms  ITL p50 {summary['itl_p50_ms']:.2f} ms{cpu}",
+        flush=True,
+    )
 
 
 def settled(probe, every_s: float = 0.25, tries: int = 12):
