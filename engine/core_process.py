@@ -20,7 +20,7 @@ socket pair (multiprocessing.connection framing, pickled tuples):
 
 One "step" message per engine step carries every request's new tokens, not
 one message per request: the core pickles only what changed (see
-`to_delta`) and the client rebuilds full `RequestOutput`s from it.
+`LLMEngine.step_deltas`) and the client rebuilds full `RequestOutput`s from it.
 """
 
 from __future__ import annotations
@@ -42,15 +42,11 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
-from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
+from engine.outputs import CompletionOutput, EngineStats, RequestDelta, RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.streams import ChunkInterval, ChunkPacer, PacedWake
 from engine.validation import validate_request
 
-# (index, new_token_ids, new_text, finish_reason, stop_reason, new_logprobs)
-ChoiceDelta = tuple[int, list[int], str, str | None, str | int | None, list[TokenLogprob] | None]
-# (request_id, finished, num_cached_tokens, metrics when finished, choices)
-RequestDelta = tuple[str, bool, int, RequestMetrics | None, list[ChoiceDelta]]
 
 
 @dataclass(frozen=True)
@@ -61,13 +57,6 @@ class CoreInfo:
     vocab_size: int
     tokenizer_path: str | None  # where the core loaded its tokenizer from; None: the model has none
     stats: EngineStats
-
-
-def to_delta(out: RequestOutput) -> RequestDelta:
-    choices = [
-        (c.index, c.new_token_ids, c.new_text, c.finish_reason, c.stop_reason, c.new_logprobs) for c in out.outputs
-    ]
-    return out.request_id, out.finished, out.num_cached_tokens, out.metrics if out.finished else None, choices
 
 
 # ----- the core (child process) ----------------------------------------------------------
@@ -98,9 +87,9 @@ class EngineCore:
             failed: list[tuple[str, EngineError]] = []
             for message in messages:
                 self._apply(message, failed)
-            outputs = self._engine.step() if self._engine.has_unfinished_requests() else []
+            deltas = self._engine.step_deltas() if self._engine.has_unfinished_requests() else []
             # After aborts too: the client's stats must show the freed blocks.
-            self._conn.send(("step", [to_delta(o) for o in outputs], failed, self._engine.stats()))
+            self._conn.send(("step", deltas, failed, self._engine.stats()))
 
     def _drain(self, block: bool) -> list[tuple]:
         messages = [self._inbox.get()] if block else []

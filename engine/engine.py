@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache.allocator import PagedKVAllocator
 from engine.model.loader import load_model
-from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
+from engine.outputs import ChoiceDelta, CompletionOutput, EngineStats, RequestDelta, RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import apply_quantization
 from engine.runner import DeviceTokens, ModelRunner
 from engine.sampler import PendingSample, Sampler, SamplingBatch
@@ -233,8 +234,16 @@ class LLMEngine:
         With async scheduling the outputs are those of the step launched by the call before
         (see `_step_async`).
         """
+        return self._step(only_finished, self._output)
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """`step`, answered as what each request added (the engine core's pipe format): no
+        cumulative token lists or output objects are built for requests that only grew."""
+        return self._step(False, self._delta)
+
+    def _step(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         if self.async_scheduling:
-            return self._step_async(only_finished)
+            return self._step_async(only_finished, build)
         sched = self.scheduler.schedule()
         if sched.preempted and self.proposer is not None:
             self.proposer.release([seq.seq_id for seq in sched.preempted])
@@ -262,13 +271,16 @@ class LLMEngine:
                 touched[state.request_id] = state
         if spec is not None:
             self._accept(sched, spec[0], spec[1], spec_logits, touched)
-        return self._outputs(touched, only_finished)
+        return self._outputs(touched, only_finished, build)
 
-    def _outputs(self, touched: dict[str, RequestState], only_finished: bool) -> list[RequestOutput]:
-        outputs = [self._output(state) for state in touched.values() if not only_finished or state.finished]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+    def _outputs(self, touched: dict[str, RequestState], only_finished: bool, build: Callable[[RequestState], Any]) -> list:
+        outputs = []
+        for state in touched.values():
+            if only_finished and not state.finished:
+                continue
+            outputs.append(build(state))
+            if state.finished:
+                del self.requests[state.request_id]
         return outputs
 
     def _advance(self, sched, spec_rows: set[int]) -> list[Sequence]:
@@ -299,11 +311,11 @@ class LLMEngine:
     # device after N. A token that is certainly the last one (the length limit) is not
     # scheduled at all (Scheduler._schedule_running).
 
-    def _step_async(self, only_finished: bool) -> list[RequestOutput]:
+    def _step_async(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         sched = self.scheduler.schedule()
         launched = None if sched.is_empty else self._launch(sched)
         done, self._inflight = self._inflight, launched
-        return [] if done is None else self._complete(done, only_finished)
+        return [] if done is None else self._complete(done, only_finished, build)
 
     def _launch(self, sched) -> InflightStep | None:
         """Queues the step on the device; None when it samples no token (only prompt chunks)."""
@@ -322,7 +334,7 @@ class LLMEngine:
         batch = SamplingBatch.from_seqs(sampled_seqs, self.arch.vocab_size, self.device)
         return InflightStep(sampled_seqs, self.sampler.launch(logits, batch))
 
-    def _complete(self, step: InflightStep, only_finished: bool) -> list[RequestOutput]:
+    def _complete(self, step: InflightStep, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         """Reads a launched step's tokens back and appends them; outputs as `step` gives them."""
         result = step.sample.result()
         touched: dict[str, RequestState] = {}
@@ -337,7 +349,7 @@ class LLMEngine:
             if not seq.is_finished:
                 # The block this token completes (its K/V is queued) could not be hashed before.
                 cache_full_blocks(seq)
-        return self._outputs(touched, only_finished)
+        return self._outputs(touched, only_finished, build)
 
     # ----- speculative decoding ------------------------------------------------------
 
@@ -478,6 +490,29 @@ class LLMEngine:
         state.emitted_logprobs[i] = len(seq.logprobs)
         state.new_text[i] = ""
         return completion
+
+    @staticmethod
+    def _delta(state: RequestState) -> RequestDelta:
+        """What `_output` would report as new since the last report, without the cumulative parts."""
+        choices: list[ChoiceDelta] = []
+        for seq in state.seqs:
+            i = seq.index
+            start = len(seq.prompt_token_ids)
+            wants_logprobs = seq.params.logprobs is not None
+            choices.append((
+                i,
+                seq.token_ids[start + state.emitted[i] :],
+                state.new_text[i],
+                seq.finish_reason,
+                seq.stop_reason,
+                seq.logprobs[state.emitted_logprobs[i] :] if wants_logprobs else None,
+            ))
+            state.emitted[i] = len(seq.token_ids) - start
+            state.emitted_logprobs[i] = len(seq.logprobs)
+            state.new_text[i] = ""
+        seqs = state.seqs
+        num_cached = seqs[0].num_cached_tokens if len(seqs) == 1 else min(s.num_cached_tokens for s in seqs)
+        return state.request_id, state.finished, num_cached, state.metrics if state.finished else None, choices
 
     # ----- conveniences -------------------------------------------------------------
 

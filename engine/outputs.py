@@ -54,6 +54,13 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
 
 
+# What a step added to one request, as the engine core sends it (LLMEngine.step_deltas):
+# per choice (index, new_token_ids, new_text, finish_reason, stop_reason, new_logprobs),
+ChoiceDelta = tuple[int, list[int], str, str | None, str | int | None, list[TokenLogprob] | None]
+# per request (request_id, finished, num_cached_tokens, metrics when finished, choices).
+RequestDelta = tuple[str, bool, int, RequestMetrics | None, list[ChoiceDelta]]
+
+
 @dataclass
 class EngineStats:
     num_running: int
