@@ -165,7 +165,7 @@ def _rope_and_cache_kernel(
     # in front of the cache.
     slot = tl.load(slot_ptr + t)
     kv_heads = tl.arange(0, BLOCK_KVH)[:, None]
-    kv_ok = (kv_heads < num_kv_heads) & (slot >= 0)
+    kv_ok = kv_heads < tl.where(slot >= 0, num_kv_heads, 0)  # one comparison: an int1 mask in every Triton mode
     block = slot // block_size
     offset = slot % block_size
 
