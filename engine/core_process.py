@@ -41,10 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
 from engine.outputs import CompletionOutput, EngineStats, RequestDelta, RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.streams import ChunkInterval, ChunkPacer, PacedWake
+from engine.tokenizer import load_tokenizer
 from engine.validation import validate_request
 
 
@@ -104,7 +106,8 @@ class EngineCore:
         if kind == "add":
             _, request_id, token_ids, params = message
             try:
-                self._engine.add_request(request_id, token_ids, params)
+                # Text is made on the client's side (see _Stream) unless stop strings need it here.
+                self._engine.add_request(request_id, token_ids, params, detokenize=False)
             except EngineError as exc:
                 failed.append((request_id, exc))
             except Exception as exc:  # one request's surprise must not stop the core for everyone
@@ -158,8 +161,17 @@ class _Stream:
     costs no objects and no wake-up.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], n: int, pacer: ChunkPacer) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        n: int,
+        pacer: ChunkPacer,
+        detokenizers: list[IncrementalDetokenizer] | None = None,
+    ) -> None:
         self.request_id = request_id
+        # Set when the core sends no text for this request (no stop strings): it is made here.
+        self._detokenizers = detokenizers
         self.prompt_token_ids = prompt_token_ids
         self.error: BaseException | None = None
         self._wake = PacedWake(pacer)
@@ -178,6 +190,8 @@ class _Stream:
         _, self._finished, self._num_cached, self._metrics, choices = delta
         has_tokens = False
         for index, new_ids, new_text, finish_reason, stop_reason, new_logprobs in choices:
+            if self._detokenizers is not None and new_ids:
+                new_text = self._detokenizers[index].add(new_ids)[0]
             self._token_ids[index].extend(new_ids)
             self._new_ids[index].extend(new_ids)
             self._text[index] += new_text
@@ -238,10 +252,17 @@ class EngineCoreClient:
             _reap(self._process, timeout_s=30)
             self._conn.close()
             raise
+        try:
+            # Loaded now, not on first use inside the event loop: each stream without stop strings
+            # turns its tokens into text here, which keeps that work off the core's step loop.
+            self._tokenizer = None if info.tokenizer_path is None else load_tokenizer(info.tokenizer_path)
+        except BaseException:
+            self._conn.close()  # the core reads EOF and exits
+            _reap(self._process, timeout_s=30)
+            raise
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self._stats = info.stats
-        self._tokenizer_path = info.tokenizer_path
         # The core knows each request by an id of its own: deltas of an aborted request still on
         # their way must not reach a later request with the same id.
         self._streams: dict[str, _Stream] = {}  # by core id
@@ -250,7 +271,6 @@ class EngineCoreClient:
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tokenizer = None
         self.errored: BaseException | None = None
         self._closed = False
         # Sent from a thread: a core that reads slowly (mid-step, or stuck) never blocks the event loop.
@@ -262,11 +282,6 @@ class EngineCoreClient:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None and self._tokenizer_path is not None:
-            # Loaded only for text prompts: the serving path sends token ids.
-            from engine.tokenizer import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self._tokenizer_path)
         return self._tokenizer
 
     def stats(self) -> EngineStats:
@@ -288,7 +303,10 @@ class EngineCoreClient:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         validate_request(token_ids, params, self.vocab_size, self.max_model_len)
         self._bind_loop()
-        stream = _Stream(request_id, token_ids, params.n, ChunkPacer(chunk_interval_s))
+        detokenizers = None
+        if self._tokenizer is not None and not params.stop:
+            detokenizers = [IncrementalDetokenizer(self._tokenizer, []) for _ in range(params.n)]
+        stream = _Stream(request_id, token_ids, params.n, ChunkPacer(chunk_interval_s), detokenizers)
         core_id = f"{request_id}#{next(self._add_ids)}"
         self._core_ids[request_id] = core_id
         self._streams[core_id] = stream

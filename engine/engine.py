@@ -176,8 +176,15 @@ class LLMEngine:
         validate_request(token_ids, params, self.arch.vocab_size, self.max_model_len)
 
     def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        detokenize: bool = True,
     ) -> None:
+        """detokenize=False: outputs carry no text unless the request has stop strings (which only
+        text can match); the caller turns tokens into text itself (EngineCoreClient does, off the core)."""
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self.validate(request_id, token_ids, params)
@@ -188,9 +195,8 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seqs.append(Sequence(self._seq_ids.new(), request_id, i, token_ids, params, now, gen))
-        dets = [
-            IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None for _ in seqs
-        ]
+        text_here = self.tokenizer is not None and (detokenize or bool(params.stop))
+        dets = [IncrementalDetokenizer(self.tokenizer, params.stop) if text_here else None for _ in seqs]
         state = RequestState(request_id, token_ids, params, seqs, dets, RequestMetrics(arrival_time=now))
         state.emitted = [0] * params.n
         state.emitted_logprobs = [0] * params.n

@@ -327,3 +327,33 @@ def test_a_failing_query_fails_its_caller_not_the_core(client):
         return await collect(client, PROMPTS[1], GREEDY, "after")
 
     assert asyncio.run(main())[-1].finished and client.errored is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(n=2, max_tokens=16, temperature=0.9, seed=5, ignore_eos=True),  # text made by the client
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=["e "]),  # by the core (stop strings)
+    ],
+    ids=["client-detokenizes", "core-detokenizes"],
+)
+def test_text_equals_the_in_process_engine_wherever_it_is_made(text_ckpt, make_engine, params):
+    prompts = ["The quick brown", "A serving system"]
+    expected = make_engine(text_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(prompts, params)
+    client = EngineCoreClient(
+        EngineConfig(model=str(text_ckpt), dtype="float32", device="cpu", cache=CacheConfig(block_size=4, num_blocks=NUM_BLOCKS))
+    )
+    try:
+        async def main():
+            return await asyncio.gather(*(collect(client, p, params, f"t{i}") for i, p in enumerate(prompts)))
+
+        streams = asyncio.run(main())
+    finally:
+        client.shutdown()
+    for stream, want in zip(streams, expected):
+        for choice in want.outputs:
+            got = [o.outputs[choice.index] for o in stream]
+            assert got[-1].text == choice.text and got[-1].token_ids == choice.token_ids
+            assert "".join(c.new_text for c in got) == choice.text  # each piece of text sent once
+            assert (got[-1].finish_reason, got[-1].stop_reason) == (choice.finish_reason, choice.stop_reason)
+    assert any(c.text for want in expected for c in want.outputs)
