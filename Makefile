@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
-	RAY_SERVE_PROXY_USE_GRPC=$${RAY_SERVE_PROXY_USE_GRPC:-1} RAY_worker_niceness=$${RAY_worker_niceness:-0} $(BIN)/serve run serve_config.yaml
+	RAY_SERVE_PROXY_USE_GRPC=$${RAY_SERVE_PROXY_USE_GRPC:-1} RAY_worker_niceness=$${RAY_worker_niceness:-0} \
+		RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=$${RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD:-0} $(BIN)/serve run serve_config.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -6,20 +6,21 @@ import sys
 
 from deployments.ray_env import missing_serve_settings, serve_process_env
 
-OURS = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_worker_niceness": "0"}
+OURS = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_worker_niceness": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def test_the_proxy_uses_grpc_and_workers_run_at_nice_0_unless_the_user_chose() -> None:
     assert serve_process_env({"PATH": "/bin"}) == {"PATH": "/bin", **OURS}
-    assert serve_process_env({"RAY_SERVE_PROXY_USE_GRPC": "0", "RAY_worker_niceness": "15"}) == {
-        "RAY_SERVE_PROXY_USE_GRPC": "0",
-        "RAY_worker_niceness": "15",
-    }
+    theirs = {"RAY_SERVE_PROXY_USE_GRPC": "0", "RAY_worker_niceness": "15", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+    assert serve_process_env(theirs) == theirs
 
 
 def test_only_what_is_missing_is_added() -> None:
     assert missing_serve_settings({}) == OURS
-    assert missing_serve_settings({"RAY_SERVE_PROXY_USE_GRPC": "0"}) == {"RAY_worker_niceness": "0"}
+    assert missing_serve_settings({"RAY_SERVE_PROXY_USE_GRPC": "0"}) == {
+        "RAY_worker_niceness": "0",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    }
     assert missing_serve_settings(OURS) == {}
 
 
