@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import multiprocessing
 import os
@@ -99,41 +100,59 @@ def parse_first_token_counters(metrics_text: str) -> tuple[float, float]:
 # ----- engine direct ------------------------------------------------------------------
 
 
-async def bench_direct(
-    app_args: dict, levels: list[int], prompts_for, output_len: int, loop: str, label: str = "direct"
-) -> list[dict]:
-    """The engine without Serve or HTTP. loop "process": its core in a child process, as each
-    LLM replica runs it (engine_loop: auto), so that the two paths differ only by Serve and HTTP;
-    "thread": stepped in a thread of this process, which shares its GIL with the client."""
-    from deployments.config import parse_app_config
-    from engine import AsyncLLMEngine, SamplingParams
-    from engine.core_process import EngineCoreClient
+class DirectEngine:
+    """The engine without Serve or HTTP, driven from this process on a loop of its own, a few
+    levels at a time (so that --interleave can keep it up between Serve levels).
 
-    app = parse_app_config(app_args)
-    if loop == "process":
-        # The thread count Ray gives a replica of this many CPUs; on a busy CPU more torch
-        # threads would spin against the client's.
-        with environment({"OMP_NUM_THREADS": str(max(1, int(app.llm_server.ray_actor_options.num_cpus)))}):
-            engine = EngineCoreClient(app.to_engine_config())
-    else:
-        engine = AsyncLLMEngine(app.to_engine_config())
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    counter = iter(range(10**9))
+    loop "process": its core in a child process, as each LLM replica runs it (engine_loop: auto),
+    so that the two paths differ only by Serve and HTTP; "thread": stepped in a thread of this
+    process, which shares its GIL with the client."""
 
-    async def one(prompt: list[int], result: LevelResult) -> None:
+    def __init__(self, app_args: dict, output_len: int, loop: str) -> None:
+        from deployments.config import parse_app_config
+        from engine import AsyncLLMEngine, SamplingParams
+        from engine.core_process import EngineCoreClient
+
+        app = parse_app_config(app_args)
+        if loop == "process":
+            # The thread count Ray gives a replica of this many CPUs; on a busy CPU more torch
+            # threads would spin against the client's.
+            with environment({"OMP_NUM_THREADS": str(max(1, int(app.llm_server.ray_actor_options.num_cpus)))}):
+                self._engine = EngineCoreClient(app.to_engine_config())
+        else:
+            self._engine = AsyncLLMEngine(app.to_engine_config())
+        self._params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+
+    async def _one(self, prompt: list[int], result: LevelResult) -> None:
         start = time.perf_counter()
         arrivals: list[float] = []
         tokens = 0
-        async for out in engine.generate(prompt, params, f"direct-{next(counter)}"):
+        async for out in self._engine.generate(prompt, self._params, f"direct-{next(self._ids)}"):
             n = len(out.outputs[0].new_token_ids)
             if n:
                 arrivals.append(time.perf_counter())
                 tokens += n
         record_request(result, start, arrivals, tokens)
 
-    out = await run_levels(label, levels, prompts_for, one)
-    engine.shutdown()
-    return out
+    def run_levels(self, label: str, levels: list[int], prompts_for) -> list[dict]:
+        return self._loop.run_until_complete(run_levels(label, levels, prompts_for, self._one))
+
+    def close(self) -> None:
+        self._engine.shutdown()
+        self._loop.close()
+
+
+def bench_direct(
+    app_args: dict, levels: list[int], prompts_for, output_len: int, loop: str, label: str = "direct"
+) -> list[dict]:
+    """Every level on a fresh engine, which is shut down after."""
+    direct = DirectEngine(app_args, output_len, loop)
+    try:
+        return direct.run_levels(label, levels, prompts_for)
+    finally:
+        direct.close()
 
 
 # ----- through Ray Serve over HTTP ----------------------------------------------------
@@ -265,13 +284,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also drive the engine directly after the Serve variants; the baseline is the mean of both runs",
     )
     p.add_argument(
+        "--interleave", action="store_true",
+        help="per level: direct, Serve, direct, both engines up all along (one --serve-set); "
+        "the baseline is the mean of both direct runs",
+    )
+    p.add_argument(
         "--compile-pass", action=argparse.BooleanOptionalAction, default=True,
         help="first, an untimed direct pass with the warm-up prompts: on a fresh host Triton compiles a kernel variant "
         "the first time a batch shape needs it (minutes in all), which would slow whichever path runs first",
     )
     p.add_argument("--client-procs", type=int, default=0, help="client processes for the Serve path (0: one per 32 streams, at most 8)")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.interleave and len(args.serve_set or []) > 1:
+        p.error("--interleave takes one --serve-set")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -303,17 +330,22 @@ def main(argv: list[str] | None = None) -> dict:
     # Before each level, one request per stream with other prompts (no prefix-cache hits in the timed
     # part): kernels first compiled for a batch size, connections opened and a cold step loop are not
     # counted against whichever path happens to run first.
-    def prompts_for(c: int, warm_up: bool = False) -> list[list[int]]:
+    # batch 1: other prompts for a second pass over an engine that has cached the first's.
+    def prompts_for(c: int, warm_up: bool = False, batch: int = 0) -> list[list[int]]:
+        seed = c + 100_000 * batch
         if warm_up:
-            return make_prompts(c, args.prompt_len, vocab_size, seed=1_000_000 + c)
-        return make_prompts(n_for(c), args.prompt_len, vocab_size, seed=c)
+            return make_prompts(c, args.prompt_len, vocab_size, seed=1_000_000 + seed)
+        return make_prompts(n_for(c), args.prompt_len, vocab_size, seed=seed)
 
     if args.compile_pass:
         print("untimed pass (compiles, fills Triton's cache):", flush=True)
         warm_only = lambda c, warm_up=False: prompts_for(c, warm_up=True)  # noqa: E731
-        asyncio.run(bench_direct(app_args, levels, warm_only, args.output_len, args.direct_loop, label="untimed"))
+        bench_direct(app_args, levels, warm_only, args.output_len, args.direct_loop, label="untimed")
+    if args.interleave:
+        direct, variants, procs = interleaved(args, app_args, levels, prompts_for, cuda)
+        return finish(args, argv, cuda, direct, variants, procs)
     print("engine direct:", flush=True)
-    direct = asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop))
+    direct = bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -342,8 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
         # The host's speed drifts within a run (and between runs far more): the baseline is the
         # mean of a direct run before and one after the Serve variants (Serve idles meanwhile).
         print("engine direct, again:", flush=True)
-        direct_runs.append(asyncio.run(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop)))
+        direct_runs.append(bench_direct(app_args, levels, prompts_for, args.output_len, args.direct_loop))
         direct = mean_direct(direct_runs)
+    return finish(args, argv, cuda, direct, variants, procs)
+
+
+def finish(args: argparse.Namespace, argv: list[str] | None, cuda: bool, direct: list[dict], variants: list[dict], procs: int) -> dict:
+    """Reports, writes --json, stops Serve; returns every figure."""
     results = {
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "model": args.model,
@@ -361,6 +398,33 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps(results, indent=2))
     stop_serve()
     return results
+
+
+def interleaved(args: argparse.Namespace, app_args: dict, levels: list[int], prompts_for, cuda: bool):
+    """Per level: direct, Serve, direct again, with both engines up all along, so that the
+    host's drift (which moved the direct figures by up to 35% between whole passes) falls on
+    both paths alike. One Serve variant. Returns (direct as the mean of both, variants, procs)."""
+    sets = (args.serve_set or [""])[0]
+    variant_app_args, env = variant_args(app_args, sets)
+    procs = args.client_procs or client_procs_for(max(levels))
+    again = lambda c, warm_up=False: prompts_for(c, warm_up, batch=1)  # noqa: E731
+    direct_engine = DirectEngine(app_args, args.output_len, args.direct_loop)
+    before, after, serve_levels = [], [], []
+    try:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            base_url = start_serve(1 if cuda else 0, env)
+            run_app(variant_app_args)
+            direct_http = variant_app_args.get("ingress_direct_http")
+            client_url = base_url if direct_http is None else f"http://{direct_http.get('host', '127.0.0.1')}:{direct_http['port']}"
+            print(f"per level: direct, Serve over HTTP{f' ({sets})' if sets else ''} ({procs} client processes), direct:", flush=True)
+            for c in levels:
+                before += direct_engine.run_levels("direct", [c], prompts_for)
+                serve_levels += bench_serve(pool, procs, base_url, client_url, "bench", [c], prompts_for, args.output_len)
+                after += direct_engine.run_levels("direct", [c], again)
+    finally:
+        direct_engine.close()
+    variants = [{"sets": sets, "client_url": client_url, "levels": serve_levels}]
+    return mean_direct([before, after]), variants, procs
 
 
 def mean_direct(runs: list[list[dict]]) -> list[dict]:
