@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench.step_profile import print_profile, profile_decode
 from engine import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpeculativeConfig
 from engine.engine import LLMEngine
 
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--profile", action="store_true",
+        help="each variant: where one batch-1 step's time goes (GPU time per kernel, host functions by cProfile)",
+    )
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -86,7 +91,8 @@ def heldout_prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-PLAIN = ("none", "none-sync")  # no speculation: the default step, and the synchronous one
+PLAIN = ("none", "none-sync")
+PROFILE_ROOM = 480  # extra context for --profile's steps  # no speculation: the default step, and the synchronous one
 
 
 def baseline(results: dict, cell: str) -> dict | None:
@@ -103,13 +109,15 @@ def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, propo
         spec = SpeculativeConfig(
             method=method, draft_model=args.draft if method in ("draft", "remote") else None, num_speculative_tokens=int(k)
         )
+    # --profile decodes one sequence for longer than a timed run does.
+    context = args.prompt_tokens + args.output_len + (PROFILE_ROOM if args.profile else 0)
     config = EngineConfig(
         model=args.target,
         dtype=args.dtype,
         device=args.device,
-        max_model_len=args.prompt_tokens + args.output_len + 32,
+        max_model_len=context + 32,
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(num_blocks=max_num_seqs * ((args.prompt_tokens + args.output_len + 48) // 16 + 2) + 1),
+        cache=CacheConfig(num_blocks=max_num_seqs * ((context + 48) // 16 + 2) + 1),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096),
         speculative=spec,
         # Speculation always steps synchronously; plain decoding by default overlaps the host's
@@ -178,6 +186,11 @@ def run_variant(args, variant: str, workloads: dict, temps: list[float], propose
                 f"tokens/step {_fmt(best['tokens_per_step'])}",
                 flush=True,
             )
+    if args.profile and 1 in workloads:
+        k = int(variant.partition(":")[2] or 0)
+        results["profile_b1"] = profile_decode(engine, workloads[1][0], steps=24, top=16, tokens_per_step=k + 1, host_top=24)
+        print(f"  {variant}: one batch-1 step, temperature 0")
+        print_profile(results["profile_b1"])
     del engine
     gc.collect()
     if torch.cuda.is_available():

@@ -15,10 +15,15 @@ from engine import SamplingParams
 from engine.engine import LLMEngine
 
 
-def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int = 16, top: int = 12) -> dict:
+def profile_decode(
+    engine: LLMEngine, prompts: list[list[int]], steps: int = 16, top: int = 12, tokens_per_step: int = 1, host_top: int = 0
+) -> dict:
+    """tokens_per_step: the most tokens one step may add to a sequence (1 + k with speculation);
+    host_top > 0: also the host functions that take the most time per step (cProfile, cumulative)."""
     room = engine.max_model_len - max(len(p) for p in prompts)
-    steps = max(1, min(steps, (room - 2) // 2))  # every request must outlive both measured runs
-    params = SamplingParams(max_tokens=2 * steps + 1, temperature=0.0, ignore_eos=True)
+    runs = 3 if host_top else 2
+    steps = max(1, min(steps, (room - 2) // (runs * tokens_per_step)))  # every request must outlive all measured runs
+    params = SamplingParams(max_tokens=runs * tokens_per_step * steps + 1, temperature=0.0, ignore_eos=True)
     ids = [f"profile-{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
@@ -41,9 +46,11 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int = 16,
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
     kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    host = host_profile(engine, steps, host_top) if host_top else []
     for rid in ids:
         engine.abort_request(rid)
     return {
+        "host_top": host,
         **kv,
         "batch": len(prompts),
         "wall_ms_per_step": wall_ms,
@@ -53,6 +60,35 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int = 16,
             for e in kernels
         ],
     }
+
+
+def host_profile(engine: LLMEngine, steps: int, top: int) -> list[dict]:
+    """The functions under engine.step with the most cumulative time per step. A host-to-device
+    read (tolist, item) counts the wait for the GPU too, so it shows where the host stalls."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, _, own s, cumulative s, _)
+    rows = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)
+    out = []
+    for (file, line, name), (calls, _, own, cum, _) in rows:
+        if name in ("step", "<built-in method builtins.exec>") or "profiler" in file:
+            continue
+        where = file.rsplit("/", 2)
+        out.append({
+            "name": f"{'/'.join(where[-2:])}:{line}:{name}" if line else name,
+            "cum_ms_per_step": cum / steps * 1e3,
+            "own_ms_per_step": own / steps * 1e3,
+            "calls_per_step": calls / steps,
+        })
+        if len(out) == top:
+            break
+    return out
 
 
 def kv_memory(engine: LLMEngine) -> dict:
@@ -81,3 +117,7 @@ def print_profile(p: dict) -> None:
     )
     for k in p["top_kernels"]:
         print(f"  {k['ms_per_step']:7.3f} ms  x{k['calls_per_step']:<6.0f} {k['name']}")
+    if p.get("host_top"):
+        print("host, per step (cProfile, which slows Python: compare rows, not with the wall time): cumulative / own ms")
+        for h in p["host_top"]:
+            print(f"  {h['cum_ms_per_step']:7.3f} / {h['own_ms_per_step']:6.3f} ms  x{h['calls_per_step']:<5.1f} {h['name']}")

@@ -330,14 +330,16 @@ def test_a_failing_query_fails_its_caller_not_the_core(client):
 
 
 @pytest.mark.parametrize(
-    "params",
+    ("params", "chunk_interval_s"),
     [
-        SamplingParams(n=2, max_tokens=16, temperature=0.9, seed=5, ignore_eos=True),  # text made by the client
-        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=["e "]),  # by the core (stop strings)
+        (SamplingParams(n=2, max_tokens=16, temperature=0.9, seed=5, ignore_eos=True), None),  # text made by the client
+        # The client decodes each chunk's tokens at once: several steps' tokens per decode here.
+        (SamplingParams(n=2, max_tokens=16, temperature=0.9, seed=5, ignore_eos=True), lambda: 60.0),
+        (SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=["e "]), None),  # by the core (stop strings)
     ],
-    ids=["client-detokenizes", "core-detokenizes"],
+    ids=["client-detokenizes", "client-detokenizes-chunks", "core-detokenizes"],
 )
-def test_text_equals_the_in_process_engine_wherever_it_is_made(text_ckpt, make_engine, params):
+def test_text_equals_the_in_process_engine_wherever_it_is_made(text_ckpt, make_engine, params, chunk_interval_s):
     prompts = ["The quick brown", "A serving system"]
     expected = make_engine(text_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(prompts, params)
     client = EngineCoreClient(
@@ -345,9 +347,13 @@ def test_text_equals_the_in_process_engine_wherever_it_is_made(text_ckpt, make_e
     )
     try:
         async def main():
-            return await asyncio.gather(*(collect(client, p, params, f"t{i}") for i, p in enumerate(prompts)))
+            return await asyncio.gather(
+                *(collect(client, p, params, f"t{i}", chunk_interval_s=chunk_interval_s) for i, p in enumerate(prompts))
+            )
 
         streams = asyncio.run(main())
+        if chunk_interval_s is not None:  # first tokens, one merged chunk, the end
+            assert max(len(s) for s in streams) <= 3
     finally:
         client.shutdown()
     for stream, want in zip(streams, expected):
