@@ -127,6 +127,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.allocator.block_table, block_size, self.max_model_len,
             config.scheduler.max_num_seqs, use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
         )
         self.sampler = Sampler(self.device, config.seed)
         if draft is not None:

@@ -2,7 +2,9 @@
 
 Decode-only steps on CUDA replay a CUDA graph captured for the smallest
 batch-size bucket that fits, which removes the per-layer launch overhead that
-dominates small decode batches.
+dominates small decode batches. Steps with prompt tokens replay graphs of the
+pieces between attention calls (engine/mixed_graphs.py), attention launched
+between them.
 
 With speculation, `execute_spec` also feeds each speculating sequence's
 proposals after its known tokens and returns the logits at the last known
@@ -21,6 +23,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache.block_table import BlockTable
+from engine.mixed_graphs import MIXED_GRAPH_MAX_TOKENS, MixedStepGraphs
 from engine.model.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -58,6 +61,7 @@ class ModelRunner:
         max_num_seqs: int,
         use_cuda_graphs: bool,
         num_speculative_tokens: int = 0,
+        max_num_batched_tokens: int = 0,  # > 0 (and CUDA graphs): steps with prompt tokens up to this many too
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -70,6 +74,9 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_cache, max_num_seqs, self.max_blocks_per_seq)
             self.graphs.capture()
+        self.mixed: MixedStepGraphs | None = None
+        if use_cuda_graphs and self.device.type == "cuda" and max_num_batched_tokens > 0:
+            self.mixed = MixedStepGraphs(model, kv_cache, min(max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS))
         self.verify_pass: TargetVerifyPass | None = None
         if num_speculative_tokens:
             graph_batch = min(max_num_seqs, SPEC_GRAPH_MAX_BATCH) if use_cuda_graphs else 0
@@ -212,14 +219,18 @@ class ModelRunner:
         `pending`: the tokens of the step still in flight (async scheduling), fed on the device.
         """
         inputs = self.prepare(sched, pending=pending)
-        if inputs.num_sampled == 0:
-            # Only partial prompt chunks: fill the cache, skip the vocabulary projection.
-            self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-            return None
-        if self.graphs is not None and inputs.meta.is_decode_only and self.graphs.fits(inputs.meta.num_seqs):
+        if inputs.num_sampled and self.graphs is not None and inputs.meta.is_decode_only and self.graphs.fits(inputs.meta.num_seqs):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        hidden = self._hidden(inputs)
+        if inputs.num_sampled == 0:  # only partial prompt chunks: the cache is filled, no logits needed
+            return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _hidden(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward pass of a step that no decode graph runs: graph pieces where they fit, else eager."""
+        if self.mixed is not None and not inputs.meta.is_decode_only and self.mixed.fits(inputs.input_ids.shape[0]):
+            return self.mixed.run(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
 
     @torch.inference_mode()
     def execute_spec(
@@ -249,7 +260,7 @@ class ModelRunner:
             plain = torch.tensor([i for i in range(n) if i not in spec], dtype=torch.int64).to(dev, non_blocking=True)
             return logits[plain, 0], logits.index_select(0, rows_dev)
         inputs = self.prepare(sched, dict(zip(rows, proposals.host_token_ids())), k)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        hidden = self._hidden(inputs)
         logits = self.model.compute_logits(hidden[torch.cat([inputs.logits_indices, inputs.spec_indices])])
         m = inputs.num_sampled
         return (logits[:m] if m else None), logits[m:].view(len(rows), k + 1, -1)

@@ -27,13 +27,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    out: torch.Tensor | None = None,  # [T, H, D]: where to write the result (a graph's static buffer)
 ) -> torch.Tensor:
     if q.is_cuda:
         from engine.attention import triton_paged
 
-        if meta.is_decode_only:
-            return triton_paged.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return triton_paged.paged_prefill_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, meta.max_query_len, scale
-        )
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        if not meta.is_decode_only:
+            return triton_paged.paged_prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, meta.max_query_len, scale,
+                out=out,
+            )
+        result = triton_paged.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    else:
+        result = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    return result if out is None else out.copy_(result)

@@ -367,13 +367,17 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # [B] int32, context after this step, new tokens last
     max_query_len: int,
     scale: float,
+    out: torch.Tensor | None = None,  # [T, H, D] contiguous, to write into; default: a new tensor
 ) -> torch.Tensor:
     """New tokens attend causally to the cached prefix and to each other, all read from the cache."""
     group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
     num_seqs = seq_lens.shape[0]
     if q.stride(2) != 1:
         q = q.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor, got {tuple(out.shape)}")
     if num_seqs == 0 or max_query_len == 0:
         return out
     group_pad = triton.next_power_of_2(group)

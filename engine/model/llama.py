@@ -51,14 +51,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.scale = self.head_dim**-0.5
 
-    def forward(
+    def project_and_cache(
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
         rotary: Rotary,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
-        meta: AttentionMetadata,
+        slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
+        """The rotated queries [T, H, D]; the new keys and values go into the cache."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -70,10 +71,9 @@ class Attention(nn.Module):
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
             self.q_norm.eps if self.q_norm is not None else 0.0,
-            kv_cache[0], kv_cache[1], meta.slot_mapping,
+            kv_cache[0], kv_cache[1], slot_mapping,
         )
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return q
 
 
 class MLP(nn.Module):
@@ -96,8 +96,21 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta):
         """Returns (this layer's output, the running residual); their sum is the hidden state."""
+        q, residual = self.before_attention(x, residual, positions, rotary, kv_cache, meta.slot_mapping)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.self_attn.scale)
+        return self.after_attention(out, residual)
+
+    # The two pieces either side of attention: engine/mixed_graphs.py replays each as a CUDA graph
+    # and launches attention, whose grid depends on the batch's query lengths, between them.
+
+    def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping):
+        """(queries [T, H, D], the running residual); the new keys and values go into the cache."""
         h, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(h, positions, rotary, kv_cache, meta)
+        return self.self_attn.project_and_cache(h, positions, rotary, kv_cache, slot_mapping), residual
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """attn: the attention output [T, H, D]; returns (this layer's output, the running residual)."""
+        x = self.self_attn.o_proj(attn.reshape(attn.shape[0], self.self_attn.q_size))
         h, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(h), residual
 
