@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench.device import free_memory
 from engine import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.model.presets import save_hf_checkpoint
@@ -67,6 +68,7 @@ def main() -> int:
                     flush=True,
                 )
                 del engine
+                free_memory()  # the next engine sizes its KV cache from what is free
     return 1 if failures else 0
 
 

@@ -122,3 +122,12 @@ def test_first_token_counters_are_summed_over_replicas():
     ])
     assert parse_first_token_counters(page) == (1.0, 8.0)
     assert replica_wait((0.5, 4.0), (1.0, 8.0)) == {"replica_first_tokens": 4.0, "replica_ttft_mean_ms": 125.0}
+
+
+def test_mixed_step_times_the_pieces_and_the_eager_pass_on_the_same_step():
+    from bench import mixed_step
+
+    result = mixed_step.main(["--device", "cpu", "--decodes", "2", "--prompt-len", "16", "--calls", "1", "--repeats", "1"])
+    assert result["tokens"] == 2 + 16
+    assert result["relative_error"] < 1e-5  # fp32, the same pieces eagerly: the same sums
+    assert result["mixed_graphs_ms"] > 0 and result["eager_ms"] > 0 and result["decode_graph_ms"] > 0
