@@ -219,8 +219,9 @@ class ModelRunner:
         `pending`: the tokens of the step still in flight (async scheduling), fed on the device.
         """
         inputs = self.prepare(sched, pending=pending)
-        if inputs.num_sampled and self.graphs is not None and inputs.meta.is_decode_only and self.graphs.fits(inputs.meta.num_seqs):
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        meta = inputs.meta
+        if inputs.num_sampled and self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         hidden = self._hidden(inputs)
         if inputs.num_sampled == 0:  # only partial prompt chunks: the cache is filled, no logits needed
             return None
