@@ -37,7 +37,12 @@ class IncrementalDetokenizer:
         back until they can no longer begin a stop string (or `flush`), so the
         streamed text never shows a piece of a stop string. On a stop hit the
         text ends just before the stop string.
+
+        Several tokens at once give exactly what adding them one by one would:
+        with one decode when their text is whole, valid characters, else one by one.
         """
+        if len(token_ids) > 1:
+            return self._add_several(token_ids)
         self._tokens.extend(token_ids)
         prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
         full = self._decode(self._tokens[self._prefix_offset :])
@@ -46,6 +51,26 @@ class IncrementalDetokenizer:
         new_text = full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
         return self._append_checking_stop(new_text)
+
+    def _add_several(self, token_ids: list[int]) -> tuple[str, str | None]:
+        # One by one, every emission ends on a whole character, so the next window starts on one: when
+        # the new text holds no U+FFFD at all, the pieces one by one would join to the same string.
+        before = len(self._tokens)
+        self._tokens.extend(token_ids)
+        prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        full = self._decode(self._tokens[self._prefix_offset :])
+        new_text = full[len(prefix) :]
+        if new_text and _PARTIAL not in new_text:
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+            return self._append_checking_stop(new_text)
+        del self._tokens[before:]
+        text = ""
+        for token in token_ids:
+            piece, stop = self.add([token])
+            text += piece
+            if stop is not None:
+                return text, stop
+        return text, None
 
     def flush(self) -> str:
         """Emits the held-back text; call once the sequence has finished for another reason."""

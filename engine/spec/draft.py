@@ -11,8 +11,10 @@ In steady state a sequence lacks only one or two tokens (the target's bonus
 token, plus the last proposal when all were accepted), so the catch-up is
 padded to exactly two tokens (re-feeding the token before when only one is
 new) and the whole propose call, catch-up and k - 1 passes, is one CUDA
-graph per batch bucket. Other calls (a new prompt, after a preemption) run
-eagerly.
+graph per batch bucket. A sequence that lacks more (a new prompt, after a
+preemption) first gets the K/V of all but its last two tokens in one
+prefill-like pass (graph pieces on CUDA, engine/mixed_graphs.py), and the
+call goes on as a regular one.
 
 `DraftProposer` is the co-located proposer: the draft lives on the target's
 device and its cache has the target's block geometry, so it reads and
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata
 from engine.cuda_graphs import batch_buckets
+from engine.mixed_graphs import MIXED_GRAPH_MAX_TOKENS, MixedStepGraphs
 from engine.model.llama import LlamaForCausalLM
 from engine.sequence import Sequence
 from engine.spec.proposer import Proposals, SpecRequest
@@ -111,13 +114,17 @@ class DraftModel:
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fill_pieces: MixedStepGraphs | None = None
         if max_graph_batch > 0 and self.device.type == "cuda":
             self.use_buckets(max_graph_batch)
             self._capture()
 
     def use_buckets(self, max_batch: int) -> None:
-        """Pad regular calls to batch buckets (what the CUDA graphs need; tests use it on the CPU too)."""
+        """Pad regular calls to batch buckets and fill through graph pieces (what the CUDA graphs need;
+        tests use it on the CPU too)."""
         self.buckets = batch_buckets(max_batch)
+        # The pieces of the catch-up pass, as CUDA graphs (on the CPU the same pieces run eagerly).
+        self._fill_pieces = MixedStepGraphs(self.model, self.kv_cache, MIXED_GRAPH_MAX_TOKENS, self.device.type == "cuda")
         b, k, v = self.buckets[-1], self.k, self.vocab_size
         self._shared = (torch.ones(k, b, v, device=self.device), torch.zeros(b, k, v, device=self.device))
         self._buffers.clear()
@@ -134,7 +141,9 @@ class DraftModel:
         n = len(seqs)
         temps = [s.params.temperature for s in seqs]
         sample = any(t > 0 for t in temps)
-        regular = all(s.num_tokens - st <= 2 and s.num_tokens >= 2 for s, st in zip(seqs, starts))
+        regular = all(s.num_tokens >= 2 for s in seqs)
+        if regular and any(s.num_tokens - st > 2 for s, st in zip(seqs, starts)):
+            starts = self._fill_to_last_two(seqs, starts)
         if regular:
             bucket = next((b for b in self.buckets if b >= n), None)
             bufs = self._buffers_for(bucket) if bucket is not None else self._new_buffers(n)
@@ -173,40 +182,64 @@ class DraftModel:
     def _forward_catch_up(
         self, bufs: _Buffers, seqs: list[Sequence], starts: list[int], sample: bool, host: _Host
     ) -> None:
-        """Any number of missing tokens per sequence, as one varlen prefill-like pass; then the passes."""
+        """Any number of missing tokens per sequence, as one varlen prefill-like pass; then the passes.
+        Only for a batch with a sequence of one token, which the regular path cannot feed two."""
+        ids, positions, meta = self._varlen_pass(seqs, starts, [s.num_tokens for s in seqs], bufs.tables)
+        hidden = self.model(ids, positions, self.kv_cache, meta)
+        last = (meta.query_start_loc[1:] - 1).long()
+        token = self._choose(hidden[last], bufs, 0, sample)
+        self._passes(bufs, token, sample, host)
+
+    def _fill_to_last_two(self, seqs: list[Sequence], starts: list[int]) -> list[int]:
+        """Computes the draft's K/V of every token but each sequence's last two, in one pass; returns
+        the new starts, from which the call is a regular one. On CUDA the pass replays graph pieces:
+        run eagerly, it is a few hundred launches for a new prompt."""
+        rows = [i for i, (seq, start) in enumerate(zip(seqs, starts)) if seq.num_tokens - 2 > start]
+        picked = [seqs[i] for i in rows]
+        tables = self._block_tables(picked)
+        ids, positions, meta = self._varlen_pass(picked, [starts[i] for i in rows], [s.num_tokens - 2 for s in picked], tables)
+        pieces = self._fill_pieces
+        if pieces is not None and pieces.fits(ids.shape[0]):
+            pieces.run(ids, positions, meta)
+        else:
+            self.model(ids, positions, self.kv_cache, meta)
+        return [max(start, seq.num_tokens - 2) for seq, start in zip(seqs, starts)]
+
+    def _varlen_pass(
+        self, seqs: list[Sequence], starts: list[int], ends: list[int], tables: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(token ids, positions, metadata) feeding tokens starts[i]:ends[i] of each sequence."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start = [0]
-        seq_lens: list[int] = []
         bs = self.block_size
-        for seq, start in zip(seqs, starts):
-            end = seq.num_tokens
+        for seq, start, end in zip(seqs, starts, ends):
             table = seq.block_ids
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + end - start)
-            seq_lens.append(end)
-        dev = self.device
-
-        def to_dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
+        query_lens = [e - s for s, e in zip(query_start, query_start[1:])]
         meta = AttentionMetadata(
-            slot_mapping=to_dev(slots, torch.int64),
-            query_start_loc=to_dev(query_start, torch.int32),
-            seq_lens=to_dev(seq_lens, torch.int32),
-            block_tables=bufs.tables,
-            max_query_len=max(e - s for s, e in zip(query_start, query_start[1:])),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=[e - s for s, e in zip(query_start, query_start[1:])],
-            seq_lens_cpu=seq_lens,
+            slot_mapping=self._to_device(slots, torch.int64),
+            query_start_loc=self._to_device(query_start, torch.int32),
+            seq_lens=self._to_device(ends, torch.int32),
+            block_tables=tables,
+            max_query_len=max(query_lens),
+            max_seq_len=max(ends),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=list(ends),
         )
-        hidden = self.model(to_dev(ids, torch.int64), to_dev(positions, torch.int64), self.kv_cache, meta)
-        last = to_dev([q - 1 for q in query_start[1:]], torch.int64)
-        token = self._choose(hidden[last], bufs, 0, sample)
-        self._passes(bufs, token, sample, host)
+        return self._to_device(ids, torch.int64), self._to_device(positions, torch.int64), meta
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = self.width
+        rows = [seq.block_ids[:width] + [0] * (width - min(len(seq.block_ids), width)) for seq in seqs]
+        return self._to_device(rows, torch.int32)
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def _passes(self, bufs: _Buffers, token: torch.Tensor, sample: bool, host: _Host | None) -> None:
         b = bufs.b

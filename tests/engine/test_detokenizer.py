@@ -154,3 +154,16 @@ def test_text_decoder_matches_the_tokenizers_own_decode():
         ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
         assert decode(ids) == tok.decode(ids, skip_special_tokens=True)
     assert text_decoder(ByteTokenizer())([104, 105]) == "hi"  # anything else keeps its own decode
+
+
+@pytest.mark.parametrize("per_step", [2, 3, 7])
+def test_several_tokens_at_once_give_what_one_by_one_gives_even_with_broken_utf8(per_step):
+    tok = ByteTokenizer()
+    # Valid text, a lone continuation byte, a cut 3-byte character in the middle, and one cut at the end.
+    ids = tok.encode("héllo ") + [0x9C] + tok.encode("日本")[:-1] + tok.encode(" ok ✓") + tok.encode("語")[:2]
+    one_by_one = IncrementalDetokenizer(tok, stop=[])
+    singles, _ = stream(one_by_one, ids)
+    batched = IncrementalDetokenizer(tok, stop=[])
+    chunks, _ = stream(batched, ids, per_step=per_step)
+    assert "".join(chunks) == "".join(singles) == one_by_one.text == batched.text
+    assert "\ufffd" in batched.text and batched.text.endswith("✓")  # the cut last character is held back
