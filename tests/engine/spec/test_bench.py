@@ -35,12 +35,11 @@ def test_speculative_bench_profiles_one_batch_1_step_per_variant(tmp_path):
         [
             "--device", "cpu", "--dtype", "float32", "--output-len", "4", "--prompt-tokens", "16",
             "--batch-sizes", "1", "--batch1-prompts", "1", "--temperatures", "0", "--runs", "1",
-            "--variants", "none-sync,draft:2", "--profile",
+            "--variants", "draft:2", "--profile",
         ]
     )
-    for variant in ("none-sync", "draft:2"):
-        profile = results["variants"][variant]["profile_b1"]
-        assert profile["batch"] == 1 and profile["wall_ms_per_step"] > 0
-        names = [h["name"] for h in profile["host_top"]]
-        assert any("execute" in n for n in names)  # the runner's call is among the costliest host functions
-    assert any("propose" in h["name"] for h in results["variants"]["draft:2"]["profile_b1"]["host_top"])
+    profile = results["variants"]["draft:2"]["profile_b1"]
+    assert profile["batch"] == 1 and profile["wall_ms_per_step"] > 0
+    names = [h["name"] for h in profile["host_top"]]
+    # The verify pass and the draft's proposals are among the costliest host functions of a step.
+    assert any("execute_spec" in n for n in names) and any("propose" in n for n in names)
