@@ -91,8 +91,8 @@ def heldout_prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-PLAIN = ("none", "none-sync")
-PROFILE_ROOM = 480  # extra context for --profile's steps  # no speculation: the default step, and the synchronous one
+PLAIN = ("none", "none-sync")  # no speculation: the default step, and the synchronous one
+PROFILE_ROOM = 480  # extra context for --profile's steps
 
 
 def baseline(results: dict, cell: str) -> dict | None:

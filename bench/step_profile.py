@@ -50,7 +50,6 @@ def profile_decode(
     for rid in ids:
         engine.abort_request(rid)
     return {
-        "host_top": host,
         **kv,
         "batch": len(prompts),
         "wall_ms_per_step": wall_ms,
@@ -59,6 +58,7 @@ def profile_decode(
             {"name": e.key[:80], "ms_per_step": e.self_device_time_total / steps / 1e3, "calls_per_step": e.count / steps}
             for e in kernels
         ],
+        "host_top": host,
     }
 
 

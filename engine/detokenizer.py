@@ -41,28 +41,22 @@ class IncrementalDetokenizer:
         Several tokens at once give exactly what adding them one by one would:
         with one decode when their text is whole, valid characters, else one by one.
         """
-        if len(token_ids) > 1:
-            return self._add_several(token_ids)
-        self._tokens.extend(token_ids)
-        prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
-        full = self._decode(self._tokens[self._prefix_offset :])
-        if full.endswith(_PARTIAL) or len(full) <= len(prefix):
-            return "", None
-        new_text = full[len(prefix) :]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
-        return self._append_checking_stop(new_text)
-
-    def _add_several(self, token_ids: list[int]) -> tuple[str, str | None]:
-        # One by one, every emission ends on a whole character, so the next window starts on one: when
-        # the new text holds no U+FFFD at all, the pieces one by one would join to the same string.
         before = len(self._tokens)
         self._tokens.extend(token_ids)
         prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
         full = self._decode(self._tokens[self._prefix_offset :])
         new_text = full[len(prefix) :]
-        if new_text and _PARTIAL not in new_text:
+        if len(token_ids) <= 1:
+            emit = bool(new_text) and not full.endswith(_PARTIAL)
+        else:
+            # One by one, every emission ends on a whole character, so the next window starts on one:
+            # when the new text holds no U+FFFD at all, the pieces one by one join to this same string.
+            emit = bool(new_text) and _PARTIAL not in new_text
+        if emit:
             self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
             return self._append_checking_stop(new_text)
+        if len(token_ids) <= 1:
+            return "", None
         del self._tokens[before:]
         text = ""
         for token in token_ids:
