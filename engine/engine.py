@@ -29,7 +29,7 @@ from engine.sequence import Sequence, SequenceIds
 from engine.spec.draft import DraftModel, DraftProposer
 from engine.spec.ngram import NgramProposer
 from engine.spec.proposer import Proposals, Proposer, SpecRequest
-from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH
+from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH, VerifyPassOutput
 from engine.spec.verify import verify
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.validation import validate_request
@@ -261,7 +261,7 @@ class LLMEngine:
         if spec is None:
             logits, spec_logits, spec_rows = self.runner.execute(sched), None, set()
         else:
-            logits, spec_logits = self.runner.execute_spec(sched, spec[0], spec[1])
+            logits, verified = self.runner.execute_spec(sched, spec[0], spec[1])
             spec_rows = set(spec[0])
         for seq in sched.admitted:
             metrics = self.requests[seq.request_id].metrics
@@ -277,7 +277,7 @@ class LLMEngine:
                 self._append(state, seq, token, logprob)
                 touched[state.request_id] = state
         if spec is not None:
-            self._accept(sched, spec[0], spec[1], spec_logits, touched)
+            self._accept(sched, spec[0], spec[1], verified, touched)
         return self._outputs(touched, only_finished, build)
 
     def _outputs(self, touched: dict[str, RequestState], only_finished: bool, build: Callable[[RequestState], Any]) -> list:
@@ -390,14 +390,19 @@ class LLMEngine:
             rows = [rows[r] for r in keep]
         return rows, proposals
 
-    def _accept(self, sched, rows: list[int], proposals: Proposals, logits: torch.Tensor, touched: dict) -> None:
+    def _accept(self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput, touched: dict) -> None:
         """Verify the proposals; append each row's accepted ones and the target's next token."""
         seqs = [sched.scheduled[i].seq for i in rows]
-        tokens, num_accepted = verify(
-            logits, proposals.token_ids, proposals.num_tokens, proposals.probs, seqs, self.sampler.generator
-        )
-        logprobs = self._spec_logprobs(logits, tokens, seqs)
-        result = torch.cat([num_accepted.unsqueeze(1), tokens], dim=1).tolist()  # one copy to the host
+        k = proposals.token_ids.shape[1]
+        verdict = verified.greedy_verdict if all(s.params.temperature == 0.0 for s in seqs) else None
+        if verdict is None:
+            tokens, num_accepted = verify(
+                verified.logits, proposals.token_ids, proposals.num_tokens, proposals.probs, seqs, self.sampler.generator
+            )
+            verdict = torch.cat([num_accepted.unsqueeze(1), tokens, proposals.token_ids], dim=1)
+        logprobs = self._spec_logprobs(verified.logits, verdict[:, 1 : k + 2], seqs)
+        result = verdict.tolist()  # the step's one copy to the host: [accepted, k + 1 tokens, k proposals]
+        proposals.host_ids = [row[k + 2 : k + 2 + n] for row, n in zip(result, proposals.num_tokens)]
         counters = self._spec_counters.setdefault(self.proposer.name, SpecCounters())
         for r, (seq, row) in enumerate(zip(seqs, result)):
             accepted = row[0]

@@ -28,7 +28,7 @@ from engine.model.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec.proposer import Proposals
-from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH, TargetVerifyPass
+from engine.spec.target_pass import SPEC_GRAPH_MAX_BATCH, TargetVerifyPass, VerifyPassOutput
 
 
 @dataclass
@@ -236,9 +236,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_spec(
         self, sched: SchedulerOutput, rows: list[int], proposals: Proposals
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, VerifyPassOutput]:
         """(logits [N, vocab] of the other sequences whose next token is due, or None;
-        logits [S, k + 1, vocab] of the speculating ones: sched.scheduled[rows[i]] proposed proposals row i).
+        the verify pass of the speculating ones: its row i is sched.scheduled[rows[i]], which proposed
+        proposals row i).
         """
         assert self.verify_pass is not None
         k = self.verify_pass.k
@@ -254,14 +255,16 @@ class ModelRunner:
                 num_drafts = [0] * n
                 for r, i in enumerate(rows):
                     num_drafts[i] = proposals.num_tokens[r]
-            logits = self.verify_pass.run([it.seq for it in items], drafts, num_drafts)
+            verified = self.verify_pass.run([it.seq for it in items], drafts, num_drafts)
             if len(rows) == n:
-                return None, logits
+                return None, verified
             spec = set(rows)
             plain = torch.tensor([i for i in range(n) if i not in spec], dtype=torch.int64).to(dev, non_blocking=True)
-            return logits[plain, 0], logits.index_select(0, rows_dev)
+            logits, verdict = verified.logits, verified.greedy_verdict
+            picked = VerifyPassOutput(logits.index_select(0, rows_dev), verdict.index_select(0, rows_dev))
+            return logits[plain, 0], picked
         inputs = self.prepare(sched, dict(zip(rows, proposals.host_token_ids())), k)
         hidden = self._hidden(inputs)
         logits = self.model.compute_logits(hidden[torch.cat([inputs.logits_indices, inputs.spec_indices])])
         m = inputs.num_sampled
-        return (logits[:m] if m else None), logits[m:].view(len(rows), k + 1, -1)
+        return (logits[:m] if m else None), VerifyPassOutput(logits[m:].view(len(rows), k + 1, -1), None)

@@ -7,6 +7,10 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import paged_attention_ref
 
+# Up to this many new tokens per sequence, a pass of uniform query length runs the decode kernel,
+# one split query per token (speculative passes: k + 1 tokens); longer ones are prefills.
+MAX_DECODE_QUERY_LEN = 8
+
 
 def write_kv(
     k: torch.Tensor,  # [T, KVH, D]
@@ -29,15 +33,26 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]: where to write the result (a graph's static buffer)
 ) -> torch.Tensor:
-    if q.is_cuda:
-        from engine.attention import triton_paged
-
-        if not meta.is_decode_only:
-            return triton_paged.paged_prefill_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, meta.max_query_len, scale,
-                out=out,
-            )
-        result = triton_paged.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-    else:
+    if not q.is_cuda:
         result = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return result if out is None else out.copy_(result)
+    from engine.attention import triton_paged
+
+    query_len = _decode_query_len(meta)
+    if query_len is None:
+        return triton_paged.paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, meta.max_query_len, scale,
+            out=out,
+        )
+    result = triton_paged.paged_decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, query_len=query_len
+    )
     return result if out is None else out.copy_(result)
+
+
+def _decode_query_len(meta: AttentionMetadata) -> int | None:
+    """New tokens per sequence when the decode kernel serves the pass; None: a prefill."""
+    if meta.is_decode_only:
+        return 1
+    uniform = meta.uniform_query_len
+    return uniform if uniform is not None and uniform <= MAX_DECODE_QUERY_LEN else None

@@ -31,6 +31,9 @@ class AttentionMetadata:
     # Host copies, so the reference path never syncs with the device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Set by fixed-shape passes in which every sequence feeds exactly this many new tokens (the
+    # speculative verify pass, the draft's catch-up): the kernels may treat each as a decode query.
+    uniform_query_len: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -10,7 +10,11 @@ Softmax is online (running max and sum, in base 2), accumulation in fp32.
 
 Decode splits long contexts over several programs (flash-decoding): each
 writes a partial output and its log-sum-exp, and a small kernel combines
-them. The number of splits comes from shapes only (batch, KV heads, block
+them. It also serves passes where every sequence feeds the same few tokens
+(speculative verify, the draft's catch-up): each token is then a decode
+query of its own, whose context ends at its position. The prefill kernel
+would give such a pass one program per (sequence, KV head), walking the
+whole context alone; split, it is about half the time at batch 1. The number of splits comes from shapes only (batch, KV heads, block
 table width), never from device values, so a decode step can be captured
 in a CUDA graph: nothing here syncs with the device.
 """
@@ -34,14 +38,14 @@ _PREFILL_BLOCK_N = 64
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the table's width moves with the batch
 def _decode_kernel(
-    q_ptr,  # [B, H, D]
+    q_ptr,  # [T, H, D], T = B * QUERY_LEN
     k_ptr,  # [num_blocks, block_size, KVH, D]
     v_ptr,
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
-    out_ptr,  # [B, H, D], written when NUM_SPLITS == 1
-    mid_o_ptr,  # [B, H, NUM_SPLITS, D] fp32, written when NUM_SPLITS > 1
-    mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32 (base 2)
+    out_ptr,  # [T, H, D], written when NUM_SPLITS == 1
+    mid_o_ptr,  # [T, H, NUM_SPLITS, D] fp32, written when NUM_SPLITS > 1
+    mid_lse_ptr,  # [T, H, NUM_SPLITS] fp32 (base 2)
     qk_scale,  # softmax scale * log2(e)
     num_heads,
     stride_qb,
@@ -61,13 +65,16 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    QUERY_LEN: tl.constexpr,  # new tokens per sequence, the last at position seq_len - 1
     DOT_PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    t = tl.program_id(0)  # the query token
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    b = t // QUERY_LEN  # its sequence
 
-    seq_len = tl.load(seq_lens_ptr + b)
+    # Token j of the sequence's QUERY_LEN sits at seq_len - QUERY_LEN + j: causal, it sees up to there.
+    seq_len = tl.load(seq_lens_ptr + b) - (QUERY_LEN - 1 - t % QUERY_LEN)
     # This split's share of the context, in whole tiles.
     chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
@@ -78,7 +85,7 @@ def _decode_kernel(
     row_ok = rows < GROUP
     heads = kvh * GROUP + rows
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        q_ptr + t.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
         mask=row_ok[:, None],
         other=0.0,
     ).to(k_ptr.dtype.element_ty)
@@ -115,10 +122,10 @@ def _decode_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
-        out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        out = out_ptr + t.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        mid = (b * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
+        mid = (t * num_heads + heads).to(tl.int64) * NUM_SPLITS + split
         tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # -inf: an empty split, weight 0
         tl.store(mid_lse_ptr + mid, lse, mask=row_ok)
@@ -294,17 +301,20 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
 
 
 def paged_decode_attention(
-    q: torch.Tensor,  # [B, H, D]
+    q: torch.Tensor,  # [B * query_len, H, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int32
-    seq_lens: torch.Tensor,  # [B] int32, context length including the new token
+    seq_lens: torch.Tensor,  # [B] int32, context length including the new tokens
     scale: float,
     num_splits: int | None = None,  # None: chosen from the shapes
+    query_len: int = 1,  # new tokens per sequence, all in the cache already
 ) -> torch.Tensor:
-    """One new token per sequence attends to its whole cached context."""
+    """The new tokens of each sequence (one, or query_len each) attend causally to its cached context."""
     group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
-    batch, num_heads = q.shape[0], q.shape[1]
+    batch, num_heads = q.shape[0], q.shape[1]  # batch: query tokens, one program row each
+    if query_len < 1 or batch != seq_lens.shape[0] * query_len:
+        raise ValueError(f"q holds {batch} tokens, not query_len={query_len} for each of {seq_lens.shape[0]} sequences")
     if q.stride(2) != 1:
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -338,6 +348,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=_DECODE_BLOCK_N,
         NUM_SPLITS=num_splits,
+        QUERY_LEN=query_len,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
         num_stages=3,

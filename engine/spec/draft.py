@@ -136,7 +136,8 @@ class DraftModel:
         """Proposals for each sequence; starts[i]: leading tokens of seqs[i] already in this cache.
 
         Each sequence's block table must cover its tokens plus ks[i] - 1 more.
-        The returned probs (rows at temperature > 0) stay valid until the next call.
+        The returned tokens and probs (rows at temperature > 0) are this model's buffers: they stay
+        valid until the next call (the engine verifies them before that).
         """
         n = len(seqs)
         temps = [s.params.temperature for s in seqs]
@@ -159,7 +160,7 @@ class DraftModel:
             host = self._host_inputs(bufs, seqs, starts, ks)
             self._upload(bufs, host, temps, seqs, sample)
             self._forward_catch_up(bufs, seqs, starts, sample, host)
-        return Proposals(bufs.tokens[:n].clone(), list(ks), bufs.probs[:n] if sample else None)
+        return Proposals(bufs.tokens[:n], list(ks), bufs.probs[:n] if sample else None)
 
     # ----- forward passes (no host syncs: the regular path is captured as one graph) -----
 
@@ -174,6 +175,7 @@ class DraftModel:
             max_seq_len=self.width * self.block_size,
             query_lens_cpu=[2] * b,
             seq_lens_cpu=host.seq_lens0 if host else [2] * b,
+            uniform_query_len=2,
         )
         hidden = self.model(bufs.ids0, bufs.pos0, self.kv_cache, meta)
         token = self._choose(hidden[1::2], bufs, 0, sample)
@@ -374,7 +376,7 @@ class DraftProposer:
         self.block_size = draft.block_size
         self._states: dict[int, _SeqState] = {}
         self._block_hashes: dict[int, int] = {}  # block id -> chain hash of the full block the draft computed there
-        self._pending: tuple[list[Sequence], torch.Tensor] | None = None
+        self._pending: tuple[list[Sequence], Proposals] | None = None
 
     def propose(self, batch: list[SpecRequest]) -> Proposals:
         self._settle_pending()
@@ -397,7 +399,7 @@ class DraftProposer:
             state.num_valid = state.base = seq.num_tokens
             state.num_pending = k - 1
             self._record_blocks(seq, state)
-        self._pending = (seqs, proposals.token_ids)
+        self._pending = (seqs, proposals)
         return proposals
 
     def release(self, seq_ids: list[int]) -> None:
@@ -405,12 +407,12 @@ class DraftProposer:
             self._states.pop(seq_id, None)
 
     def _settle_pending(self) -> None:
-        """The draft's K/V of the proposals the target kept are valid: count them (one host copy)."""
+        """The draft's K/V of the proposals the target kept are valid: count them."""
         if self._pending is None:
             return
-        seqs, token_ids = self._pending
+        seqs, proposals = self._pending
         self._pending = None
-        proposed = token_ids.tolist()
+        proposed = proposals.host_token_ids()
         for seq, row in zip(seqs, proposed):
             state = self._states.get(seq.seq_id)
             if state is None:

@@ -44,6 +44,9 @@ class Proposals:
     token_ids: torch.Tensor  # [B, k] int64; entries past num_tokens[i] are padding
     num_tokens: list[int]  # valid proposals per row
     probs: torch.Tensor | None = None  # [B, k, vocab] fp32, or None
+    # The valid proposals on the host, once someone copied them: the engine sets it from the verdict
+    # it reads back anyway, so a proposer that needs them next step makes no copy of its own.
+    host_ids: list[list[int]] | None = None
 
     @classmethod
     def from_lists(
@@ -64,8 +67,10 @@ class Proposals:
         return Proposals(self.token_ids.index_select(0, idx), [self.num_tokens[r] for r in rows], probs)
 
     def host_token_ids(self) -> list[list[int]]:
-        """The valid proposals of each row as lists (one device-to-host copy)."""
-        return [row[:n] for row, n in zip(self.token_ids.tolist(), self.num_tokens)]
+        """The valid proposals of each row as lists (one device-to-host copy, the first time only)."""
+        if self.host_ids is None:
+            self.host_ids = [row[:n] for row, n in zip(self.token_ids.tolist(), self.num_tokens)]
+        return self.host_ids
 
 
 class Proposer(Protocol):

@@ -8,9 +8,16 @@ at their true positions (attention places new token j of a row at
 seq_len - (k + 1) + j and masks causally, so no real token sees a pad).
 The fixed shape makes the pass a CUDA graph per batch bucket on the GPU;
 on the CPU the same code runs eagerly.
+
+The pass also gives the greedy verdict (engine/spec/verify.py's rule for
+rows at temperature 0) in the same graph, laid out as the engine reads it:
+[num_accepted, the target's k + 1 tokens, the k proposals] per row. A
+greedy step then reads one small tensor back and launches nothing else.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +25,7 @@ from engine.attention import AttentionMetadata
 from engine.cuda_graphs import batch_buckets
 from engine.model.llama import LlamaForCausalLM
 from engine.sequence import Sequence
+from engine.spec.verify import accept_greedy
 
 # Speculative steps of larger batches run eagerly: speculation pays most at small batches, and the
 # graphs' fixed buffers (logits and draft distributions over the vocabulary) grow with the bucket.
@@ -28,16 +36,26 @@ class _Buffers:
     def __init__(self, b: int, k: int, width: int, device: torch.device) -> None:
         self.b = b
         q = k + 1
-        self.i64 = torch.zeros(b + 2 * b * q, dtype=torch.int64, device=device)
+        self.i64 = torch.zeros(2 * b + 2 * b * q, dtype=torch.int64, device=device)
         self.last = self.i64[:b]
-        self.positions = self.i64[b : b + b * q]
-        self.slots = self.i64[b + b * q :]
+        self.num_drafts = self.i64[b : 2 * b]
+        self.positions = self.i64[2 * b : 2 * b + b * q]
+        self.slots = self.i64[2 * b + b * q :]
         self.i32 = torch.zeros(b + b * width, dtype=torch.int32, device=device)
         self.seq_lens = self.i32[:b]
         self.tables = self.i32[b:].view(b, width)
         self.drafts = torch.zeros(b, k, dtype=torch.int64, device=device)
         self.query_start = torch.arange(0, b * q + 1, q, dtype=torch.int32, device=device)
         self.logits: torch.Tensor | None = None
+        self.verdict: torch.Tensor | None = None
+
+
+@dataclass
+class VerifyPassOutput:
+    logits: torch.Tensor  # [B, k + 1, vocab] fp32: at each row's last known token and its proposals
+    # [B, 2k + 2] int64: num_accepted, the k + 1 tokens a greedy row emits from, its k proposals.
+    # None where the pass ran as an ordinary step (the verdict is then computed from the logits).
+    greedy_verdict: torch.Tensor | None
 
 
 class TargetVerifyPass:
@@ -68,8 +86,8 @@ class TargetVerifyPass:
         return not self.buckets or batch <= self.buckets[-1]
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], draft_ids: torch.Tensor, num_drafts: list[int]) -> torch.Tensor:
-        """Target logits [B, k + 1, vocab] (fp32) at each row's last known token and its proposals."""
+    def run(self, seqs: list[Sequence], draft_ids: torch.Tensor, num_drafts: list[int]) -> VerifyPassOutput:
+        """Target logits at each row's last known token and its proposals, and the greedy verdict."""
         n = len(seqs)
         bucket = next((b for b in self.buckets if b >= n), None)
         b = bucket if bucket is not None else n
@@ -81,12 +99,12 @@ class TargetVerifyPass:
         graph = self._graphs.get(b)
         if graph is not None:
             graph.replay()
-            logits = bufs.logits
+            logits, verdict = bufs.logits, bufs.verdict
         else:  # the CPU, or a bucket set by a test (padding rows run eagerly)
-            logits = self._forward(bufs, seq_lens)
-        return logits.view(b, self.k + 1, -1)[:n]
+            logits, verdict = self._forward(bufs, seq_lens)
+        return VerifyPassOutput(logits.view(b, self.k + 1, -1)[:n], verdict[:n])
 
-    def _forward(self, bufs: _Buffers, seq_lens_cpu: list[int] | None) -> torch.Tensor:
+    def _forward(self, bufs: _Buffers, seq_lens_cpu: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, q = bufs.b, self.k + 1
         ids = torch.cat([bufs.last.unsqueeze(1), bufs.drafts], dim=1).view(-1)
         meta = AttentionMetadata(
@@ -98,9 +116,12 @@ class TargetVerifyPass:
             max_seq_len=self.width * self.block_size,
             query_lens_cpu=[q] * b,
             seq_lens_cpu=seq_lens_cpu if seq_lens_cpu is not None else [q] * b,
+            uniform_query_len=q,
         )
         hidden = self.model(ids, bufs.positions, self.kv_cache, meta)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        tokens, num_accepted = accept_greedy(bufs.drafts, bufs.num_drafts, logits.view(b, q, -1).argmax(dim=2))
+        return logits, torch.cat([num_accepted.unsqueeze(1), tokens, bufs.drafts], dim=1)
 
     def _upload(self, bufs: _Buffers, seqs: list[Sequence], num_drafts: list[int]) -> list[int]:
         b, q, bs, width = bufs.b, self.k + 1, self.block_size, self.width
@@ -121,7 +142,8 @@ class TargetVerifyPass:
             tables.extend(table[:width])
             tables.extend([0] * (width - min(len(table), width)))
         tables.extend([0] * ((b - len(seqs)) * width))
-        bufs.i64.copy_(torch.tensor(last + positions + slots, dtype=torch.int64), non_blocking=True)
+        drafts = list(num_drafts) + [0] * (b - len(seqs))
+        bufs.i64.copy_(torch.tensor(last + drafts + positions + slots, dtype=torch.int64), non_blocking=True)
         bufs.i32.copy_(torch.tensor(seq_lens + tables, dtype=torch.int32), non_blocking=True)
         return seq_lens
 
@@ -135,6 +157,6 @@ class TargetVerifyPass:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                bufs.logits = self._forward(bufs, None)
+                bufs.logits, bufs.verdict = self._forward(bufs, None)
             self._graphs[b] = graph
         torch.cuda.synchronize()

@@ -197,3 +197,23 @@ def test_rejects_unsupported_head_dim(tp, head_dim):
         tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.5)
     with pytest.raises(ValueError, match="head_dim"):
         tp.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, 1, 0.5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_decode_of_uniform_query_len_matches_reference(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits):
+    """A verify pass: every sequence feeds 3 new tokens, each a causal decode query of its own.
+    The first sequence's context is the 3 new tokens alone (a padding row of the verify graph)."""
+    seq_lens = [3, 17, 70, 9]
+    q, k_cache, v_cache, meta = make_batch(seq_lens, [3] * 4, num_heads, num_kv_heads, head_dim, block_size, seed=8)
+    scale = head_dim**-0.5
+    out = tp.paged_decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits=num_splits, query_len=3
+    )
+    assert_close(out, reference(q, k_cache, v_cache, meta, scale))
+
+
+def test_decode_rejects_tokens_not_a_multiple_of_query_len(tp):
+    q, k_cache, v_cache, meta = make_batch([9, 5], [2, 2], 4, 2, 16, 4)
+    with pytest.raises(ValueError, match="query_len=3"):
+        tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.5, query_len=3)
