@@ -7,6 +7,9 @@ block size 16, shuffled block tables:
 - decode, batch 1, context 4096 (split-K), with a sweep over num_splits
 - decode captured in a CUDA graph and replayed
 - prefill, 8 sequences of 512 new tokens after 256 cached ones
+- a speculative verify pass, 5 new tokens per sequence after ~380 cached, at
+  batch 1 and 16: the decode kernel (a causal query per token) beside the
+  prefill kernel
 
 Each result is compared with engine.attention.torch_ref (relative error of
 the whole output, in norm, under 2e-2) and timed with triton.testing.do_bench
@@ -76,12 +79,13 @@ class Case:
 
         return paged_attention_ref(self.q.float(), self.k_cache, self.v_cache, self.meta, self.scale)
 
-    def decode(self, num_splits: int | None = None) -> torch.Tensor:
+    def decode(self, num_splits: int | None = None, query_len: int = 1) -> torch.Tensor:
         from engine.attention.triton_paged import paged_decode_attention
 
         m = self.meta
         return paged_decode_attention(
-            self.q, self.k_cache, self.v_cache, m.block_tables, m.seq_lens, self.scale, num_splits=num_splits
+            self.q, self.k_cache, self.v_cache, m.block_tables, m.seq_lens, self.scale, num_splits=num_splits,
+            query_len=query_len,
         )
 
     def prefill(self) -> torch.Tensor:
@@ -234,6 +238,21 @@ def main() -> int:
         report.add(name, err, ms, f"{case.flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s")
 
     guarded("prefill", prefill)
+
+    def verify(batch: int):
+        q_len = 5
+        case = Case(torch.randint(380, 400, (batch,), generator=gen).tolist(), [q_len] * batch, gen, dev)
+        ref = case.reference()
+        for name, fn in (
+            (f"verify B={batch}, {q_len} new: decode kernel", lambda: case.decode(query_len=q_len)),
+            (f"verify B={batch}, {q_len} new: prefill kernel", case.prefill),
+        ):
+            err = report.check(name, fn(), ref)
+            ms = bench_ms(fn)
+            report.add(name, err, ms, gbps(case, ms))
+
+    for batch in (1, 16):
+        guarded(f"verify B={batch}", verify, batch)
 
     print()
     print(report.table())

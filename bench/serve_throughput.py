@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -285,8 +286,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--interleave", action="store_true",
-        help="per level: direct, Serve, direct, both engines up all along (one --serve-set); "
-        "the baseline is the mean of both direct runs",
+        help="per level: direct, Serve, direct, both engines up all along (one --serve-set; see --rounds); "
+        "the baseline is the mean of the direct passes",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="with --interleave: (direct, Serve) passes per level before the last direct one; each path's "
+        "figure is the mean of its passes",
     )
     p.add_argument(
         "--compile-pass", action=argparse.BooleanOptionalAction, default=True,
@@ -401,30 +407,36 @@ def finish(args: argparse.Namespace, argv: list[str] | None, cuda: bool, direct:
 
 
 def interleaved(args: argparse.Namespace, app_args: dict, levels: list[int], prompts_for, cuda: bool):
-    """Per level: direct, Serve, direct again, with both engines up all along, so that the
-    host's drift (which moved the direct figures by up to 35% between whole passes) falls on
-    both paths alike. One Serve variant. Returns (direct as the mean of both, variants, procs)."""
+    """Per level: --rounds times (direct, Serve), then direct once more, with both engines up all
+    along, so that the host's drift (which moved the direct figures by up to 45% between passes of
+    one level) falls on both paths alike. Each pass takes prompts neither engine has cached. One
+    Serve variant. Returns (direct as the mean of its passes, variants with Serve's mean, procs)."""
     sets = (args.serve_set or [""])[0]
     variant_app_args, env = variant_args(app_args, sets)
     procs = args.client_procs or client_procs_for(max(levels))
-    again = lambda c, warm_up=False: prompts_for(c, warm_up, batch=1)  # noqa: E731
     direct_engine = DirectEngine(app_args, args.output_len, args.direct_loop)
-    before, after, serve_levels = [], [], []
+    direct_levels, serve_levels = [], []
     try:
         with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
             base_url = start_serve(1 if cuda else 0, env)
             run_app(variant_app_args)
             direct_http = variant_app_args.get("ingress_direct_http")
             client_url = base_url if direct_http is None else f"http://{direct_http.get('host', '127.0.0.1')}:{direct_http['port']}"
-            print(f"per level: direct, Serve over HTTP{f' ({sets})' if sets else ''} ({procs} client processes), direct:", flush=True)
+            print(f"per level, {args.rounds} x (direct, Serve over HTTP{f' ({sets})' if sets else ''}), direct "
+                  f"({procs} client processes):", flush=True)
             for c in levels:
-                before += direct_engine.run_levels("direct", [c], prompts_for)
-                serve_levels += bench_serve(pool, procs, base_url, client_url, "bench", [c], prompts_for, args.output_len)
-                after += direct_engine.run_levels("direct", [c], again)
+                direct_passes, serve_passes = [], []
+                for r in range(args.rounds + 1):
+                    fresh = functools.partial(prompts_for, batch=r)
+                    direct_passes += direct_engine.run_levels("direct", [c], fresh)
+                    if r < args.rounds:
+                        serve_passes += bench_serve(pool, procs, base_url, client_url, "bench", [c], fresh, args.output_len)
+                direct_levels += mean_direct([[p] for p in direct_passes])
+                serve_levels += mean_direct([[p] for p in serve_passes])
     finally:
         direct_engine.close()
     variants = [{"sets": sets, "client_url": client_url, "levels": serve_levels}]
-    return mean_direct([before, after]), variants, procs
+    return direct_levels, variants, procs
 
 
 def mean_direct(runs: list[list[dict]]) -> list[dict]:
@@ -451,9 +463,13 @@ def report(results: dict, argv: list[str] | None) -> None:
     print(f"\nW2 serving on {results['device']} ({results['model']}, prompt {results['prompt_len']}, "
           f"{results['client_procs']} client processes for Serve, "
           f"output {results['output_len']} tokens, streaming)")
+    serve_runs = {s["concurrency"]: s.get("tok_s_runs", []) for s in results["serve_variants"][0]["levels"]}
     for d in results["direct"]:
         if len(d.get("tok_s_runs", [])) > 1:
-            print(f"  direct c={d['concurrency']}: " + " then ".join(f"{t:.0f}" for t in d["tok_s_runs"]) + " tok/s (before, after Serve)")
+            line = f"  c={d['concurrency']}: direct passes " + ", ".join(f"{t:.0f}" for t in d["tok_s_runs"]) + " tok/s"
+            if serve_runs.get(d["concurrency"]):
+                line += "; Serve passes between them " + ", ".join(f"{t:.0f}" for t in serve_runs[d["concurrency"]])
+            print(line)
     for variant in results["serve_variants"]:
         if variant["sets"]:
             print(f"Serve variant: {variant['sets']}")
