@@ -18,9 +18,14 @@ other; batch 16 runs 16 prompts at once. Prompts are the first
 models never saw in training (pprint, tarfile, logging: held out).
 
 At temperature 0 every variant's tokens are compared with plain decoding's; in
-bf16 an argmax can flip between the verify pass (the prefill kernel) and a
+bf16 an argmax can flip between the verify pass (other kernels) and a
 decode step, so the table shows the fraction of sequences that match
 exactly (fp32 runs match exactly: --dtype float32).
+
+--interleave builds every variant's engine first and then takes the timed
+runs in turns (run 1 of each variant, run 2 of each, ...), so that the host's
+drift (batch 1 is bound by the host's speed, which moved plain decoding by up
+to 40% between the variants of one sequential run) falls on all alike.
 
 Prints a table and the W4 line; --json writes every figure.
 """
@@ -28,7 +33,6 @@ Prints a table and the W4 line; --json writes every figure.
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import json
 import sys
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from bench.device import free_memory
 from bench.step_profile import print_profile, profile_decode
 from engine import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpeculativeConfig
 from engine.engine import LLMEngine
@@ -59,12 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--interleave", action="store_true", help="all engines up at once, timed runs in turns (not with --remote)")
     p.add_argument(
         "--profile", action="store_true",
         help="each variant: where one batch-1 step's time goes (GPU time per kernel, host functions by cProfile)",
     )
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.interleave and args.remote:
+        p.error("--interleave does not take --remote")
+    return args
 
 
 def heldout_prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
@@ -175,27 +184,66 @@ def run_variant(args, variant: str, workloads: dict, temps: list[float], propose
     for temp in temps:
         params = SamplingParams(max_tokens=args.output_len, temperature=temp, seed=None, ignore_eos=True)
         for batch, groups in workloads.items():
-            timed_run(engine, groups[:1], SamplingParams(max_tokens=8, temperature=temp, ignore_eos=True))  # warm-up
+            warm_up(engine, groups, temp)
             runs = [timed_run(engine, groups, params) for _ in range(args.runs)]
-            best = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]  # the median run
-            best["tok_s_runs"] = [r["tok_s"] for r in runs]
-            results[f"b{batch}_t{temp:g}"] = best
-            print(
-                f"  {variant:<10} batch {batch:<3} temp {temp:<4g} {best['tok_s']:>9.0f} tok/s  "
-                f"{best['ms_per_step']:6.2f} ms/step  accept {_fmt(best['acceptance_rate'])}  "
-                f"tokens/step {_fmt(best['tokens_per_step'])}",
-                flush=True,
-            )
+            results[f"b{batch}_t{temp:g}"] = median_run(variant, batch, temp, runs)
     if args.profile and 1 in workloads:
-        k = int(variant.partition(":")[2] or 0)
-        results["profile_b1"] = profile_decode(engine, workloads[1][0], steps=24, top=16, tokens_per_step=k + 1, host_top=24)
-        print(f"  {variant}: one batch-1 step, temperature 0")
-        print_profile(results["profile_b1"])
+        results["profile_b1"] = profile_b1(variant, engine, workloads)
     del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return results
+
+
+def run_interleaved(args, variants: list[str], workloads: dict, temps: list[float]) -> dict:
+    """Every variant's engine at once; per cell, the timed runs in turns (see the module docstring)."""
+    max_seqs = max(len(g) for groups in workloads.values() for g in groups)
+    engines, results = {}, {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        engines[variant] = make_engine(args, variant, max_seqs)
+        results[variant] = {"init_s": time.perf_counter() - t0}
+    for temp in temps:
+        params = SamplingParams(max_tokens=args.output_len, temperature=temp, seed=None, ignore_eos=True)
+        for batch, groups in workloads.items():
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            for variant, engine in engines.items():
+                warm_up(engine, groups, temp)
+            for _ in range(args.runs):
+                for variant, engine in engines.items():
+                    runs[variant].append(timed_run(engine, groups, params))
+            for variant in variants:
+                results[variant][f"b{batch}_t{temp:g}"] = median_run(variant, batch, temp, runs[variant])
+    if args.profile and 1 in workloads:
+        for variant, engine in engines.items():
+            results[variant]["profile_b1"] = profile_b1(variant, engine, workloads)
+    engines.clear()
+    free_memory()
+    return results
+
+
+def warm_up(engine: LLMEngine, groups: list[list[list[int]]], temp: float) -> None:
+    timed_run(engine, groups[:1], SamplingParams(max_tokens=8, temperature=temp, ignore_eos=True))
+
+
+def median_run(variant: str, batch: int, temp: float, runs: list[dict]) -> dict:
+    """The median of a cell's timed runs (with every run's tok/s), printed as it comes."""
+    best = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+    best["tok_s_runs"] = [r["tok_s"] for r in runs]
+    print(
+        f"  {variant:<10} batch {batch:<3} temp {temp:<4g} {best['tok_s']:>9.0f} tok/s  "
+        f"{best['ms_per_step']:6.2f} ms/step  accept {_fmt(best['acceptance_rate'])}  "
+        f"tokens/step {_fmt(best['tokens_per_step'])}",
+        flush=True,
+    )
+    return best
+
+
+def profile_b1(variant: str, engine: LLMEngine, workloads: dict) -> dict:
+    k = int(variant.partition(":")[2] or 0)
+    profile = profile_decode(engine, workloads[1][0], steps=24, top=16, tokens_per_step=k + 1, host_top=24)
+    print(f"  {variant}: one batch-1 step, temperature 0")
+    print_profile(profile)
+    return profile
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -253,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     results: dict = {"device": name, "dtype": args.dtype, "output_len": args.output_len, "variants": {}}
     print(f"W4 speculative decoding on {name} ({args.dtype}), {args.output_len} output tokens per sequence", flush=True)
-    for variant in variants:
+    if args.interleave:
+        results["variants"] = run_interleaved(args, variants, workloads, temps)
+    for variant in [] if args.interleave else variants:
         factory = None
         if variant.startswith("remote"):
             vocab = json.loads((Path(args.target) / "config.json").read_text())["vocab_size"]

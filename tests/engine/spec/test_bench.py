@@ -43,3 +43,22 @@ def test_speculative_bench_profiles_one_batch_1_step_per_variant(tmp_path):
     names = [h["name"] for h in profile["host_top"]]
     # The verify pass and the draft's proposals are among the costliest host functions of a step.
     assert any("execute_spec" in n for n in names) and any("propose" in n for n in names)
+
+
+def test_speculative_bench_interleaves_the_runs_of_all_variants(capsys):
+    """--interleave: every engine first, then per cell run 1 of each variant, run 2 of each, ..."""
+    from bench.speculative import main
+
+    results = main(
+        [
+            "--device", "cpu", "--dtype", "float32", "--output-len", "4", "--prompt-tokens", "16",
+            "--batch-sizes", "1", "--batch1-prompts", "1", "--temperatures", "0", "--runs", "2",
+            "--variants", "none,draft:2", "--interleave",
+        ]
+    )
+    for variant in ("none", "draft:2"):
+        cell = results["variants"][variant]["b1_t0"]
+        assert len(cell["tok_s_runs"]) == 2 and cell["tokens"] == 4 and "init_s" in results["variants"][variant]
+    assert results["variants"]["draft:2"]["b1_t0"]["exact_match"] == 1.0
+    printed = capsys.readouterr().out
+    assert "W4: " in printed
