@@ -6,10 +6,11 @@
         --variants none,draft:2,ngram:2 --runs 1 --prompt-tokens 24        # CPU smoke run
 
 Variants: `none` (no speculation), `none-sync` (no speculation, no async
-scheduling: speculation steps synchronously; speedups are against the faster
-of the two in each cell), `draft:K` (the demo draft on the same
-device, K proposals per step), `ngram:K` (prompt lookup), `remote:K` (the
-draft behind Ray Serve; with --remote). For each: output tok/s (median of
+scheduling; speedups are against the faster of the two in each cell),
+`draft:K` (the demo draft on the same device, K proposals per step; its greedy
+steps chain on the device, engine/spec/chain.py), `draft-sync:K` (the same,
+every step synchronous), `ngram:K` (prompt lookup), `remote:K` (the draft
+behind Ray Serve; with --remote); ngram and remote always step synchronously. For each: output tok/s (median of
 --runs timed runs after a warm-up), engine steps per run and ms per step,
 acceptance rate and mean tokens per sequence-step (accepted proposals + the
 target's own token). Batch 1 runs --batch1-prompts prompts one after the
@@ -113,6 +114,8 @@ def baseline(results: dict, cell: str) -> dict | None:
 
 def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, proposer=None) -> LLMEngine:
     method, _, k = variant.partition(":")
+    synchronous = method == "none-sync" or method.endswith("-sync")
+    method = method.removesuffix("-sync") if method not in PLAIN else method
     spec = SpeculativeConfig()
     if method not in PLAIN:
         spec = SpeculativeConfig(
@@ -129,9 +132,9 @@ def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, propo
         cache=CacheConfig(num_blocks=max_num_seqs * ((context + 48) // 16 + 2) + 1),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096),
         speculative=spec,
-        # Speculation always steps synchronously; plain decoding by default overlaps the host's
-        # step with the GPU's ("auto"), and "none-sync" times it without that too.
-        async_scheduling=False if method == "none-sync" else "auto",
+        # By default ("auto") the host's step overlaps the GPU's: plain decoding, and the draft's
+        # greedy steps chained on the device; "-sync" variants time each without that.
+        async_scheduling=False if synchronous else "auto",
     )
     return LLMEngine(config, proposer=proposer)
 
@@ -230,7 +233,7 @@ def median_run(variant: str, batch: int, temp: float, runs: list[dict]) -> dict:
     best = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
     best["tok_s_runs"] = [r["tok_s"] for r in runs]
     print(
-        f"  {variant:<10} batch {batch:<3} temp {temp:<4g} {best['tok_s']:>9.0f} tok/s  "
+        f"  {variant:<13} batch {batch:<3} temp {temp:<4g} {best['tok_s']:>9.0f} tok/s  "
         f"{best['ms_per_step']:6.2f} ms/step  accept {_fmt(best['acceptance_rate'])}  "
         f"tokens/step {_fmt(best['tokens_per_step'])}",
         flush=True,
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
 def report(results: dict, variants: list[str], batches: list[int], temps: list[float]) -> None:
     base = any(v in results["variants"] for v in PLAIN)
     print(f"\nW4 on {results['device']} ({results['dtype']})")
-    print(f"{'variant':<11}{'batch':>6}{'temp':>6}{'tok/s':>10}{'speedup':>9}{'ms/step':>9}{'accept':>8}{'tok/step':>9}{'match':>7}")
+    print(f"{'variant':<14}{'batch':>6}{'temp':>6}{'tok/s':>10}{'speedup':>9}{'ms/step':>9}{'accept':>8}{'tok/step':>9}{'match':>7}")
     for variant in variants:
         for temp in temps:
             for b in batches:
@@ -340,7 +343,7 @@ def report(results: dict, variants: list[str], batches: list[int], temps: list[f
                     match = sum(a == b_ for a, b_ in zip(r["output"], ref["output"])) / len(r["output"])
                 r["speedup"], r["exact_match"] = speed, match
                 print(
-                    f"{variant:<11}{b:>6}{temp:>6g}{r['tok_s']:>10.0f}{_fmt(speed):>9}{r['ms_per_step']:>9.2f}"
+                    f"{variant:<14}{b:>6}{temp:>6g}{r['tok_s']:>10.0f}{_fmt(speed):>9}{r['ms_per_step']:>9.2f}"
                     f"{_fmt(r['acceptance_rate']):>8}{_fmt(r['tokens_per_step']):>9}{_fmt(match):>7}"
                 )
     if not base:

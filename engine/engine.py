@@ -26,6 +26,7 @@ from engine.sampler import PendingSample, Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceIds
+from engine.spec.chain import LaunchedVerdict, SpecChain
 from engine.spec.draft import DraftModel, DraftProposer
 from engine.spec.ngram import NgramProposer
 from engine.spec.proposer import Proposals, Proposer, SpecRequest
@@ -70,10 +71,19 @@ class InflightStep:
 
 
 @dataclass
+class ChainedStep:
+    """A launched chained speculative step (engine/spec/chain.py), its verdict not read back yet."""
+
+    seqs: list[Sequence]  # one row each, in the verify pass's row order
+    verdict: LaunchedVerdict
+
+
+@dataclass
 class SpecCounters:
     steps: int = 0
     proposed: int = 0
     accepted: int = 0
+    chained_steps: int = 0
 
     def add(self, proposed: int, accepted: int) -> None:
         self.steps += 1
@@ -150,10 +160,16 @@ class LLMEngine:
         self._spec_counters: dict[str, SpecCounters] = {}
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = SequenceIds()
-        # Speculation reads each step's tokens on the host before it proposes: it stays synchronous.
         wanted = self.device.type == "cuda" if config.async_scheduling == "auto" else config.async_scheduling
+        # A proposer reads each step's tokens on the host: speculation steps synchronously, except
+        # that the co-located draft's greedy steps chain on the device while the batch stays put.
         self.async_scheduling = wanted and self.proposer is None
         self._inflight: InflightStep | None = None
+        self._spec_chain: SpecChain | None = None
+        if wanted and isinstance(self.proposer, DraftProposer) and self.runner.verify_pass is not None:
+            if self.device.type != "cuda" or not config.enforce_eager:
+                self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass)
+        self._chained: ChainedStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -251,6 +267,8 @@ class LLMEngine:
     def _step(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         if self.async_scheduling:
             return self._step_async(only_finished, build)
+        if self._chained is not None:
+            return self._chain_step(only_finished, build)
         sched = self.scheduler.schedule()
         if sched.preempted and self.proposer is not None:
             self.proposer.release([seq.seq_id for seq in sched.preempted])
@@ -278,6 +296,8 @@ class LLMEngine:
                 touched[state.request_id] = state
         if spec is not None:
             self._accept(sched, spec[0], spec[1], verified, touched)
+            if self._spec_chain is not None:
+                self._chained = self._start_chain(sched, spec[0], spec[1], verified)
         return self._outputs(touched, only_finished, build)
 
     def _outputs(self, touched: dict[str, RequestState], only_finished: bool, build: Callable[[RequestState], Any]) -> list:
@@ -403,10 +423,23 @@ class LLMEngine:
         logprobs = self._spec_logprobs(verified.logits, verdict[:, 1 : k + 2], seqs)
         result = verdict.tolist()  # the step's one copy to the host: [accepted, k + 1 tokens, k proposals]
         proposals.host_ids = [row[k + 2 : k + 2 + n] for row, n in zip(result, proposals.num_tokens)]
+        self._apply_verdict(seqs, result, proposals.num_tokens, logprobs, touched)
+
+    def _apply_verdict(
+        self, seqs: list[Sequence], result: list[list[int]], num_proposed: list[int], logprobs, touched: dict,
+        num_fed: int = 0,
+    ) -> None:
+        """Appends each row's accepted proposals and the target's next token.
+
+        num_fed: the tokens of the step's input not yet counted as computed (a chained step's last
+        known token; a synchronous step has counted it in _advance).
+        """
         counters = self._spec_counters.setdefault(self.proposer.name, SpecCounters())
         for r, (seq, row) in enumerate(zip(seqs, result)):
+            if seq.is_finished:  # a chained step's row: aborted, or finished by the step before
+                continue
             accepted = row[0]
-            counters.add(proposals.num_tokens[r], accepted)
+            counters.add(num_proposed[r], accepted)
             state = self.requests[seq.request_id]
             touched[state.request_id] = state
             for j, token in enumerate(row[1 : accepted + 2]):
@@ -416,8 +449,72 @@ class LLMEngine:
             else:
                 # The target's K/V of the accepted proposals are valid now. Those of rejected ones lie
                 # past num_computed_tokens: never read, never cached, overwritten by later tokens.
-                seq.num_computed_tokens += accepted
+                seq.num_computed_tokens += num_fed + accepted
                 self.allocator.cache_full_blocks(seq)
+
+    # ----- chained speculative steps (engine/spec/chain.py) ---------------------------------
+    #
+    # After a synchronous greedy step whose every row speculated through the verify pass's graph,
+    # the next steps of the same rows are launched one ahead, from the device's own verdict: a call
+    # launches step N + 1, then reads back step N. The chain stops (and the engine steps
+    # synchronously again) when a row finishes, a request waits, a length limit is near or the
+    # pool is dry.
+
+    def _start_chain(self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput) -> ChainedStep | None:
+        seqs = [item.seq for item in sched.scheduled]
+        k = self.config.speculative.num_speculative_tokens
+        if (
+            verified.greedy_verdict is None
+            or len(rows) != len(seqs)
+            or any(n != k for n in proposals.num_tokens)
+            or any(s.params.temperature != 0.0 or s.params.logprobs is not None for s in seqs)
+            or not self._spec_chain.fits(len(seqs))
+            or any(s.is_finished for s in seqs)
+        ):
+            return None
+        self.proposer.begin_chain(seqs)
+        step = self._launch_chained(seqs, in_flight=0)
+        if step is None:
+            self.proposer.end_chain(seqs)
+        return step
+
+    def _launch_chained(self, seqs: list[Sequence], in_flight: int) -> ChainedStep | None:
+        """The rows' next step, queued behind `in_flight` (0 or 1) steps whose tokens the host lacks;
+        None when the chain must stop."""
+        if self.scheduler.waiting:
+            return None
+        k = self.config.speculative.num_speculative_tokens
+        new_blocks = []
+        for row, seq in enumerate(seqs):
+            # The most tokens the row can hold when this step runs; it must still be unfinished then.
+            most = seq.num_tokens + in_flight * (k + 1)
+            if seq.is_finished or most >= seq.max_num_tokens:
+                return None
+            have = len(seq.blocks)
+            if not self.allocator.allocate_slots(seq, most + k - seq.num_computed_tokens):
+                return None
+            if len(seq.blocks) > have:
+                new_blocks.append((row, have, seq.block_ids[have:]))
+                self.proposer.blocks_added(seq, have)
+        return ChainedStep(seqs, self._spec_chain.launch(len(seqs), new_blocks))
+
+    def _chain_step(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
+        done = self._chained
+        following = self._launch_chained(done.seqs, in_flight=1)
+        k = self.config.speculative.num_speculative_tokens
+        counters = self._spec_counters.setdefault(self.proposer.name, SpecCounters())
+        touched: dict[str, RequestState] = {}
+        self._apply_verdict(done.seqs, done.verdict.rows(), [k] * len(done.seqs), None, touched, num_fed=1)
+        counters.chained_steps += 1
+        if following is not None and any(seq.is_finished for seq in done.seqs):
+            # A row ended: read the step in flight back too (its other rows' tokens count) and stop.
+            self._apply_verdict(following.seqs, following.verdict.rows(), [k] * len(done.seqs), None, touched, num_fed=1)
+            counters.chained_steps += 1
+            following = None
+        self._chained = following
+        if following is None:
+            self.proposer.end_chain(done.seqs)
+        return self._outputs(touched, only_finished, build)
 
     def _spec_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
         """Per row, the logprobs of the k + 1 tokens it may emit (None when no row asked for any)."""
@@ -564,6 +661,7 @@ class LLMEngine:
             spec_acceptance_rate=spec.accepted / spec.proposed if spec.proposed else 0.0,
             spec_mean_accepted_tokens_per_step=spec.accepted / spec.steps if spec.steps else 0.0,
             spec_mean_tokens_per_step=(spec.accepted + spec.steps) / spec.steps if spec.steps else 0.0,
+            spec_chained_steps=spec.chained_steps,
         )
 
     def cached_block_hashes(self) -> list[int]:

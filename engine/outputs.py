@@ -81,3 +81,4 @@ class EngineStats:
     spec_acceptance_rate: float = 0.0  # accepted / proposed
     spec_mean_accepted_tokens_per_step: float = 0.0  # accepted proposals per step
     spec_mean_tokens_per_step: float = 0.0  # tokens emitted per step: the accepted ones + the target's own
+    spec_chained_steps: int = 0  # steps launched from the device's verdict, before the host read the one before

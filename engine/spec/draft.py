@@ -42,7 +42,7 @@ from engine.sequence import Sequence
 from engine.spec.proposer import Proposals, SpecRequest
 
 
-class _Buffers:
+class DraftBuffers:
     """Inputs and outputs of one propose call for up to `b` rows, fixed in memory.
 
     The integer inputs are views into two flat tensors (int64, int32) so a
@@ -80,7 +80,7 @@ class _Buffers:
 
 @dataclass
 class _Host:
-    """One call's inputs, built on the host in the layout of _Buffers."""
+    """One call's inputs, built on the host in the layout of DraftBuffers."""
 
     i64: list[int]
     i32: list[int]
@@ -110,7 +110,7 @@ class DraftModel:
         self.device = kv_cache.device
         self.generator = generator
         self.sample_top_k = sample_top_k
-        self._buffers: dict[int, _Buffers] = {}
+        self._buffers: dict[int, DraftBuffers] = {}
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -147,7 +147,7 @@ class DraftModel:
             starts = self._fill_to_last_two(seqs, starts)
         if regular:
             bucket = next((b for b in self.buckets if b >= n), None)
-            bufs = self._buffers_for(bucket) if bucket is not None else self._new_buffers(n)
+            bufs = self.buffers(bucket) if bucket is not None else self._new_buffers(n)
             host = self._host_inputs(bufs, seqs, starts, ks)
             self._upload(bufs, host, temps, seqs, sample)
             graph = self._graphs.get((bucket, sample))
@@ -162,9 +162,24 @@ class DraftModel:
             self._forward_catch_up(bufs, seqs, starts, sample, host)
         return Proposals(bufs.tokens[:n], list(ks), bufs.probs[:n] if sample else None)
 
+    def has_graph(self, bucket: int) -> bool:
+        return (bucket, False) in self._graphs
+
+    @torch.inference_mode()
+    def propose_in_place(self, bucket: int) -> torch.Tensor:
+        """A regular greedy call on the bucket's buffers as they are (their inputs filled on the
+        device, engine/spec/chain.py); returns the proposals of all its rows, [bucket, k]."""
+        bufs = self.buffers(bucket)
+        graph = self._graphs.get((bucket, False))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._forward_regular(bufs, False, _Host([], [], bufs.seq_lens0.tolist(), bufs.seq_lens.tolist()))
+        return bufs.tokens
+
     # ----- forward passes (no host syncs: the regular path is captured as one graph) -----
 
-    def _forward_regular(self, bufs: _Buffers, sample: bool, host: _Host | None) -> None:
+    def _forward_regular(self, bufs: DraftBuffers, sample: bool, host: _Host | None) -> None:
         b = bufs.b
         meta = AttentionMetadata(
             slot_mapping=bufs.slots0,
@@ -182,7 +197,7 @@ class DraftModel:
         self._passes(bufs, token, sample, host)
 
     def _forward_catch_up(
-        self, bufs: _Buffers, seqs: list[Sequence], starts: list[int], sample: bool, host: _Host
+        self, bufs: DraftBuffers, seqs: list[Sequence], starts: list[int], sample: bool, host: _Host
     ) -> None:
         """Any number of missing tokens per sequence, as one varlen prefill-like pass; then the passes.
         Only for a batch with a sequence of one token, which the regular path cannot feed two."""
@@ -243,7 +258,7 @@ class DraftModel:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def _passes(self, bufs: _Buffers, token: torch.Tensor, sample: bool, host: _Host | None) -> None:
+    def _passes(self, bufs: DraftBuffers, token: torch.Tensor, sample: bool, host: _Host | None) -> None:
         b = bufs.b
         for j in range(1, self.k):
             meta = AttentionMetadata(
@@ -259,7 +274,7 @@ class DraftModel:
             hidden = self.model(token, bufs.pos[j - 1], self.kv_cache, meta)
             token = self._choose(hidden, bufs, j, sample)
 
-    def _choose(self, hidden: torch.Tensor, bufs: _Buffers, j: int, sample: bool) -> torch.Tensor:
+    def _choose(self, hidden: torch.Tensor, bufs: DraftBuffers, j: int, sample: bool) -> torch.Tensor:
         """Proposal j of every row: the argmax, or at temperature > 0 a draw from the draft's distribution."""
         logits = self.model.compute_logits(hidden)
         vd = logits.shape[1]
@@ -282,7 +297,7 @@ class DraftModel:
 
     # ----- inputs ------------------------------------------------------------------------------
 
-    def _host_inputs(self, bufs: _Buffers, seqs: list[Sequence], starts: list[int], ks: list[int]) -> _Host:
+    def _host_inputs(self, bufs: DraftBuffers, seqs: list[Sequence], starts: list[int], ks: list[int]) -> _Host:
         b, k, bs, width = bufs.b, self.k, self.block_size, self.width
         n_rows = len(seqs)
         ids0 = [0] * (2 * b)
@@ -317,7 +332,7 @@ class DraftModel:
         i32 = seq_lens0 + [x for row in seq_lens for x in row] + tables
         return _Host(i64, i32, seq_lens0, seq_lens)
 
-    def _upload(self, bufs: _Buffers, host: _Host, temps: list[float], seqs: list[Sequence], sample: bool) -> None:
+    def _upload(self, bufs: DraftBuffers, host: _Host, temps: list[float], seqs: list[Sequence], sample: bool) -> None:
         bufs.i64.copy_(torch.tensor(host.i64, dtype=torch.int64), non_blocking=True)
         bufs.i32.copy_(torch.tensor(host.i32, dtype=torch.int32), non_blocking=True)
         if sample:
@@ -328,13 +343,13 @@ class DraftModel:
                 if seq.generator is not None:  # a seeded request draws only from its own generator
                     bufs.noise[:, row].exponential_(generator=seq.generator)
 
-    def _buffers_for(self, bucket: int) -> _Buffers:
+    def buffers(self, bucket: int) -> DraftBuffers:
         if bucket not in self._buffers:
-            self._buffers[bucket] = _Buffers(bucket, self.k, self.width, self.vocab_size, self.device, self._shared)
+            self._buffers[bucket] = DraftBuffers(bucket, self.k, self.width, self.vocab_size, self.device, self._shared)
         return self._buffers[bucket]
 
-    def _new_buffers(self, n: int) -> _Buffers:
-        return _Buffers(n, self.k, self.width, self.vocab_size, self.device)
+    def _new_buffers(self, n: int) -> DraftBuffers:
+        return DraftBuffers(n, self.k, self.width, self.vocab_size, self.device)
 
     # ----- CUDA graphs -------------------------------------------------------------------------
 
@@ -342,7 +357,7 @@ class DraftModel:
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
-            bufs = self._buffers_for(b)
+            bufs = self.buffers(b)
             # Idle inputs: every row a two-token context in the null block.
             bufs.i64.zero_()
             bufs.i32.zero_()
@@ -396,7 +411,7 @@ class DraftProposer:
         proposals = self.draft.propose(seqs, starts, ks)
         for seq, k in zip(seqs, ks):
             state = self._states[seq.seq_id]
-            state.num_valid = state.base = seq.num_tokens
+            state.num_valid = state.base = max(seq.num_tokens - 2, 0)
             state.num_pending = k - 1
             self._record_blocks(seq, state)
         self._pending = (seqs, proposals)
@@ -405,6 +420,33 @@ class DraftProposer:
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self._states.pop(seq_id, None)
+
+    # ----- chained steps (engine/spec/chain.py): the draft runs without propose() calls -----
+
+    def begin_chain(self, seqs: list[Sequence]) -> None:
+        """The sequences' next steps run chained: the draft writes from each one's second-last token on."""
+        self._settle_pending()
+        for seq in seqs:
+            state = self._states[seq.seq_id]
+            first_block = max(seq.num_tokens - 2, 0) // self.block_size
+            state.num_recorded = min(state.num_recorded, first_block)
+            self.blocks_added(seq, first_block)
+
+    def blocks_added(self, seq: Sequence, first: int) -> None:
+        """Blocks first.. of `seq` get the draft's K/V of a chained step: forget what they held."""
+        for block in seq.blocks[first:]:
+            self._block_hashes.pop(block.block_id, None)
+
+    def end_chain(self, seqs: list[Sequence]) -> None:
+        """Every chained step has been read back: the draft's cache holds all but each sequence's
+        last two tokens (a step's catch-up always re-feeds those)."""
+        for seq in seqs:
+            state = self._states.get(seq.seq_id)
+            if state is None:  # finished or aborted meanwhile
+                continue
+            state.num_valid = state.base = max(seq.num_tokens - 2, 0)
+            state.num_pending = 0
+            self._record_blocks(seq, state)
 
     def _settle_pending(self) -> None:
         """The draft's K/V of the proposals the target kept are valid: count them."""

@@ -32,7 +32,7 @@ from engine.spec.verify import accept_greedy
 SPEC_GRAPH_MAX_BATCH = 64
 
 
-class _Buffers:
+class VerifyBuffers:
     def __init__(self, b: int, k: int, width: int, device: torch.device) -> None:
         self.b = b
         q = k + 1
@@ -75,7 +75,7 @@ class TargetVerifyPass:
         self.width = max_blocks_per_seq
         self.device = kv_cache.device
         self.buckets: list[int] = []
-        self._buffers: dict[int, _Buffers] = {}
+        self._buffers: dict[int, VerifyBuffers] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if max_graph_batch > 0 and self.device.type == "cuda":
             self.buckets = batch_buckets(max_graph_batch)
@@ -85,26 +85,46 @@ class TargetVerifyPass:
         """False when the batch is larger than the largest graph (it then runs as an ordinary eager step)."""
         return not self.buckets or batch <= self.buckets[-1]
 
+    def bucket(self, batch: int) -> int:
+        """The rows a pass of `batch` sequences runs with: its graph's bucket, or exactly `batch`."""
+        return next((b for b in self.buckets if b >= batch), batch)
+
+    def buffers(self, b: int) -> VerifyBuffers:
+        bufs = self._buffers.get(b)
+        if bufs is None:
+            bufs = self._buffers[b] = VerifyBuffers(b, self.k, self.width, self.device)
+        return bufs
+
+    def has_graph(self, b: int) -> bool:
+        return b in self._graphs
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], draft_ids: torch.Tensor, num_drafts: list[int]) -> VerifyPassOutput:
         """Target logits at each row's last known token and its proposals, and the greedy verdict."""
         n = len(seqs)
-        bucket = next((b for b in self.buckets if b >= n), None)
-        b = bucket if bucket is not None else n
-        bufs = self._buffers.get(b)
-        if bufs is None:
-            bufs = self._buffers[b] = _Buffers(b, self.k, self.width, self.device)
+        b = self.bucket(n)
+        bufs = self.buffers(b)
         seq_lens = self._upload(bufs, seqs, num_drafts)
         bufs.drafts[:n].copy_(draft_ids)
-        graph = self._graphs.get(b)
+        self._run(bufs, seq_lens)
+        return VerifyPassOutput(bufs.logits.view(b, self.k + 1, -1)[:n], bufs.verdict[:n])
+
+    @torch.inference_mode()
+    def run_in_place(self, b: int) -> torch.Tensor:
+        """The pass on bucket b's buffers as they are (their inputs filled on the device,
+        engine/spec/chain.py); returns the verdict of all b rows."""
+        bufs = self.buffers(b)
+        self._run(bufs, None if b in self._graphs else bufs.seq_lens.tolist())
+        return bufs.verdict
+
+    def _run(self, bufs: VerifyBuffers, seq_lens_cpu: list[int] | None) -> None:
+        graph = self._graphs.get(bufs.b)
         if graph is not None:
             graph.replay()
-            logits, verdict = bufs.logits, bufs.verdict
         else:  # the CPU, or a bucket set by a test (padding rows run eagerly)
-            logits, verdict = self._forward(bufs, seq_lens)
-        return VerifyPassOutput(logits.view(b, self.k + 1, -1)[:n], verdict[:n])
+            bufs.logits, bufs.verdict = self._forward(bufs, seq_lens_cpu)
 
-    def _forward(self, bufs: _Buffers, seq_lens_cpu: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, bufs: VerifyBuffers, seq_lens_cpu: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, q = bufs.b, self.k + 1
         ids = torch.cat([bufs.last.unsqueeze(1), bufs.drafts], dim=1).view(-1)
         meta = AttentionMetadata(
@@ -123,7 +143,7 @@ class TargetVerifyPass:
         tokens, num_accepted = accept_greedy(bufs.drafts, bufs.num_drafts, logits.view(b, q, -1).argmax(dim=2))
         return logits, torch.cat([num_accepted.unsqueeze(1), tokens, bufs.drafts], dim=1)
 
-    def _upload(self, bufs: _Buffers, seqs: list[Sequence], num_drafts: list[int]) -> list[int]:
+    def _upload(self, bufs: VerifyBuffers, seqs: list[Sequence], num_drafts: list[int]) -> list[int]:
         b, q, bs, width = bufs.b, self.k + 1, self.block_size, self.width
         last = [0] * b
         positions = [0] * (b * q)
@@ -151,7 +171,7 @@ class TargetVerifyPass:
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
-            bufs = self._buffers[b] = _Buffers(b, self.k, self.width, self.device)
+            bufs = self._buffers[b] = VerifyBuffers(b, self.k, self.width, self.device)
             bufs.seq_lens.fill_(self.k + 1)  # idle rows: a context of pads in the null block
             self._forward(bufs, None)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
