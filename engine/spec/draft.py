@@ -411,7 +411,7 @@ class DraftProposer:
         proposals = self.draft.propose(seqs, starts, ks)
         for seq, k in zip(seqs, ks):
             state = self._states[seq.seq_id]
-            state.num_valid = state.base = max(seq.num_tokens - 2, 0)
+            state.num_valid = state.base = seq.num_tokens
             state.num_pending = k - 1
             self._record_blocks(seq, state)
         self._pending = (seqs, proposals)

@@ -129,3 +129,22 @@ def test_sampled_and_logprob_requests_step_synchronously(llama_ckpt, noisy_draft
     engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True))
     stats = engine.stats()
     assert stats.spec_steps > 0 and stats.spec_chained_steps == 0
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_the_draft_fills_a_prompt_once_then_only_catches_up(chained, llama_ckpt, noisy_draft, make_engine, reference):
+    """Past a new prompt, the draft's cache lacks at most two tokens per step, synchronous or chained,
+    so no step needs the fill pass again (its bookkeeping of what it holds stays exact)."""
+    engine = make_engine(
+        llama_ckpt, block_size=BS, speculative=spec_config("draft", noisy_draft), async_scheduling=chained
+    )
+    draft = engine.proposer.draft
+    fills = []
+    fill = draft._fill_to_last_two
+    draft._fill_to_last_two = lambda seqs, starts: fills.append(len(seqs)) or fill(seqs, starts)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts = PROMPTS[2:6]
+    for prompt in prompts:
+        assert token_ids(engine.generate([prompt], params)) == reference([prompt], params)
+    assert fills == [1] * len(prompts)
+    assert (engine.stats().spec_chained_steps > 0) == chained
