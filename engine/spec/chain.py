@@ -7,10 +7,10 @@ or leaving), the next step's inputs follow from the verdict alone: a row with n 
 that accepted a proposals now has n + a + 1 (the target's own token last); the draft
 re-feeds its last two tokens (the catch-up of DraftModel's regular call), proposes at
 the positions after them, and the target checks its last token and the k proposals;
-every slot comes from the block table. `SpecChain.launch` computes these inputs on the
-device from the verify pass's buffers, in place, then replays the draft's and the
-verify pass's graphs as a synchronous step would, and queues the verdict's copy to
-pinned host memory. The engine launches step N + 1 this way before it reads step N's
+every slot comes from the block table. `SpecChain.launch` replays one CUDA graph per
+batch bucket that computes these inputs from the verify pass's buffers, in place, and
+runs the draft's and the verify pass's forward passes on them; then it queues the
+verdict's copy to pinned host memory. The engine launches step N + 1 this way before it reads step N's
 verdict, so the host's work of a step overlaps the GPU's, as with plain async decoding.
 
 What the device cannot know stays with the engine (LLMEngine._chain_step): blocks,
@@ -53,15 +53,15 @@ class SpecChain:
         self.device = verify.device
         self._cuda = self.device.type == "cuda"
         self._steps = torch.arange(self.k + 1, dtype=torch.int64, device=self.device)
-        self._advance_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._host: dict[int, list[torch.Tensor]] = {}  # per bucket, two slots used in turn
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._host: dict[int, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}  # per bucket: two (verdict, copied) slots
         self._turn = 0
         if self._cuda:
             self._capture()
 
     def fits(self, batch: int) -> bool:
-        """Whether a batch this size can chain: on CUDA only where both passes have graphs."""
-        return not self._cuda or self.verify.bucket(batch) in self._advance_graphs
+        """Whether a batch this size can chain: on CUDA only where its bucket has a chain graph."""
+        return not self._cuda or self.verify.bucket(batch) in self._graphs
 
     @torch.inference_mode()
     def launch(self, num_rows: int, new_blocks: list[tuple[int, int, list[int]]]) -> LaunchedVerdict:
@@ -73,24 +73,33 @@ class SpecChain:
         vbufs = self.verify.buffers(b)
         for row, start, ids in new_blocks:
             vbufs.tables[row, start : start + len(ids)].copy_(torch.tensor(ids, dtype=torch.int32), non_blocking=True)
-        graph = self._advance_graphs.get(b)
+        graph = self._graphs.get(b)
         if graph is not None:
             graph.replay()
         else:
-            self._advance(vbufs, self.draft.buffers(b))
-        vbufs.drafts.copy_(self.draft.propose_in_place(b))
-        verdict = self.verify.run_in_place(b)
+            self._step(b)
+        verdict = vbufs.verdict
         if not self._cuda:
             return LaunchedVerdict(verdict.clone(), num_rows, None)
         slots = self._host.get(b)
         if slots is None:
-            slots = self._host[b] = [torch.empty(verdict.shape, dtype=verdict.dtype, pin_memory=True) for _ in range(2)]
+            slots = self._host[b] = [
+                (torch.empty(verdict.shape, dtype=verdict.dtype, pin_memory=True), torch.cuda.Event()) for _ in range(2)
+            ]
+        # Two slots in turn: the host reads step N's while step N + 1's copy is queued.
         self._turn ^= 1
-        host = slots[self._turn]
+        host, done = slots[self._turn]
         host.copy_(verdict, non_blocking=True)
-        done = torch.cuda.Event()
         done.record()
         return LaunchedVerdict(host, num_rows, done)
+
+    def _step(self, b: int) -> None:
+        """One chained step of bucket b: its inputs, the draft's passes, the verify pass. The verdict
+        lands in the verify pass's own verdict buffer, where the next step's inputs come from."""
+        vbufs = self.verify.buffers(b)
+        self._advance(vbufs, self.draft.buffers(b))
+        vbufs.drafts.copy_(self.draft.forward_in_place(b))
+        vbufs.verdict.copy_(self.verify.forward_in_place(b))
 
     def _advance(self, vbufs: VerifyBuffers, dbufs: DraftBuffers) -> None:
         """The next step's inputs of both passes, from the verify pass's inputs and verdict (no host sync)."""
@@ -129,18 +138,19 @@ class SpecChain:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        """One graph per bucket for the whole step: launching it costs the host one replay, and the
+        GPU runs the inputs' few small kernels and both passes without a gap between graphs."""
         pool = torch.cuda.graph_pool_handle()
-        for b in self.verify.buckets:
-            if not (self.verify.has_graph(b) and self.draft.has_graph(b)):
+        for b in reversed(self.verify.buckets):  # largest first, so smaller graphs reuse its memory
+            if b not in self.draft.buckets or self.verify.buffers(b).verdict is None:
                 continue
-            vbufs, dbufs = self.verify.buffers(b), self.draft.buffers(b)
-            # Warm-up on the idle inputs of the captures (a replay gives them a valid verdict);
+            # Warm-up on the idle inputs of the passes' own captures, with a valid (all-zero) verdict;
             # a synchronous step rewrites every input before it runs.
-            self.verify.run_in_place(b)
-            self._advance(vbufs, dbufs)
+            self.verify.buffers(b).verdict.zero_()
+            self._step(b)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._advance(vbufs, dbufs)
-            self._advance_graphs[b] = graph
+                self._step(b)
+            self._graphs[b] = graph
         torch.cuda.synchronize()

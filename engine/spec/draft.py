@@ -162,19 +162,13 @@ class DraftModel:
             self._forward_catch_up(bufs, seqs, starts, sample, host)
         return Proposals(bufs.tokens[:n], list(ks), bufs.probs[:n] if sample else None)
 
-    def has_graph(self, bucket: int) -> bool:
-        return (bucket, False) in self._graphs
-
-    @torch.inference_mode()
-    def propose_in_place(self, bucket: int) -> torch.Tensor:
-        """A regular greedy call on the bucket's buffers as they are (their inputs filled on the
-        device, engine/spec/chain.py); returns the proposals of all its rows, [bucket, k]."""
+    def forward_in_place(self, bucket: int) -> torch.Tensor:
+        """A regular greedy call's forward passes on the bucket's buffers as they are (their inputs
+        filled on the device, engine/spec/chain.py, which captures this in its own graph); returns
+        the proposals of all its rows, [bucket, k]."""
         bufs = self.buffers(bucket)
-        graph = self._graphs.get((bucket, False))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._forward_regular(bufs, False, _Host([], [], bufs.seq_lens0.tolist(), bufs.seq_lens.tolist()))
+        host = None if self.device.type == "cuda" else _Host([], [], bufs.seq_lens0.tolist(), bufs.seq_lens.tolist())
+        self._forward_regular(bufs, False, host)
         return bufs.tokens
 
     # ----- forward passes (no host syncs: the regular path is captured as one graph) -----

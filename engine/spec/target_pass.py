@@ -95,9 +95,6 @@ class TargetVerifyPass:
             bufs = self._buffers[b] = VerifyBuffers(b, self.k, self.width, self.device)
         return bufs
 
-    def has_graph(self, b: int) -> bool:
-        return b in self._graphs
-
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], draft_ids: torch.Tensor, num_drafts: list[int]) -> VerifyPassOutput:
         """Target logits at each row's last known token and its proposals, and the greedy verdict."""
@@ -109,13 +106,12 @@ class TargetVerifyPass:
         self._run(bufs, seq_lens)
         return VerifyPassOutput(bufs.logits.view(b, self.k + 1, -1)[:n], bufs.verdict[:n])
 
-    @torch.inference_mode()
-    def run_in_place(self, b: int) -> torch.Tensor:
+    def forward_in_place(self, b: int) -> torch.Tensor:
         """The pass on bucket b's buffers as they are (their inputs filled on the device,
-        engine/spec/chain.py); returns the verdict of all b rows."""
+        engine/spec/chain.py, which captures this in its own graph); returns a new verdict tensor."""
         bufs = self.buffers(b)
-        self._run(bufs, None if b in self._graphs else bufs.seq_lens.tolist())
-        return bufs.verdict
+        _, verdict = self._forward(bufs, None if self.device.type == "cuda" else bufs.seq_lens.tolist())
+        return verdict
 
     def _run(self, bufs: VerifyBuffers, seq_lens_cpu: list[int] | None) -> None:
         graph = self._graphs.get(bufs.b)
