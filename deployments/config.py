@@ -186,7 +186,8 @@ class AppConfig(_Strict):
     async_scheduling: bool | Literal["auto"] = Field(
         "auto",
         description="Launch each engine step before the last one's tokens are read back (host work overlaps the "
-        "GPU's); auto: on for CUDA, off on the CPU.",
+        "GPU's): plain decoding, and the co-located draft's greedy speculative steps (chained on the device); "
+        "auto: on for CUDA, off on the CPU.",
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

@@ -42,6 +42,44 @@ class LaunchedVerdict:
         return self.host[: self.num_rows].tolist()
 
 
+def advance_inputs(vbufs: VerifyBuffers, dbufs: DraftBuffers, k: int, block_size: int) -> None:
+    """The next step's inputs of both passes, from the verify pass's inputs and verdict, in place
+    (torch: the CPU's path and the reference of engine/spec/chain_kernel.py, which CUDA runs)."""
+    bs = block_size
+    steps = torch.arange(k + 1, dtype=torch.int64, device=vbufs.verdict.device)
+    verdict = vbufs.verdict
+    accepted = verdict[:, 0]
+    active = vbufs.num_drafts > 0  # padding rows propose nothing
+    # Padding rows stay a two-token context in the null block (their table rows are all 0).
+    n = torch.where(active, vbufs.seq_lens.long() - k + accepted + 1, 2)
+    bonus = verdict.gather(1, (accepted + 1).unsqueeze(1)).squeeze(1)
+    last_accepted = vbufs.drafts.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = torch.where(accepted > 0, last_accepted, vbufs.last)
+    tables = vbufs.tables
+
+    def slots(pos: torch.Tensor) -> torch.Tensor:  # pos: [rows, m]
+        return tables.gather(1, pos // bs).long() * bs + pos % bs
+
+    # The draft: catch-up on tokens n - 2 and n - 1, then pass j feeds proposal j - 1 at n - 1 + j.
+    two = n.unsqueeze(1) - 2 + steps[:2]
+    dbufs.ids0.copy_(torch.stack([before, bonus], dim=1).view(-1))
+    dbufs.pos0.copy_(two.view(-1))
+    dbufs.slots0.copy_(slots(two).view(-1))
+    dbufs.seq_lens0.copy_(n)
+    if k > 1:
+        ahead = n.unsqueeze(1) - 1 + steps[1:k]  # [rows, k - 1]
+        dbufs.pos.copy_(ahead.T)
+        dbufs.slots.copy_(slots(ahead).T)
+        dbufs.seq_lens.copy_((ahead + 1).T)
+    dbufs.tables.copy_(tables)
+    # The target: its last known token at n - 1, the proposals after it.
+    checked = n.unsqueeze(1) - 1 + steps
+    vbufs.last.copy_(bonus)
+    vbufs.positions.copy_(checked.view(-1))
+    vbufs.slots.copy_(slots(checked).view(-1))
+    vbufs.seq_lens.copy_(n + k)
+
+
 class SpecChain:
     def __init__(self, draft: DraftModel, verify: TargetVerifyPass) -> None:
         if draft.k != verify.k:
@@ -52,7 +90,6 @@ class SpecChain:
         self.block_size = verify.block_size
         self.device = verify.device
         self._cuda = self.device.type == "cuda"
-        self._steps = torch.arange(self.k + 1, dtype=torch.int64, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._host: dict[int, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}  # per bucket: two (verdict, copied) slots
         self._turn = 0
@@ -96,45 +133,15 @@ class SpecChain:
     def _step(self, b: int) -> None:
         """One chained step of bucket b: its inputs, the draft's passes, the verify pass. The verdict
         lands in the verify pass's own verdict buffer, where the next step's inputs come from."""
-        vbufs = self.verify.buffers(b)
-        self._advance(vbufs, self.draft.buffers(b))
+        vbufs, dbufs = self.verify.buffers(b), self.draft.buffers(b)
+        if self._cuda:
+            from engine.spec.chain_kernel import advance_chain_inputs  # Triton: CUDA only
+
+            advance_chain_inputs(vbufs, dbufs, self.k, self.block_size)
+        else:
+            advance_inputs(vbufs, dbufs, self.k, self.block_size)
         vbufs.drafts.copy_(self.draft.forward_in_place(b))
         vbufs.verdict.copy_(self.verify.forward_in_place(b))
-
-    def _advance(self, vbufs: VerifyBuffers, dbufs: DraftBuffers) -> None:
-        """The next step's inputs of both passes, from the verify pass's inputs and verdict (no host sync)."""
-        k, bs = self.k, self.block_size
-        verdict = vbufs.verdict
-        accepted = verdict[:, 0]
-        active = vbufs.num_drafts > 0  # padding rows propose nothing
-        # Padding rows stay a two-token context in the null block (their table rows are all 0).
-        n = torch.where(active, vbufs.seq_lens.long() - k + accepted + 1, 2)
-        bonus = verdict.gather(1, (accepted + 1).unsqueeze(1)).squeeze(1)
-        last_accepted = vbufs.drafts.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        before = torch.where(accepted > 0, last_accepted, vbufs.last)
-        tables = vbufs.tables
-
-        def slots(pos: torch.Tensor) -> torch.Tensor:  # pos: [rows, m]
-            return tables.gather(1, pos // bs).long() * bs + pos % bs
-
-        # The draft: catch-up on tokens n - 2 and n - 1, then pass j feeds proposal j - 1 at n - 1 + j.
-        two = n.unsqueeze(1) - 2 + self._steps[:2]
-        dbufs.ids0.copy_(torch.stack([before, bonus], dim=1).view(-1))
-        dbufs.pos0.copy_(two.view(-1))
-        dbufs.slots0.copy_(slots(two).view(-1))
-        dbufs.seq_lens0.copy_(n)
-        if k > 1:
-            ahead = n.unsqueeze(1) - 1 + self._steps[1:k]  # [rows, k - 1]
-            dbufs.pos.copy_(ahead.T)
-            dbufs.slots.copy_(slots(ahead).T)
-            dbufs.seq_lens.copy_((ahead + 1).T)
-        dbufs.tables.copy_(tables)
-        # The target: its last known token at n - 1, the proposals after it.
-        checked = n.unsqueeze(1) - 1 + self._steps
-        vbufs.last.copy_(bonus)
-        vbufs.positions.copy_(checked.view(-1))
-        vbufs.slots.copy_(slots(checked).view(-1))
-        vbufs.seq_lens.copy_(n + k)
 
     @torch.inference_mode()
     def _capture(self) -> None:
