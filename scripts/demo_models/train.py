@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--distill-from", default=None, help="teacher checkpoint (same tokenizer): learn its distribution")
     ap.add_argument("--distill-weight", type=float, default=1.0, help="share of the KL term; the rest is cross-entropy")
     ap.add_argument("--init-from", default=None, help="checkpoint of the same preset to start from (default: random init)")
+    ap.add_argument(
+        "--train-records", default=None,
+        help="train on the rows of this [N, L] token tensor (generate_records.py: the target's own continuations) "
+        "instead of windows of --corpus; sets --seq-len to L - 1",
+    )
     args = ap.parse_args(argv)
     if not 0.0 < args.distill_weight <= 1.0:
         ap.error("--distill-weight must be in (0, 1]")
@@ -287,7 +292,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     t0 = time.time()
-    train_ids = tokenize_corpus(args.corpus, args.tokenizer).to(device)
+    records = None
+    if args.train_records:
+        records = torch.load(args.train_records).to(device)
+        args.seq_len = records.shape[1] - 1
+        train_ids = records.flatten()  # counted as the training tokens
+    else:
+        train_ids = tokenize_corpus(args.corpus, args.tokenizer).to(device)
     held = heldout_windows(tokenize_corpus(args.heldout, args.tokenizer, args.eval_tokens), args.seq_len)
     print(f"tokenized {len(train_ids):,} train / {held[:, 1:].numel():,} held-out tokens in {time.time() - t0:.1f} s", flush=True)
 
@@ -323,9 +334,11 @@ def main(argv: list[str] | None = None) -> None:
             if total < 2 * warmup:
                 print(f"warning: {total} steps leave little room after {warmup} warmup steps", flush=True)
             print(f"{per_step * 1000:.1f} ms/step -> {total} steps in {args.time_budget:.0f} s", flush=True)
-        # Random contiguous windows of the token stream.
-        starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (batch_size,), device=device, generator=gen)
-        w = train_ids[starts[:, None] + offsets].long()
+        if records is not None:  # random rows, each one whole window
+            w = records[torch.randint(0, len(records), (batch_size,), device=device, generator=gen)].long()
+        else:  # random contiguous windows of the token stream
+            starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (batch_size,), device=device, generator=gen)
+            w = train_ids[starts[:, None] + offsets].long()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, peak_lr, warmup)
         with autocast(device):
@@ -384,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     repro = dict(vars(args), steps=step, time_budget=None, batch_size=batch_size, lr=peak_lr)
     result = {
         "preset": args.preset, "arch": PRESETS[args.preset]["arch"], "params": params, "vocab_size": vocab_size,
-        "corpus": args.corpus, "train_tokens": len(train_ids), "heldout_tokens": int(held[:, 1:].numel()),
+        "corpus": args.train_records or args.corpus, "train_tokens": len(train_ids), "heldout_tokens": int(held[:, 1:].numel()),
         "steps": step, "batch_size": batch_size, "seq_len": args.seq_len, "tokens_seen": tokens_seen,
         "epochs": tokens_seen / len(train_ids), "lr": peak_lr, "warmup": warmup, "weight_decay": args.weight_decay,
         "seed": args.seed, "train_seconds": train_seconds, "tokens_per_second": tokens_seen / train_seconds,
