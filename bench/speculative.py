@@ -26,7 +26,10 @@ exactly (fp32 runs match exactly: --dtype float32).
 --interleave builds every variant's engine first and then takes the timed
 runs in turns (run 1 of each variant, run 2 of each, ...), so that the host's
 drift (batch 1 is bound by the host's speed, which moved plain decoding by up
-to 40% between the variants of one sequential run) falls on all alike.
+to 40% between the variants of one sequential run) falls on all alike. On an
+H200 it did not: with six engines alive plain decoding slowed to 0.87-0.97 ms
+a step while speculative steps did not (BENCHMARKS.md, W4), so W4's figures
+come from sequential runs.
 
 Prints a table and the W4 line; --json writes every figure.
 """
