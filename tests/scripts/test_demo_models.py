@@ -151,3 +151,27 @@ def test_init_from_starts_from_the_checkpoints_weights(trained, tmp_path):
     scratch = json.loads((tmp_path / "scratch" / "training.json").read_text())
     assert scratch["init_from"] is None and scratch["heldout_ppl"] > 1.5 * info["heldout_ppl"]
     assert "trained from scratch" in (tmp_path / "scratch" / "README.md").read_text()
+
+
+def test_records_are_the_targets_greedy_continuations_and_train_a_draft(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from scripts.demo_models import generate_records
+
+    target, tmp = trained
+    records_path = tmp_path / "records.pt"
+    generate_records.main([
+        "--target", str(target), "--corpus", str(tmp / "train.txt"), "--tokenizer", str(tmp / "tok"),
+        "--num", "3", "--prompt-tokens", "12", "--output-tokens", "6", "--device", "cpu", "--dtype", "float32",
+        "--out", str(records_path),
+    ])
+    records = torch.load(records_path)
+    assert records.shape == (3, 18) and records.dtype == torch.int32
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    for row in records.long():
+        greedy = hf.generate(row[None, :12], max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert greedy[0, 12:].tolist() == row[12:].tolist()
+    out = tmp_path / "draft"
+    tiny_run(tmp, out, "--steps", "2", "--distill-from", str(target), "--train-records", str(records_path))
+    info = json.loads((out / "training.json").read_text())
+    assert info["corpus"] == str(records_path) and info["seq_len"] == 17 and info["train_tokens"] == 54
