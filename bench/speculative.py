@@ -10,10 +10,10 @@ scheduling; speedups are against the faster of the two in each cell),
 `draft:K` (the demo draft on the same device, K proposals per step; its greedy
 steps chain on the device, engine/spec/chain.py), `draft-sync:K` (the same,
 every step synchronous), `ngram:K` (prompt lookup), `remote:K` (the draft
-behind Ray Serve; with --remote); ngram and remote always step synchronously. For each: output tok/s (median of
---runs timed runs after a warm-up), engine steps per run and ms per step,
-acceptance rate and mean tokens per sequence-step (accepted proposals + the
-target's own token). Batch 1 runs --batch1-prompts prompts one after the
+behind Ray Serve; with --remote); ngram and remote always step synchronously.
+For each: output tok/s (median of --runs timed runs after a warm-up), engine
+steps per run and ms per step, acceptance rate and mean tokens per
+sequence-step (accepted proposals + the target's own token). Batch 1 runs --batch1-prompts prompts one after the
 other; batch 16 runs 16 prompts at once. Prompts are the first
 --prompt-tokens tokens of functions from standard-library modules the demo
 models never saw in training (pprint, tarfile, logging: held out).

@@ -166,9 +166,9 @@ class LLMEngine:
         self.async_scheduling = wanted and self.proposer is None
         self._inflight: InflightStep | None = None
         self._spec_chain: SpecChain | None = None
-        if wanted and isinstance(self.proposer, DraftProposer) and self.runner.verify_pass is not None:
-            if self.device.type != "cuda" or not config.enforce_eager:
-                self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass)
+        graphs_or_cpu = self.device.type != "cuda" or not config.enforce_eager
+        if wanted and graphs_or_cpu and isinstance(self.proposer, DraftProposer) and self.runner.verify_pass is not None:
+            self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass)
         self._chained: ChainedStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0

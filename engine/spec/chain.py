@@ -93,7 +93,11 @@ class SpecChain:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._host: dict[int, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}  # per bucket: two (verdict, copied) slots
         self._turn = 0
+        self._advance = advance_inputs
         if self._cuda:
+            from engine.spec.chain_kernel import advance_chain_inputs  # Triton: CUDA only
+
+            self._advance = advance_chain_inputs
             self._capture()
 
     def fits(self, batch: int) -> bool:
@@ -133,13 +137,8 @@ class SpecChain:
     def _step(self, b: int) -> None:
         """One chained step of bucket b: its inputs, the draft's passes, the verify pass. The verdict
         lands in the verify pass's own verdict buffer, where the next step's inputs come from."""
-        vbufs, dbufs = self.verify.buffers(b), self.draft.buffers(b)
-        if self._cuda:
-            from engine.spec.chain_kernel import advance_chain_inputs  # Triton: CUDA only
-
-            advance_chain_inputs(vbufs, dbufs, self.k, self.block_size)
-        else:
-            advance_inputs(vbufs, dbufs, self.k, self.block_size)
+        vbufs = self.verify.buffers(b)
+        self._advance(vbufs, self.draft.buffers(b), self.k, self.block_size)
         vbufs.drafts.copy_(self.draft.forward_in_place(b))
         vbufs.verdict.copy_(self.verify.forward_in_place(b))
 
