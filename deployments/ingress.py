@@ -40,7 +40,7 @@ from deployments.metrics import IngressMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from deployments.serving import ChatShaper, CompletionShaper, Prompts, load_ingress_tokenizer, sampling_params
 from deployments.server_timing import add_handler_time, format_server_timing
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, RequestAbortedError
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,6 +80,8 @@ def _map_exception(exc: BaseException) -> OpenAIError:
         return errors.bad_request(str(exc))
     if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
         return errors.unavailable("the model replica is unavailable; retry later")
+    if isinstance(exc, RequestAbortedError):  # the replica's engine died under the request: the replica goes next
+        return errors.unavailable("the model replica stopped while running the request; retry later")
     logger.exception("request failed", exc_info=exc)
     return errors.internal(f"internal error: {type(exc).__name__}")
 
