@@ -7,8 +7,8 @@
 
 Variants: `none` (no speculation), `none-sync` (no speculation, no async
 scheduling; speedups are against the faster of the two in each cell),
-`draft:K` (the demo draft on the same device, K proposals per step; its greedy
-steps chain on the device, engine/spec/chain.py), `draft-sync:K` (the same,
+`draft:K` (the demo draft on the same device, K proposals per step; its steps
+chain on the device, engine/spec/chain.py), `draft-sync:K` (the same,
 every step synchronous), `ngram:K` (prompt lookup), `remote:K` (the draft
 behind Ray Serve; with --remote); ngram and remote always step synchronously.
 For each: output tok/s (median of --runs timed runs after a warm-up), engine
@@ -136,7 +136,7 @@ def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, propo
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096),
         speculative=spec,
         # By default ("auto") the host's step overlaps the GPU's: plain decoding, and the draft's
-        # greedy steps chained on the device; "-sync" variants time each without that.
+        # steps chained on the device; "-sync" variants time each without that.
         async_scheduling=False if synchronous else "auto",
     )
     return LLMEngine(config, proposer=proposer)

@@ -186,7 +186,7 @@ class AppConfig(_Strict):
     async_scheduling: bool | Literal["auto"] = Field(
         "auto",
         description="Launch each engine step before the last one's tokens are read back (host work overlaps the "
-        "GPU's): plain decoding, and the co-located draft's greedy speculative steps (chained on the device); "
+        "GPU's): plain decoding, and the co-located draft's speculative steps (chained on the device); "
         "auto: on for CUDA, off on the CPU.",
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)

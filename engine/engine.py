@@ -162,13 +162,13 @@ class LLMEngine:
         self._seq_ids = SequenceIds()
         wanted = self.device.type == "cuda" if config.async_scheduling == "auto" else config.async_scheduling
         # A proposer reads each step's tokens on the host: speculation steps synchronously, except
-        # that the co-located draft's greedy steps chain on the device while the batch stays put.
+        # that the co-located draft's steps chain on the device while the batch stays put.
         self.async_scheduling = wanted and self.proposer is None
         self._inflight: InflightStep | None = None
         self._spec_chain: SpecChain | None = None
         graphs_or_cpu = self.device.type != "cuda" or not config.enforce_eager
         if wanted and graphs_or_cpu and isinstance(self.proposer, DraftProposer) and self.runner.verify_pass is not None:
-            self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass)
+            self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass, self.sampler.generator)
         self._chained: ChainedStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -295,9 +295,9 @@ class LLMEngine:
                 self._append(state, seq, token, logprob)
                 touched[state.request_id] = state
         if spec is not None:
-            self._accept(sched, spec[0], spec[1], verified, touched)
+            verdict = self._accept(sched, spec[0], spec[1], verified, touched)
             if self._spec_chain is not None:
-                self._chained = self._start_chain(sched, spec[0], spec[1], verified)
+                self._chained = self._start_chain(sched, spec[0], spec[1], verified, verdict)
         return self._outputs(touched, only_finished, build)
 
     def _outputs(self, touched: dict[str, RequestState], only_finished: bool, build: Callable[[RequestState], Any]) -> list:
@@ -410,8 +410,9 @@ class LLMEngine:
             rows = [rows[r] for r in keep]
         return rows, proposals
 
-    def _accept(self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput, touched: dict) -> None:
-        """Verify the proposals; append each row's accepted ones and the target's next token."""
+    def _accept(self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput, touched: dict) -> torch.Tensor:
+        """Verify the proposals; append each row's accepted ones and the target's next token.
+        Returns the verdict on the device, [rows, 2k + 2]."""
         seqs = [sched.scheduled[i].seq for i in rows]
         k = proposals.token_ids.shape[1]
         verdict = verified.greedy_verdict if all(s.params.temperature == 0.0 for s in seqs) else None
@@ -424,6 +425,7 @@ class LLMEngine:
         result = verdict.tolist()  # the step's one copy to the host: [accepted, k + 1 tokens, k proposals]
         proposals.host_ids = [row[k + 2 : k + 2 + n] for row, n in zip(result, proposals.num_tokens)]
         self._apply_verdict(seqs, result, proposals.num_tokens, logprobs, touched)
+        return verdict
 
     def _apply_verdict(
         self, seqs: list[Sequence], result: list[list[int]], num_proposed: list[int], logprobs, touched: dict,
@@ -454,29 +456,38 @@ class LLMEngine:
 
     # ----- chained speculative steps (engine/spec/chain.py) ---------------------------------
     #
-    # After a synchronous greedy step whose every row speculated through the verify pass's graph,
+    # After a synchronous step whose every row speculated through the verify pass's graph,
     # the next steps of the same rows are launched one ahead, from the device's own verdict: a call
     # launches step N + 1, then reads back step N. The chain stops (and the engine steps
     # synchronously again) when a row finishes, a request waits, a length limit is near or the
     # pool is dry.
 
-    def _start_chain(self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput) -> ChainedStep | None:
+    def _start_chain(
+        self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput, verdict: torch.Tensor
+    ) -> ChainedStep | None:
         seqs = [item.seq for item in sched.scheduled]
         k = self.config.speculative.num_speculative_tokens
         if (
             verified.greedy_verdict is None
             or len(rows) != len(seqs)
             or any(n != k for n in proposals.num_tokens)
-            or any(s.params.temperature != 0.0 or s.params.logprobs is not None for s in seqs)
-            or not self._spec_chain.fits(len(seqs))
+            or not all(self._chains(s.params) for s in seqs)
+            or not self._spec_chain.fits(len(seqs), any(s.params.temperature > 0.0 for s in seqs))
             or any(s.is_finished for s in seqs)
         ):
             return None
+        self._spec_chain.begin(seqs, verdict)
         self.proposer.begin_chain(seqs)
         step = self._launch_chained(seqs, in_flight=0)
         if step is None:
             self.proposer.end_chain(seqs)
         return step
+
+    def _chains(self, params: SamplingParams) -> bool:
+        """Whether a row with these params can chain: greedy, or sampled at a temperature alone (the
+        chained graph applies no top-k / top-p), and no logprobs (computed from the host's logits)."""
+        truncated = 0 < params.top_k < self.arch.vocab_size or params.top_p < 1.0
+        return params.logprobs is None and (params.temperature == 0.0 or not truncated)
 
     def _launch_chained(self, seqs: list[Sequence], in_flight: int) -> ChainedStep | None:
         """The rows' next step, queued behind `in_flight` (0 or 1) steps whose tokens the host lacks;
@@ -486,9 +497,10 @@ class LLMEngine:
         k = self.config.speculative.num_speculative_tokens
         new_blocks = []
         for row, seq in enumerate(seqs):
-            # The most tokens the row can hold when this step runs; it must still be unfinished then.
+            # The most tokens the row can hold when this step runs. There must be room after them for
+            # k proposals and the target's token, as a synchronous step would propose k there.
             most = seq.num_tokens + in_flight * (k + 1)
-            if seq.is_finished or most >= seq.max_num_tokens:
+            if seq.is_finished or most + k + 1 > seq.max_num_tokens:
                 return None
             have = len(seq.blocks)
             if not self.allocator.allocate_slots(seq, most + k - seq.num_computed_tokens):
@@ -496,7 +508,7 @@ class LLMEngine:
             if len(seq.blocks) > have:
                 new_blocks.append((row, have, seq.block_ids[have:]))
                 self.proposer.blocks_added(seq, have)
-        return ChainedStep(seqs, self._spec_chain.launch(len(seqs), new_blocks))
+        return ChainedStep(seqs, self._spec_chain.launch(new_blocks))
 
     def _chain_step(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         done = self._chained

@@ -1,8 +1,8 @@
-"""Greedy speculative steps chained on the device: async scheduling with the co-located draft.
+"""Speculative steps chained on the device: async scheduling with the co-located draft.
 
 A synchronous speculative step reads its verdict back before the host can build the
 next step's inputs, and the GPU idles meanwhile (0.2 ms of a 0.6 ms step at batch 1 on
-an H200). While the batch stays the same (every row greedy, k proposals, nobody joining
+an H200). While the batch stays the same (k proposals for every row, nobody joining
 or leaving), the next step's inputs follow from the verdict alone: a row with n tokens
 that accepted a proposals now has n + a + 1 (the target's own token last); the draft
 re-feeds its last two tokens (the catch-up of DraftModel's regular call), proposes at
@@ -12,6 +12,12 @@ batch bucket that computes these inputs from the verify pass's buffers, in place
 runs the draft's and the verify pass's forward passes on them; then it queues the
 verdict's copy to pinned host memory. The engine launches step N + 1 this way before it reads step N's
 verdict, so the host's work of a step overlaps the GPU's, as with plain async decoding.
+
+Rows at temperature > 0 chain too: the step's graph then samples the draft's proposals
+and applies engine/spec/verify.py's accept/resample rule on the device, and the host draws
+the step's noise (from the same generators, in the same shapes and order as a synchronous
+step) just before it launches the graph. A chained step is thus the synchronous step
+itself, computed ahead: a seeded request gets the same tokens either way.
 
 What the device cannot know stays with the engine (LLMEngine._chain_step): blocks,
 allocated ahead for the most tokens a row can have reached, and when to stop chaining
@@ -24,13 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.sequence import Sequence
 from engine.spec.draft import DraftBuffers, DraftModel
 from engine.spec.target_pass import TargetVerifyPass, VerifyBuffers
+from engine.spec.verify import accept_or_resample, draw_accept_noise, target_probs
 
 
 @dataclass
 class LaunchedVerdict:
-    """The greedy verdict of a chained step, on its way to the host: [num_accepted, k + 1 tokens, k proposals]."""
+    """The verdict of a chained step, on its way to the host: [num_accepted, k + 1 tokens, k proposals]."""
 
     host: torch.Tensor  # [b, 2k + 2] int64, pinned on CUDA
     num_rows: int
@@ -80,19 +88,32 @@ def advance_inputs(vbufs: VerifyBuffers, dbufs: DraftBuffers, k: int, block_size
     vbufs.seq_lens.copy_(n + k)
 
 
+class SampledStepBuffers:
+    """What a sampled chained step of one bucket reads besides the passes' own buffers."""
+
+    def __init__(self, b: int, k: int, vocab: int, device: torch.device) -> None:
+        self.temperatures = torch.zeros(b, dtype=torch.float32, device=device)  # 0: greedy (and padding) rows
+        self.uniform = torch.zeros(b, k, device=device)  # the accept tests' U[0, 1)
+        self.race = torch.ones(b, vocab, device=device)  # Exp(1) noise of each row's drawn token
+
+
 class SpecChain:
-    def __init__(self, draft: DraftModel, verify: TargetVerifyPass) -> None:
+    def __init__(self, draft: DraftModel, verify: TargetVerifyPass, generator: torch.Generator) -> None:
         if draft.k != verify.k:
             raise ValueError(f"the draft proposes {draft.k} tokens, the verify pass checks {verify.k}")
         self.draft = draft
         self.verify = verify
+        self.generator = generator  # the engine sampler's: the accept tests of rows without a seed
         self.k = verify.k
         self.block_size = verify.block_size
         self.device = verify.device
         self._cuda = self.device.type == "cuda"
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampled)
         self._host: dict[int, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}  # per bucket: two (verdict, copied) slots
+        self._sampling: dict[int, SampledStepBuffers] = {}
         self._turn = 0
+        self._rows: list[Sequence] = []
+        self._sampled = False
         self._advance = advance_inputs
         if self._cuda:
             from engine.spec.chain_kernel import advance_chain_inputs  # Triton: CUDA only
@@ -100,25 +121,46 @@ class SpecChain:
             self._advance = advance_chain_inputs
             self._capture()
 
-    def fits(self, batch: int) -> bool:
+    def fits(self, batch: int, sampled: bool) -> bool:
         """Whether a batch this size can chain: on CUDA only where its bucket has a chain graph."""
-        return not self._cuda or self.verify.bucket(batch) in self._graphs
+        return not self._cuda or (self.verify.bucket(batch), sampled) in self._graphs
 
     @torch.inference_mode()
-    def launch(self, num_rows: int, new_blocks: list[tuple[int, int, list[int]]]) -> LaunchedVerdict:
-        """Queues the step after the verify pass's last one for the same rows.
+    def begin(self, rows: list[Sequence], verdict: torch.Tensor) -> None:
+        """The rows of the chained steps that follow, in the verify pass's order; their temperatures
+        go to the device once. verdict: the synchronous step's [rows, 2k + 2], the first chained
+        step's start (the verify pass's own buffer when every row is greedy)."""
+        self._rows = rows
+        temps = [s.params.temperature for s in rows]
+        self._sampled = any(t > 0.0 for t in temps)
+        if self._sampled:
+            b = self.verify.bucket(len(rows))
+            self.verify.buffers(b).verdict[: len(rows)].copy_(verdict)  # drawn outside the pass's graph
+            self.draft.set_temperatures(self.draft.buffers(b), temps)
+            padded = torch.tensor(temps + [0.0] * (b - len(temps)), dtype=torch.float32)
+            self._sampled_buffers(b).temperatures.copy_(padded, non_blocking=True)
+
+    @torch.inference_mode()
+    def launch(self, new_blocks: list[tuple[int, int, list[int]]]) -> LaunchedVerdict:
+        """Queues the step after the verify pass's last one for the rows given to `begin`.
 
         new_blocks: (row, first index, block ids) added to rows' block tables since that step.
         """
+        num_rows = len(self._rows)
         b = self.verify.bucket(num_rows)
         vbufs = self.verify.buffers(b)
         for row, start, ids in new_blocks:
             vbufs.tables[row, start : start + len(ids)].copy_(torch.tensor(ids, dtype=torch.int32), non_blocking=True)
-        graph = self._graphs.get(b)
+        if self._sampled:
+            # Queued after the step before, which has read the last noise, and before this one.
+            self.draft.draw_noise(self.draft.buffers(b), self._rows)
+            sampling = self._sampled_buffers(b)
+            draw_accept_noise(sampling.uniform[:num_rows], sampling.race[:num_rows], self.generator, self._rows)
+        graph = self._graphs.get((b, self._sampled))
         if graph is not None:
             graph.replay()
         else:
-            self._step(b)
+            self._step(b, self._sampled)
         verdict = vbufs.verdict
         if not self._cuda:
             return LaunchedVerdict(verdict.clone(), num_rows, None)
@@ -134,29 +176,46 @@ class SpecChain:
         done.record()
         return LaunchedVerdict(host, num_rows, done)
 
-    def _step(self, b: int) -> None:
-        """One chained step of bucket b: its inputs, the draft's passes, the verify pass. The verdict
-        lands in the verify pass's own verdict buffer, where the next step's inputs come from."""
+    def _step(self, b: int, sampled: bool) -> None:
+        """One chained step of bucket b: its inputs, the draft's passes, the verify pass, the verdict.
+        The verdict lands in the verify pass's own verdict buffer, where the next step's inputs come from."""
         vbufs = self.verify.buffers(b)
-        self._advance(vbufs, self.draft.buffers(b), self.k, self.block_size)
-        vbufs.drafts.copy_(self.draft.forward_in_place(b))
-        vbufs.verdict.copy_(self.verify.forward_in_place(b))
+        dbufs = self.draft.buffers(b)
+        self._advance(vbufs, dbufs, self.k, self.block_size)
+        vbufs.drafts.copy_(self.draft.forward_in_place(b, sampled))
+        logits, verdict = self.verify.forward_in_place(b)
+        if sampled:
+            sampling = self._sampled_buffers(b)
+            probs = target_probs(logits.view(b, self.k + 1, -1), sampling.temperatures)
+            tokens, accepted = accept_or_resample(
+                vbufs.drafts, vbufs.num_drafts, probs, dbufs.probs, sampling.uniform, sampling.race
+            )
+            verdict = torch.cat([accepted.unsqueeze(1), tokens, vbufs.drafts], dim=1)
+        vbufs.verdict.copy_(verdict)
+
+    def _sampled_buffers(self, b: int) -> SampledStepBuffers:
+        buffers = self._sampling.get(b)
+        if buffers is None:
+            buffers = self._sampling[b] = SampledStepBuffers(b, self.k, self.draft.vocab_size, self.device)
+        return buffers
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        """One graph per bucket for the whole step: launching it costs the host one replay, and the
-        GPU runs the inputs' few small kernels and both passes without a gap between graphs."""
+        """One graph per bucket and mode for the whole step: launching it costs the host one replay,
+        and the GPU runs the inputs' few small kernels and both passes without a gap between graphs."""
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.verify.buckets):  # largest first, so smaller graphs reuse its memory
             if b not in self.draft.buckets or self.verify.buffers(b).verdict is None:
                 continue
-            # Warm-up on the idle inputs of the passes' own captures, with a valid (all-zero) verdict;
-            # a synchronous step rewrites every input before it runs.
-            self.verify.buffers(b).verdict.zero_()
-            self._step(b)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(b)
-            self._graphs[b] = graph
+            self._sampled_buffers(b)  # allocated outside the capture: the host writes them between replays
+            for sampled in (False, True):
+                # Warm-up on the idle inputs of the passes' own captures, with a valid (all-zero) verdict;
+                # a synchronous step rewrites every input before it runs.
+                self.verify.buffers(b).verdict.zero_()
+                self._step(b, sampled)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(b, sampled)
+                self._graphs[(b, sampled)] = graph
         torch.cuda.synchronize()

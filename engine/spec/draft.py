@@ -162,13 +162,13 @@ class DraftModel:
             self._forward_catch_up(bufs, seqs, starts, sample, host)
         return Proposals(bufs.tokens[:n], list(ks), bufs.probs[:n] if sample else None)
 
-    def forward_in_place(self, bucket: int) -> torch.Tensor:
-        """A regular greedy call's forward passes on the bucket's buffers as they are (their inputs
-        filled on the device, engine/spec/chain.py, which captures this in its own graph); returns
-        the proposals of all its rows, [bucket, k]."""
+    def forward_in_place(self, bucket: int, sample: bool) -> torch.Tensor:
+        """A regular call's forward passes on the bucket's buffers as they are (their inputs filled on
+        the device, engine/spec/chain.py, which captures this in its own graph); returns the proposals
+        of all its rows, [bucket, k]. Sampled: the distributions they were drawn from are in its probs."""
         bufs = self.buffers(bucket)
         host = None if self.device.type == "cuda" else _Host([], [], bufs.seq_lens0.tolist(), bufs.seq_lens.tolist())
-        self._forward_regular(bufs, False, host)
+        self._forward_regular(bufs, sample, host)
         return bufs.tokens
 
     # ----- forward passes (no host syncs: the regular path is captured as one graph) -----
@@ -330,12 +330,20 @@ class DraftModel:
         bufs.i64.copy_(torch.tensor(host.i64, dtype=torch.int64), non_blocking=True)
         bufs.i32.copy_(torch.tensor(host.i32, dtype=torch.int32), non_blocking=True)
         if sample:
-            n = len(temps)
-            bufs.temps.copy_(torch.tensor(temps + [0.0] * (bufs.b - n), dtype=torch.float32), non_blocking=True)
-            bufs.noise.exponential_(generator=self.generator)
-            for row, seq in enumerate(seqs):
-                if seq.generator is not None:  # a seeded request draws only from its own generator
-                    bufs.noise[:, row].exponential_(generator=seq.generator)
+            self.set_temperatures(bufs, temps)
+            self.draw_noise(bufs, seqs)
+
+    def set_temperatures(self, bufs: DraftBuffers, temps: list[float]) -> None:
+        """Each row's temperature for sampled calls (padding rows greedy)."""
+        bufs.temps.copy_(torch.tensor(temps + [0.0] * (bufs.b - len(temps)), dtype=torch.float32), non_blocking=True)
+
+    def draw_noise(self, bufs: DraftBuffers, seqs: list[Sequence]) -> None:
+        """The exponential races of a sampled call's k proposals per row: from the draft's generator,
+        except that a seeded request draws only from its own."""
+        bufs.noise.exponential_(generator=self.generator)
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                bufs.noise[:, row].exponential_(generator=seq.generator)
 
     def buffers(self, bucket: int) -> DraftBuffers:
         if bucket not in self._buffers:

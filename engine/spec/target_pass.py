@@ -106,12 +106,11 @@ class TargetVerifyPass:
         self._run(bufs, seq_lens)
         return VerifyPassOutput(bufs.logits.view(b, self.k + 1, -1)[:n], bufs.verdict[:n])
 
-    def forward_in_place(self, b: int) -> torch.Tensor:
+    def forward_in_place(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pass on bucket b's buffers as they are (their inputs filled on the device,
-        engine/spec/chain.py, which captures this in its own graph); returns a new verdict tensor."""
+        engine/spec/chain.py, which captures this in its own graph): new (logits, greedy verdict)."""
         bufs = self.buffers(b)
-        _, verdict = self._forward(bufs, None if self.device.type == "cuda" else bufs.seq_lens.tolist())
-        return verdict
+        return self._forward(bufs, None if self.device.type == "cuda" else bufs.seq_lens.tolist())
 
     def _run(self, bufs: VerifyBuffers, seq_lens_cpu: list[int] | None) -> None:
         graph = self._graphs.get(bufs.b)

@@ -29,9 +29,11 @@ def accept_or_resample(
     uniform: torch.Tensor,  # [B, k] U[0, 1) for the accept tests
     race: torch.Tensor,  # [B, V] Exp(1) noise for the one token drawn per row
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B, k + 1], num_accepted [B]); row b emits tokens[b, : num_accepted[b] + 1]."""
+    """(tokens [B, k + 1], num_accepted [B]); row b emits tokens[b, : num_accepted[b] + 1].
+
+    Gathers only, no indexing by tensors: the chained steps capture this in a CUDA graph."""
     b, k = draft_ids.shape
-    rows = torch.arange(b, device=draft_ids.device)
+    vocab = target_probs.shape[2]
     cols = torch.arange(k, device=draft_ids.device)
     p = target_probs[:, :k].gather(2, draft_ids.unsqueeze(2)).squeeze(2)
     q = torch.ones_like(p) if draft_probs is None else draft_probs.gather(2, draft_ids.unsqueeze(2)).squeeze(2)
@@ -41,21 +43,43 @@ def accept_or_resample(
     num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
     # One more token from the first position not accepted: from max(0, p - q) after a rejection,
     # from p itself when there is no proposal there (all accepted: the bonus token).
-    p_next = target_probs[rows, num_accepted]
+    p_next = target_probs.gather(1, num_accepted.view(b, 1, 1).expand(b, 1, vocab)).squeeze(1)
     rejected = num_accepted < num_drafts
-    at = num_accepted.clamp(max=k - 1)
+    at = num_accepted.clamp(max=k - 1).unsqueeze(1)
     if draft_probs is None:
-        q_next = torch.zeros_like(p_next).scatter_(1, draft_ids[rows, at].unsqueeze(1), 1.0)
+        q_next = torch.zeros_like(p_next).scatter_(1, draft_ids.gather(1, at), 1.0)
     else:
-        q_next = draft_probs[rows, at]
+        q_next = draft_probs.gather(1, at.view(b, 1, 1).expand(b, 1, vocab)).squeeze(1)
     residual = torch.where(rejected.unsqueeze(1), (p_next - q_next).clamp(min=0.0), p_next)
     # All-zero residual means p == q there, where a rejection cannot happen (only rounding can): use p.
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_next)
     # argmax(w / E) with E ~ Exp(1) draws index i with probability w_i / sum(w): no normalizing needed.
-    next_token = (residual / race).argmax(dim=1)
-    tokens = torch.cat([draft_ids, draft_ids[:, :1]], dim=1)
-    tokens[rows, num_accepted] = next_token
+    next_token = (residual / race).argmax(dim=1, keepdim=True)
+    tokens = torch.cat([draft_ids, draft_ids[:, :1]], dim=1).scatter_(1, num_accepted.unsqueeze(1), next_token)
     return tokens, num_accepted
+
+
+def target_probs(logits: torch.Tensor, temperatures: torch.Tensor, truncation: SamplingBatch | None = None) -> torch.Tensor:
+    """p [B, k + 1, V] from the target's logits [B, k + 1, V]: softmax(logits / T) per row, one-hot at
+    the argmax where T = 0; truncation: a SamplingBatch of B * (k + 1) rows whose top-k / top-p cut it."""
+    b, k1, vocab = logits.shape
+    scaled = logits / temperatures.clamp_min(1e-5).view(b, 1, 1)
+    if truncation is not None:
+        scaled = _apply_top_k_top_p(scaled.view(b * k1, vocab), truncation).view(b, k1, vocab)
+    probs = torch.softmax(scaled, dim=2)
+    one_hot = torch.zeros_like(probs).scatter_(2, logits.argmax(dim=2, keepdim=True), 1.0)
+    return torch.where((temperatures == 0.0).view(b, 1, 1), one_hot, probs)
+
+
+def draw_accept_noise(uniform: torch.Tensor, race: torch.Tensor, generator: torch.Generator, seqs: list[Sequence]) -> None:
+    """Fills the accept tests' U[0, 1) [B, k] and the drawn token's Exp(1) [B, V] of rows seqs, in place:
+    from the engine's generator, except that a seeded request draws only from its own."""
+    uniform.uniform_(generator=generator)
+    race.exponential_(generator=generator)
+    for row, seq in enumerate(seqs):
+        if seq.generator is not None:
+            uniform[row].uniform_(generator=seq.generator)
+            race[row].exponential_(generator=seq.generator)
 
 
 def accept_greedy(
@@ -85,20 +109,11 @@ def verify(
     if all(p.temperature == 0.0 for p in params):
         return accept_greedy(draft_ids, n_drafts, logits.argmax(dim=2))
     # Each row's distribution at every position, as its sampler would shape it (temperature, top-k, top-p).
-    batch = SamplingBatch.from_seqs([s for s in seqs for _ in range(k1)], vocab, dev)
-    flat = logits.reshape(b * k1, vocab)
-    scaled = flat / batch.temperatures.clamp_min(1e-5).unsqueeze(1)
-    if batch.any_top_k or batch.any_top_p:
-        scaled = _apply_top_k_top_p(scaled, batch)
-    probs = torch.softmax(scaled, dim=1).view(b, k1, vocab)
-    greedy = torch.tensor([p.temperature == 0.0 for p in params]).to(dev, non_blocking=True)
-    if any(p.temperature == 0.0 for p in params):
-        one_hot = torch.zeros_like(probs).scatter_(2, logits.argmax(dim=2, keepdim=True), 1.0)
-        probs = torch.where(greedy.view(b, 1, 1), one_hot, probs)
-    uniform = torch.rand(b, k1 - 1, device=dev, generator=generator)
-    race = torch.empty(b, vocab, device=dev).exponential_(generator=generator)
-    for row, seq in enumerate(seqs):
-        if seq.generator is not None:  # a seeded request draws only from its own generator
-            uniform[row] = torch.rand(k1 - 1, device=dev, generator=seq.generator)
-            race[row].exponential_(generator=seq.generator)
+    temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+    truncation = SamplingBatch.from_seqs([s for s in seqs for _ in range(k1)], vocab, dev)
+    cut = truncation.any_top_k or truncation.any_top_p
+    probs = target_probs(logits, temperatures, truncation if cut else None)
+    uniform = torch.empty(b, k1 - 1, device=dev)
+    race = torch.empty(b, vocab, device=dev)
+    draw_accept_noise(uniform, race, generator, seqs)
     return accept_or_resample(draft_ids, n_drafts, probs, draft_probs, uniform, race)

@@ -1,9 +1,10 @@
 """Chained speculative steps (engine/spec/chain.py), fp32 on the CPU: async scheduling with the draft.
 
 Each chained step's inputs are computed from the previous step's verdict on the
-device; the host reads that verdict one step later. Outputs must still equal
+device; the host reads that verdict one step later. Greedy outputs must still equal
 plain greedy decoding token for token, for drafts that are always, often and
-seldom right, under preemption and the prefix cache; the chain must stop for a
+seldom right, under preemption and the prefix cache; sampled ones must equal the
+synchronous speculative steps' for seeded requests; the chain must stop for a
 finished, aborted or newly arrived request and leave every block as a
 synchronous step would.
 """
@@ -123,12 +124,49 @@ def test_stops_and_length_limits_inside_chained_steps(llama_ckpt, make_engine, r
     assert_all_blocks_free(engine)
 
 
-def test_sampled_and_logprob_requests_step_synchronously(llama_ckpt, noisy_draft, make_engine):
+def test_logprob_and_truncated_requests_step_synchronously(llama_ckpt, noisy_draft, make_engine):
     engine = chained_engine(make_engine, llama_ckpt, noisy_draft)
-    engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0.8, seed=1, ignore_eos=True))
     engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True))
+    engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True))
+    engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0.8, top_k=5, seed=1, ignore_eos=True))
     stats = engine.stats()
     assert stats.spec_steps > 0 and stats.spec_chained_steps == 0
+
+
+def seeded(i: int, temperature: float = 0.8) -> SamplingParams:
+    return SamplingParams(max_tokens=40, temperature=temperature, seed=1000 + i, ignore_eos=True)
+
+
+@pytest.mark.parametrize("draft", ["self", "noisy", "small"])
+def test_chained_sampling_equals_synchronous_sampling(draft, drafts, llama_ckpt, make_engine):
+    """A chained sampled step is the synchronous step computed ahead on the device, with the same
+    noise: seeded requests (beside greedy ones in the same batch) get the same tokens either way."""
+    greedy_params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    params = [seeded(i) if i % 3 else greedy_params for i in range(len(PROMPTS))]
+    outs = {}
+    for chained in (False, True):
+        engine = make_engine(
+            llama_ckpt, block_size=BS, num_blocks=512, speculative=spec_config("draft", drafts[draft]),
+            async_scheduling=chained,
+        )
+        outs[chained] = token_ids(run_checked(engine, PROMPTS, params))
+        # About ten speculative steps for 40 tokens: most of them chained, or none.
+        assert (engine.stats().spec_chained_steps >= 5) == chained, engine.stats()
+        assert_all_blocks_free(engine)
+    assert outs[True] == outs[False]
+    # Sampling, not greedy decoding: the seeded rows leave the greedy path somewhere.
+    greedy = token_ids(run_checked(engine, PROMPTS, greedy_params))
+    assert all(outs[True][i] != greedy[i] for i in range(len(PROMPTS)) if i % 3)
+
+
+def test_chained_sampling_with_the_target_as_draft_accepts_everything(llama_ckpt, make_engine):
+    """p = q at every proposal: the accept test u * q < p always passes; a draft distribution that
+    was not the one the proposals were drawn from (or a target one at the wrong position) would not."""
+    engine = chained_engine(make_engine, llama_ckpt, llama_ckpt, k=3, num_blocks=512)
+    engine.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True))
+    stats = engine.stats()
+    assert stats.spec_chained_steps >= 5, stats  # of the ten steps for 40 tokens
+    assert stats.spec_acceptance_rate > 0.99, stats
 
 
 @pytest.mark.parametrize("chained", [False, True])
