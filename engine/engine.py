@@ -471,8 +471,8 @@ class LLMEngine:
             verified.greedy_verdict is None
             or len(rows) != len(seqs)
             or any(n != k for n in proposals.num_tokens)
-            or not all(self._chains(s.params) for s in seqs)
-            or not self._spec_chain.fits(len(seqs), any(s.params.temperature > 0.0 for s in seqs))
+            or any(s.params.logprobs is not None for s in seqs)  # computed from logits on the host
+            or not self._spec_chain.fits(seqs)
             or any(s.is_finished for s in seqs)
         ):
             return None
@@ -482,12 +482,6 @@ class LLMEngine:
         if step is None:
             self.proposer.end_chain(seqs)
         return step
-
-    def _chains(self, params: SamplingParams) -> bool:
-        """Whether a row with these params can chain: greedy, or sampled at a temperature alone (the
-        chained graph applies no top-k / top-p), and no logprobs (computed from the host's logits)."""
-        truncated = 0 < params.top_k < self.arch.vocab_size or params.top_p < 1.0
-        return params.logprobs is None and (params.temperature == 0.0 or not truncated)
 
     def _launch_chained(self, seqs: list[Sequence], in_flight: int) -> ChainedStep | None:
         """The rows' next step, queued behind `in_flight` (0 or 1) steps whose tokens the host lacks;

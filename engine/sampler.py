@@ -102,7 +102,7 @@ class Sampler:
             return greedy
         scaled = logits / batch.temperatures.clamp_min(1e-5).unsqueeze(1)
         if batch.any_top_k or batch.any_top_p:
-            scaled = _apply_top_k_top_p(scaled, batch)
+            scaled = truncate_top_k_top_p(scaled, batch.top_ks, batch.top_ps if batch.any_top_p else None)
         probs = torch.softmax(scaled, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, gen in enumerate(batch.generators):
@@ -144,14 +144,19 @@ def _host_output(tokens: torch.Tensor, logprob_tensors: tuple | None, num_logpro
     return SamplerOutput(token_list, out)
 
 
-def _apply_top_k_top_p(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def truncate_top_k_top_p(scaled: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor | None) -> torch.Tensor:
+    """Logits [N, V] with everything outside each row's top-k and top-p at -inf (no host syncs).
+
+    top_ks [N]: the vocabulary size where off; top_ps [N], None when no row has one. A row
+    at top_p 1 keeps everything even where rounding sums its probabilities past 1, so a
+    request's tokens do not depend on what else shares its batch."""
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(scaled.shape[-1], device=scaled.device).unsqueeze(0)
-    drop = ranks >= batch.top_ks.unsqueeze(1)
-    if batch.any_top_p:
+    drop = ranks >= top_ks.unsqueeze(1)
+    if top_ps is not None:
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         # Drop a token once the mass before it already reaches top_p; the first token always stays.
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before >= batch.top_ps.unsqueeze(1)
+        drop |= (mass_before >= top_ps.unsqueeze(1)) & (top_ps < 1.0).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)

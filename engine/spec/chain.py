@@ -13,10 +13,10 @@ runs the draft's and the verify pass's forward passes on them; then it queues th
 verdict's copy to pinned host memory. The engine launches step N + 1 this way before it reads step N's
 verdict, so the host's work of a step overlaps the GPU's, as with plain async decoding.
 
-Rows at temperature > 0 chain too: the step's graph then samples the draft's proposals
-and applies engine/spec/verify.py's accept/resample rule on the device, and the host draws
-the step's noise (from the same generators, in the same shapes and order as a synchronous
-step) just before it launches the graph. A chained step is thus the synchronous step
+Rows at temperature > 0 chain too, cut to a top-k / top-p or not: the step's graph then
+samples the draft's proposals and applies engine/spec/verify.py's accept/resample rule on
+the device, and the host draws the step's noise (from the same generators, in the same
+shapes and order as a synchronous step) just before it launches the graph. A chained step is thus the synchronous step
 itself, computed ahead: a seeded request gets the same tokens either way.
 
 What the device cannot know stays with the engine (LLMEngine._chain_step): blocks,
@@ -27,6 +27,7 @@ allocated ahead for the most tokens a row can have reached, and when to stop cha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -88,13 +89,42 @@ def advance_inputs(vbufs: VerifyBuffers, dbufs: DraftBuffers, k: int, block_size
     vbufs.seq_lens.copy_(n + k)
 
 
+class ChainMode(Enum):
+    """What a chained step's graph computes its verdict with (one graph per bucket and mode)."""
+
+    GREEDY = "greedy"  # every row at temperature 0: the verify pass's own verdict
+    SAMPLED = "sampled"  # some rows at a temperature: rejection sampling on the device
+    TRUNCATED = "truncated"  # and some cut to a top-k / top-p: the target's distributions sorted too
+
+    @classmethod
+    def of(cls, rows: list[Sequence], vocab: int) -> ChainMode:
+        params = [s.params for s in rows]
+        if all(p.temperature == 0.0 for p in params):
+            return cls.GREEDY
+        if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+            return cls.TRUNCATED
+        return cls.SAMPLED
+
+
 class SampledStepBuffers:
     """What a sampled chained step of one bucket reads besides the passes' own buffers."""
 
     def __init__(self, b: int, k: int, vocab: int, device: torch.device) -> None:
         self.temperatures = torch.zeros(b, dtype=torch.float32, device=device)  # 0: greedy (and padding) rows
+        self.top_ks = torch.full((b,), vocab, dtype=torch.int64, device=device)  # the vocabulary size: off
+        self.top_ps = torch.ones(b, dtype=torch.float32, device=device)
         self.uniform = torch.zeros(b, k, device=device)  # the accept tests' U[0, 1)
         self.race = torch.ones(b, vocab, device=device)  # Exp(1) noise of each row's drawn token
+
+    def set_params(self, rows: list[Sequence], vocab: int) -> None:
+        """Each row's sampling parameters (padding rows: greedy, nothing cut)."""
+        pad = self.temperatures.shape[0] - len(rows)
+        params = [s.params for s in rows]
+        temps = torch.tensor([p.temperature for p in params] + [0.0] * pad, dtype=torch.float32)
+        top_ks = torch.tensor([p.top_k or vocab for p in params] + [vocab] * pad, dtype=torch.int64)
+        top_ps = torch.tensor([p.top_p for p in params] + [1.0] * pad, dtype=torch.float32)
+        for dst, src in ((self.temperatures, temps), (self.top_ks, top_ks), (self.top_ps, top_ps)):
+            dst.copy_(src, non_blocking=True)
 
 
 class SpecChain:
@@ -108,12 +138,12 @@ class SpecChain:
         self.block_size = verify.block_size
         self.device = verify.device
         self._cuda = self.device.type == "cuda"
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampled)
+        self._graphs: dict[tuple[int, ChainMode], torch.cuda.CUDAGraph] = {}
         self._host: dict[int, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}  # per bucket: two (verdict, copied) slots
         self._sampling: dict[int, SampledStepBuffers] = {}
         self._turn = 0
         self._rows: list[Sequence] = []
-        self._sampled = False
+        self._mode = ChainMode.GREEDY
         self._advance = advance_inputs
         if self._cuda:
             from engine.spec.chain_kernel import advance_chain_inputs  # Triton: CUDA only
@@ -121,9 +151,10 @@ class SpecChain:
             self._advance = advance_chain_inputs
             self._capture()
 
-    def fits(self, batch: int, sampled: bool) -> bool:
-        """Whether a batch this size can chain: on CUDA only where its bucket has a chain graph."""
-        return not self._cuda or (self.verify.bucket(batch), sampled) in self._graphs
+    def fits(self, rows: list[Sequence]) -> bool:
+        """Whether these rows can chain: on CUDA only where their bucket has a chain graph."""
+        mode = ChainMode.of(rows, self.draft.vocab_size)
+        return not self._cuda or (self.verify.bucket(len(rows)), mode) in self._graphs
 
     @torch.inference_mode()
     def begin(self, rows: list[Sequence], verdict: torch.Tensor) -> None:
@@ -131,14 +162,12 @@ class SpecChain:
         go to the device once. verdict: the synchronous step's [rows, 2k + 2], the first chained
         step's start (the verify pass's own buffer when every row is greedy)."""
         self._rows = rows
-        temps = [s.params.temperature for s in rows]
-        self._sampled = any(t > 0.0 for t in temps)
-        if self._sampled:
+        self._mode = ChainMode.of(rows, self.draft.vocab_size)
+        if self._mode is not ChainMode.GREEDY:
             b = self.verify.bucket(len(rows))
             self.verify.buffers(b).verdict[: len(rows)].copy_(verdict)  # drawn outside the pass's graph
-            self.draft.set_temperatures(self.draft.buffers(b), temps)
-            padded = torch.tensor(temps + [0.0] * (b - len(temps)), dtype=torch.float32)
-            self._sampled_buffers(b).temperatures.copy_(padded, non_blocking=True)
+            self.draft.set_temperatures(self.draft.buffers(b), [s.params.temperature for s in rows])
+            self._sampled_buffers(b).set_params(rows, self.draft.vocab_size)
 
     @torch.inference_mode()
     def launch(self, new_blocks: list[tuple[int, int, list[int]]]) -> LaunchedVerdict:
@@ -151,16 +180,16 @@ class SpecChain:
         vbufs = self.verify.buffers(b)
         for row, start, ids in new_blocks:
             vbufs.tables[row, start : start + len(ids)].copy_(torch.tensor(ids, dtype=torch.int32), non_blocking=True)
-        if self._sampled:
+        if self._mode is not ChainMode.GREEDY:
             # Queued after the step before, which has read the last noise, and before this one.
             self.draft.draw_noise(self.draft.buffers(b), self._rows)
             sampling = self._sampled_buffers(b)
             draw_accept_noise(sampling.uniform[:num_rows], sampling.race[:num_rows], self.generator, self._rows)
-        graph = self._graphs.get((b, self._sampled))
+        graph = self._graphs.get((b, self._mode))
         if graph is not None:
             graph.replay()
         else:
-            self._step(b, self._sampled)
+            self._step(b, self._mode)
         verdict = vbufs.verdict
         if not self._cuda:
             return LaunchedVerdict(verdict.clone(), num_rows, None)
@@ -176,17 +205,21 @@ class SpecChain:
         done.record()
         return LaunchedVerdict(host, num_rows, done)
 
-    def _step(self, b: int, sampled: bool) -> None:
+    def _step(self, b: int, mode: ChainMode) -> None:
         """One chained step of bucket b: its inputs, the draft's passes, the verify pass, the verdict.
         The verdict lands in the verify pass's own verdict buffer, where the next step's inputs come from."""
         vbufs = self.verify.buffers(b)
         dbufs = self.draft.buffers(b)
         self._advance(vbufs, dbufs, self.k, self.block_size)
-        vbufs.drafts.copy_(self.draft.forward_in_place(b, sampled))
+        vbufs.drafts.copy_(self.draft.forward_in_place(b, mode is not ChainMode.GREEDY))
         logits, verdict = self.verify.forward_in_place(b)
-        if sampled:
+        if mode is not ChainMode.GREEDY:
             sampling = self._sampled_buffers(b)
-            probs = target_probs(logits.view(b, self.k + 1, -1), sampling.temperatures)
+            cut = mode is ChainMode.TRUNCATED
+            probs = target_probs(
+                logits.view(b, self.k + 1, -1), sampling.temperatures,
+                sampling.top_ks if cut else None, sampling.top_ps if cut else None,
+            )
             tokens, accepted = accept_or_resample(
                 vbufs.drafts, vbufs.num_drafts, probs, dbufs.probs, sampling.uniform, sampling.race
             )
@@ -208,14 +241,14 @@ class SpecChain:
             if b not in self.draft.buckets or self.verify.buffers(b).verdict is None:
                 continue
             self._sampled_buffers(b)  # allocated outside the capture: the host writes them between replays
-            for sampled in (False, True):
+            for mode in ChainMode:
                 # Warm-up on the idle inputs of the passes' own captures, with a valid (all-zero) verdict;
                 # a synchronous step rewrites every input before it runs.
                 self.verify.buffers(b).verdict.zero_()
-                self._step(b, sampled)
+                self._step(b, mode)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._step(b, sampled)
-                self._graphs[(b, sampled)] = graph
+                    self._step(b, mode)
+                self._graphs[(b, mode)] = graph
         torch.cuda.synchronize()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import SamplingBatch, _apply_top_k_top_p
+from engine.sampler import SamplingBatch, truncate_top_k_top_p
 from engine.sequence import Sequence
 
 
@@ -59,13 +59,20 @@ def accept_or_resample(
     return tokens, num_accepted
 
 
-def target_probs(logits: torch.Tensor, temperatures: torch.Tensor, truncation: SamplingBatch | None = None) -> torch.Tensor:
-    """p [B, k + 1, V] from the target's logits [B, k + 1, V]: softmax(logits / T) per row, one-hot at
-    the argmax where T = 0; truncation: a SamplingBatch of B * (k + 1) rows whose top-k / top-p cut it."""
+def target_probs(
+    logits: torch.Tensor,  # [B, k + 1, V]
+    temperatures: torch.Tensor,  # [B] fp32
+    top_ks: torch.Tensor | None = None,  # [B] int64, the vocabulary size where off; None: no row truncates
+    top_ps: torch.Tensor | None = None,  # [B] fp32; None: no row has a top-p
+) -> torch.Tensor:
+    """p [B, k + 1, V] from the target's logits: softmax(logits / T) per row, cut to its top-k and
+    top-p as its sampler would cut it; one-hot at the argmax where T = 0. No host syncs."""
     b, k1, vocab = logits.shape
     scaled = logits / temperatures.clamp_min(1e-5).view(b, 1, 1)
-    if truncation is not None:
-        scaled = _apply_top_k_top_p(scaled.view(b * k1, vocab), truncation).view(b, k1, vocab)
+    if top_ks is not None:
+        per_position = None if top_ps is None else top_ps.repeat_interleave(k1)
+        scaled = truncate_top_k_top_p(scaled.view(b * k1, vocab), top_ks.repeat_interleave(k1), per_position)
+        scaled = scaled.view(b, k1, vocab)
     probs = torch.softmax(scaled, dim=2)
     one_hot = torch.zeros_like(probs).scatter_(2, logits.argmax(dim=2, keepdim=True), 1.0)
     return torch.where((temperatures == 0.0).view(b, 1, 1), one_hot, probs)
@@ -109,10 +116,11 @@ def verify(
     if all(p.temperature == 0.0 for p in params):
         return accept_greedy(draft_ids, n_drafts, logits.argmax(dim=2))
     # Each row's distribution at every position, as its sampler would shape it (temperature, top-k, top-p).
-    temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev, non_blocking=True)
-    truncation = SamplingBatch.from_seqs([s for s in seqs for _ in range(k1)], vocab, dev)
-    cut = truncation.any_top_k or truncation.any_top_p
-    probs = target_probs(logits, temperatures, truncation if cut else None)
+    batch = SamplingBatch.from_seqs(seqs, vocab, dev)
+    cut = batch.any_top_k or batch.any_top_p
+    probs = target_probs(
+        logits, batch.temperatures, batch.top_ks if cut else None, batch.top_ps if batch.any_top_p else None
+    )
     uniform = torch.empty(b, k1 - 1, device=dev)
     race = torch.empty(b, vocab, device=dev)
     draw_accept_noise(uniform, race, generator, seqs)

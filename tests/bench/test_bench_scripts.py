@@ -132,3 +132,12 @@ def test_mixed_step_times_the_pieces_and_the_eager_pass_on_the_same_step():
     assert result["tokens"] == 2 + 16
     assert result["relative_error"] < 1e-5  # fp32, the same pieces eagerly: the same sums
     assert result["mixed_graphs_ms"] > 0 and result["eager_ms"] > 0 and result["decode_graph_ms"] > 0
+
+
+def test_spec_chain_check_compares_chained_and_synchronous_steps(capsys):
+    from bench import spec_chain_check
+
+    assert spec_chain_check.main(["--batch-sizes", "2", "--output-len", "12", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(spec_chain_check.CASES)
+    assert all("2/2 sequences equal to synchronous steps" in line and "MISMATCH" not in line for line in lines)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingBatch
+from engine.sampler import Sampler, SamplingBatch, truncate_top_k_top_p
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -98,6 +98,15 @@ def test_top_k_and_top_p_together_and_per_row():
     tokens = torch.tensor(sample(logits, params).token_ids)
     assert set(tokens[:n].tolist()) == {1}
     assert set(tokens[n:].tolist()) == {1, 3}
+
+
+def test_top_p_one_keeps_everything_beside_a_row_that_cuts():
+    """The first token's probability rounds to 1 in fp32, so the mass before the second one
+    reaches 1: a row at top_p 1 keeps it all the same, whatever shares its batch."""
+    logits = torch.tensor([[0.0, -30.0], [0.0, -30.0]])
+    cut = truncate_top_k_top_p(logits, torch.tensor([2, 2]), torch.tensor([1.0, 0.5]))
+    assert torch.isfinite(cut[0]).all()
+    assert cut[1].tolist() == [0.0, float("-inf")]
 
 
 def test_a_seeded_row_does_not_depend_on_its_batch_mates():

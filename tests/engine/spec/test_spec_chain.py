@@ -124,25 +124,27 @@ def test_stops_and_length_limits_inside_chained_steps(llama_ckpt, make_engine, r
     assert_all_blocks_free(engine)
 
 
-def test_logprob_and_truncated_requests_step_synchronously(llama_ckpt, noisy_draft, make_engine):
+def test_logprob_requests_step_synchronously(llama_ckpt, noisy_draft, make_engine):
     engine = chained_engine(make_engine, llama_ckpt, noisy_draft)
     engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0, logprobs=1, ignore_eos=True))
-    engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True))
-    engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0.8, top_k=5, seed=1, ignore_eos=True))
+    engine.generate(PROMPTS[3:5], SamplingParams(max_tokens=16, temperature=0.8, seed=1, logprobs=0, ignore_eos=True))
     stats = engine.stats()
     assert stats.spec_steps > 0 and stats.spec_chained_steps == 0
 
 
-def seeded(i: int, temperature: float = 0.8) -> SamplingParams:
-    return SamplingParams(max_tokens=40, temperature=temperature, seed=1000 + i, ignore_eos=True)
+def seeded(i: int, **cut) -> SamplingParams:
+    return SamplingParams(max_tokens=40, temperature=0.8, seed=1000 + i, ignore_eos=True, **cut)
 
 
-@pytest.mark.parametrize("draft", ["self", "noisy", "small"])
-def test_chained_sampling_equals_synchronous_sampling(draft, drafts, llama_ckpt, make_engine):
+@pytest.mark.parametrize(
+    "draft, cut", [("self", {}), ("noisy", {}), ("small", {}), ("noisy", {"top_k": 20}), ("noisy", {"top_p": 0.8})]
+)
+def test_chained_sampling_equals_synchronous_sampling(draft, cut, drafts, llama_ckpt, make_engine):
     """A chained sampled step is the synchronous step computed ahead on the device, with the same
-    noise: seeded requests (beside greedy ones in the same batch) get the same tokens either way."""
+    noise: seeded requests (beside greedy ones in the same batch, and beside rows cut to a top-k or
+    top-p) get the same tokens either way."""
     greedy_params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    params = [seeded(i) if i % 3 else greedy_params for i in range(len(PROMPTS))]
+    params = [[greedy_params, seeded(i), seeded(i, **cut)][i % 3] for i in range(len(PROMPTS))]
     outs = {}
     for chained in (False, True):
         engine = make_engine(
