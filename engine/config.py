@@ -127,10 +127,16 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     # Schedule and launch step N+1 before step N's tokens are read back, so the host's work
     # hides behind the device's (LLMEngine._step_async). Same tokens for greedy and seeded
-    # requests; ignored with speculative decoding, which needs each step's tokens on the host.
+    # requests. With the co-located draft it chains speculative steps on the device
+    # (engine/spec/chain.py); other proposers step synchronously, needing each step's tokens.
     # "auto": on for CUDA, where it took W1 from 12.7k to 23.7k tok/s on an H100; off on the
     # CPU, where the "device" is the host itself and there is nothing to overlap.
     async_scheduling: bool | Literal["auto"] = "auto"
+    # Steps of up to 64 tokens on CUDA run each RMSNorm inside the projection after it, and
+    # SiLU-and-mul inside gate_up's (engine/model/norm_linear.py): three kernels fewer per layer,
+    # for bf16 / fp16 layers small enough that such a step is bound by its launches. Off until
+    # measured on a GPU.
+    fused_norm_linear: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quantization: QuantConfig = field(default_factory=QuantConfig)

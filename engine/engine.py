@@ -106,6 +106,7 @@ class LLMEngine:
             self.model, config.quantization, checkpoint=loaded.quantization,
             calibration_source=config.tokenizer or loaded.path,
         )
+        _set_fused_norm_linear(self.model, config.fused_norm_linear)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)
@@ -113,6 +114,7 @@ class LLMEngine:
         draft = None
         if spec.method == "draft":
             draft = load_model(spec.draft_model, config.dtype, str(self.device), config.seed)
+            _set_fused_norm_linear(draft.model, config.fused_norm_linear)
         block_size = config.cache.block_size
         num_blocks = self._num_kv_blocks(draft.arch if draft else None)
         self.kv_cache = torch.zeros(
@@ -704,3 +706,9 @@ class LLMEngine:
                 "raise cache.gpu_memory_utilization, free the device, or set cache.num_blocks"
             )
         return num_blocks
+
+
+def _set_fused_norm_linear(model: torch.nn.Module, on: bool) -> None:
+    """Before any CUDA graph is captured: the layers' forward reads it while being captured."""
+    for layer in model.layers:
+        layer.fuse_norm_linear = on

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.attention.backend import write_kv
 
@@ -109,3 +110,40 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return triton_ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# engine/model/norm_linear.py folds a norm into the projection after it for steps of up to this
+# many tokens, and weights of up to this many elements: there a layer is bound by its launches.
+NORM_LINEAR_MAX_TOKENS = 64
+NORM_LINEAR_MAX_WEIGHT = 1 << 22
+
+
+def norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm: nn.Module,  # an RMSNorm: .weight, .eps
+    linear: nn.Module,
+    gated: bool,  # the linear is gate_up: silu(gate) * up of its output
+    fuse: bool,  # the one-kernel path where it fits (CUDA, a small step, a plain bf16 / fp16 nn.Linear)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rmsnorm(x + residual)), x + residual), gated: silu_and_mul of the linear's output."""
+    if fuse and _norm_linear_fits(x, linear):
+        from engine.model import norm_linear as kernel
+
+        return kernel.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, gated)
+    h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+    out = linear(h)
+    return (silu_and_mul(out) if gated else out), residual
+
+
+def _norm_linear_fits(x: torch.Tensor, linear: nn.Module) -> bool:
+    # type(), not isinstance: a quantized layer swapped in (engine/quant) multiplies its own way.
+    return (
+        x.is_cuda
+        and x.shape[0] <= NORM_LINEAR_MAX_TOKENS
+        and x.stride(-1) == 1
+        and type(linear) is nn.Linear
+        and linear.weight.dtype in (torch.bfloat16, torch.float16)
+        and linear.weight.dtype == x.dtype
+        and linear.weight.numel() <= NORM_LINEAR_MAX_WEIGHT
+    )

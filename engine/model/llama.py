@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.model.arch import ModelArch, rope_inv_freq
-from engine.model.fused_ops import add_rmsnorm, rope_and_cache, silu_and_mul
+from engine.model.fused_ops import add_rmsnorm, norm_linear, rope_and_cache, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -51,17 +51,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.scale = self.head_dim**-0.5
 
-    def project_and_cache(
+    def rotate_and_cache(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,  # [T, q_size + 2 kv_size]: qkv_proj's output
         positions: torch.Tensor,
         rotary: Rotary,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
         slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
         """The rotated queries [T, H, D]; the new keys and values go into the cache."""
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -77,13 +77,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """silu(gate) * up through down_proj; the layer runs the pieces (its norm may join gate_up)."""
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -93,6 +92,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
+        # Set by the engine (EngineConfig.fused_norm_linear): small batches on CUDA run each norm
+        # inside the projection after it (engine/model/norm_linear.py).
+        self.fuse_norm_linear = False
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta):
         """Returns (this layer's output, the running residual); their sum is the hidden state."""
@@ -105,14 +107,16 @@ class DecoderLayer(nn.Module):
 
     def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping):
         """(queries [T, H, D], the running residual); the new keys and values go into the cache."""
-        h, residual = self.input_layernorm(x, residual)
-        return self.self_attn.project_and_cache(h, positions, rotary, kv_cache, slot_mapping), residual
+        attn = self.self_attn
+        qkv, residual = norm_linear(x, residual, self.input_layernorm, attn.qkv_proj, False, self.fuse_norm_linear)
+        return attn.rotate_and_cache(qkv, positions, rotary, kv_cache, slot_mapping), residual
 
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """attn: the attention output [T, H, D]; returns (this layer's output, the running residual)."""
         x = self.self_attn.o_proj(attn.reshape(attn.shape[0], self.self_attn.q_size))
-        h, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(h), residual
+        mlp = self.mlp
+        act, residual = norm_linear(x, residual, self.post_attention_layernorm, mlp.gate_up_proj, True, self.fuse_norm_linear)
+        return mlp.down_proj(act), residual
 
 
 class LlamaForCausalLM(nn.Module):
