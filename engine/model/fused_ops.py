@@ -114,8 +114,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 # engine/model/norm_linear.py folds a norm into the projection after it for steps of up to this
 # many tokens, and weights of up to this many elements: there a layer is bound by its launches.
+# Its programs hold whole rows of the hidden state, up to NORM_LINEAR_MAX_HIDDEN.
 NORM_LINEAR_MAX_TOKENS = 64
 NORM_LINEAR_MAX_WEIGHT = 1 << 22
+NORM_LINEAR_MAX_HIDDEN = 1024
 
 
 def norm_linear(
@@ -127,7 +129,7 @@ def norm_linear(
     fuse: bool,  # the one-kernel path where it fits (CUDA, a small step, a plain bf16 / fp16 nn.Linear)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rmsnorm(x + residual)), x + residual), gated: silu_and_mul of the linear's output."""
-    if fuse and _norm_linear_fits(x, linear):
+    if fuse and _norm_linear_fits(x, residual, linear):
         from engine.model import norm_linear as kernel
 
         return kernel.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, gated)
@@ -136,12 +138,14 @@ def norm_linear(
     return (silu_and_mul(out) if gated else out), residual
 
 
-def _norm_linear_fits(x: torch.Tensor, linear: nn.Module) -> bool:
+def _norm_linear_fits(x: torch.Tensor, residual: torch.Tensor | None, linear: nn.Module) -> bool:
     # type(), not isinstance: a quantized layer swapped in (engine/quant) multiplies its own way.
     return (
         x.is_cuda
         and x.shape[0] <= NORM_LINEAR_MAX_TOKENS
+        and x.shape[1] <= NORM_LINEAR_MAX_HIDDEN
         and x.stride(-1) == 1
+        and (residual is None or residual.stride(-1) == 1)
         and type(linear) is nn.Linear
         and linear.weight.dtype in (torch.bfloat16, torch.float16)
         and linear.weight.dtype == x.dtype

@@ -59,6 +59,7 @@ CASES = [
     (3, 96, 80, False, True, True),  # K and N off the 64-wide tiles; qkv with a bias (Qwen2)
     (20, 128, 2 * 72, True, True, False),  # two row blocks; gate_up of 72 outputs
     (64, 160, 2 * 64, True, True, False),  # the largest step it serves
+    (16, 1024, 40, False, True, False),  # the widest rows it holds (eight warps)
 ]
 
 
@@ -84,6 +85,12 @@ def test_norm_linear_in_bf16(kernel, m, k, n, gated, with_residual, with_bias):
     assert out.dtype == summed.dtype == BF16
     assert rel_err(summed, want_summed) < 2**-7
     assert rel_err(out, want) < 3 * 2**-7
+
+
+def test_rows_wider_than_it_holds_are_refused(kernel):
+    case = layer_case(1, 1025, 16, False, False, torch.float32)
+    with pytest.raises(ValueError, match="whole rows of up to 1024"):
+        kernel.norm_linear(eps=EPS, gated=False, **case)
 
 
 def test_the_dispatch_runs_the_unfused_path_where_the_kernel_does_not_fit():
