@@ -10,11 +10,14 @@ should lie), at 1, 3, 16 and 48 tokens, bf16:
 - microseconds per call of each path, as replays of a CUDA graph of 100 calls
   (what a decode or speculative step's graph pays), and the ratio.
 
-    python bench/norm_linear.py        # exits 1 where the outputs disagree
+    python bench/norm_linear.py            # exits 1 where the outputs disagree
+    python bench/norm_linear.py --sweep    # and the fastest tile width / warps per case
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,8 +46,20 @@ def unfused(x, residual, norm_w, weight, gated):
     return (fused_ops.silu_and_mul(out) if gated else out), summed
 
 
-def fused(x, residual, norm_w, weight, gated):
-    return norm_linear.norm_linear(x, residual, norm_w, 1e-6, weight, None, gated)
+def fused(x, residual, norm_w, weight, gated, block_n=norm_linear.BLOCK_N, num_warps=None):
+    return norm_linear.norm_linear(x, residual, norm_w, 1e-6, weight, None, gated, block_n, num_warps)
+
+
+def best_tiles(args) -> str:
+    """The fastest (block_n, num_warps) of the fused kernel for one case, with its time."""
+    timed = {}
+    for bn, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+        try:
+            timed[(bn, warps)] = per_call_us(lambda *a: fused(*a, block_n=bn, num_warps=warps), args)
+        except Exception as exc:  # e.g. wide tiles of wide rows: more shared memory than an SM has
+            print(f"  (block_n {bn}, {warps} warps: {type(exc).__name__})", end="")
+    (bn, warps), us = min(timed.items(), key=lambda item: item[1])
+    return f"  best: block_n {bn}, {warps} warps, {us:.2f} us"
 
 
 def per_call_us(fn, args) -> float:
@@ -72,7 +87,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="also time other tile widths and warp counts")
+    sweep = p.parse_args(argv).sweep
     if not torch.cuda.is_available():
         raise SystemExit("needs a GPU")
     dev = torch.device("cuda")
@@ -95,7 +113,8 @@ def main() -> int:
             slow, fast = per_call_us(unfused, args), per_call_us(fused, args)
             print(
                 f"{name:<20}{t:>7}{slow:>12.2f}{fast:>10.2f}{slow / fast:>7.2f}{err:>10.1e}{err_sum:>10.1e}"
-                + ("" if ok else "  MISMATCH"),
+                + ("" if ok else "  MISMATCH")
+                + (best_tiles(args) if sweep else ""),
                 flush=True,
             )
     return 1 if bad else 0

@@ -84,6 +84,8 @@ def norm_linear(
     weight: torch.Tensor,  # [N, K] (gated: [2 I, K])
     bias: torch.Tensor | None,  # [N] or None
     gated: bool,
+    block_n: int = BLOCK_N,  # tile sizes: bench/norm_linear.py --sweep times others
+    num_warps: int | None = None,  # None: 4, or 8 for rows wider than 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rmsnorm(x + residual)), x + residual); gated: silu(gate) * up of the linear's output."""
     m, k_dim = x.shape
@@ -95,12 +97,12 @@ def norm_linear(
     summed = x if residual is None else torch.empty_like(x)
     res = x if residual is None else residual
     bk = max(triton.next_power_of_2(k_dim), 16)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n_out, BLOCK_N))
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n_out, block_n))
     _norm_linear_kernel[grid](
         x, res, summed, norm_weight, weight, bias if bias is not None else weight, out,
         m, n_out, k_dim, eps,
         x.stride(0), res.stride(0), summed.stride(0), weight.stride(0), out.stride(0),
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
-        BM=BLOCK_M, BN=BLOCK_N, BK=bk, num_warps=4 if bk <= 512 else 8,
+        BM=BLOCK_M, BN=block_n, BK=bk, num_warps=num_warps or (4 if bk <= 512 else 8),
     )
     return out, summed
