@@ -412,7 +412,9 @@ class LLMEngine:
             rows = [rows[r] for r in keep]
         return rows, proposals
 
-    def _accept(self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput, touched: dict) -> torch.Tensor:
+    def _accept(
+        self, sched, rows: list[int], proposals: Proposals, verified: VerifyPassOutput, touched: dict
+    ) -> torch.Tensor:
         """Verify the proposals; append each row's accepted ones and the target's next token.
         Returns the verdict on the device, [rows, 2k + 2]."""
         seqs = [sched.scheduled[i].seq for i in rows]

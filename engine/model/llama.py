@@ -114,8 +114,8 @@ class DecoderLayer(nn.Module):
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """attn: the attention output [T, H, D]; returns (this layer's output, the running residual)."""
         x = self.self_attn.o_proj(attn.reshape(attn.shape[0], self.self_attn.q_size))
-        mlp = self.mlp
-        act, residual = norm_linear(x, residual, self.post_attention_layernorm, mlp.gate_up_proj, True, self.fuse_norm_linear)
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        act, residual = norm_linear(x, residual, norm, mlp.gate_up_proj, True, self.fuse_norm_linear)
         return mlp.down_proj(act), residual
 
 

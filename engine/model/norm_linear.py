@@ -8,9 +8,10 @@ them into the projection: each program adds the residual and computes every row'
 RMS itself (the rows are short), then multiplies its tile of the weight; with
 `gated` it takes the gate and the up columns of the same outputs and writes
 silu(gate) * up. A program holds whole rows (K up to MAX_HIDDEN) and multiplies
-them in one tl.dot: no loop, so a step waits on a few loads, not on a chain of them. Roundings follow the unfused path (`fused_ops.add_rmsnorm`, an
-nn.Linear, `silu_and_mul`): the sum and the normalized rows in the model dtype,
-products summed in fp32, the projection's output in the model dtype.
+them in one tl.dot: no loop, so a step waits on a few loads, not on a chain of
+them. Roundings follow the unfused path (`fused_ops.add_rmsnorm`, an nn.Linear,
+`silu_and_mul`): the sum and the normalized rows in the model dtype, products
+summed in fp32, the projection's output in the model dtype.
 
 Weights are nn.Linear's [N, K] (gate_up: [2 I, K], gate rows first). Meant for
 small models; fused_ops checks the shapes before it calls this. Tested under the

@@ -16,8 +16,9 @@ verdict, so the host's work of a step overlaps the GPU's, as with plain async de
 Rows at temperature > 0 chain too, cut to a top-k / top-p or not: the step's graph then
 samples the draft's proposals and applies engine/spec/verify.py's accept/resample rule on
 the device, and the host draws the step's noise (from the same generators, in the same
-shapes and order as a synchronous step) just before it launches the graph. A chained step is thus the synchronous step
-itself, computed ahead: a seeded request gets the same tokens either way.
+shapes and order as a synchronous step) just before it launches the graph. A chained
+step is thus the synchronous step itself, computed ahead: a seeded request gets the
+same tokens either way.
 
 What the device cannot know stays with the engine (LLMEngine._chain_step): blocks,
 allocated ahead for the most tokens a row can have reached, and when to stop chaining
@@ -158,8 +159,8 @@ class SpecChain:
 
     @torch.inference_mode()
     def begin(self, rows: list[Sequence], verdict: torch.Tensor) -> None:
-        """The rows of the chained steps that follow, in the verify pass's order; their temperatures
-        go to the device once. verdict: the synchronous step's [rows, 2k + 2], the first chained
+        """The rows of the chained steps that follow, in the verify pass's order; their sampling
+        parameters go to the device once. verdict: the synchronous step's [rows, 2k + 2], the first chained
         step's start (the verify pass's own buffer when every row is greedy)."""
         self._rows = rows
         self._mode = ChainMode.of(rows, self.draft.vocab_size)

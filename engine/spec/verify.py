@@ -78,7 +78,9 @@ def target_probs(
     return torch.where((temperatures == 0.0).view(b, 1, 1), one_hot, probs)
 
 
-def draw_accept_noise(uniform: torch.Tensor, race: torch.Tensor, generator: torch.Generator, seqs: list[Sequence]) -> None:
+def draw_accept_noise(
+    uniform: torch.Tensor, race: torch.Tensor, generator: torch.Generator, seqs: list[Sequence]
+) -> None:
     """Fills the accept tests' U[0, 1) [B, k] and the drawn token's Exp(1) [B, V] of rows seqs, in place:
     from the engine's generator, except that a seeded request draws only from its own."""
     uniform.uniform_(generator=generator)
