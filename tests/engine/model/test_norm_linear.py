@@ -121,3 +121,23 @@ def test_the_engine_sets_the_flag_on_every_layer_of_both_models(llama_ckpt, make
         engine = make_engine(llama_ckpt, speculative=spec, fused_norm_linear=on)
         layers = list(engine.model.layers) + list(engine.proposer.draft.model.layers)
         assert [layer.fuse_norm_linear for layer in layers] == [on] * len(layers)
+
+
+def test_a_model_with_the_fused_layers_equals_the_unfused_model(kernel, monkeypatch, llama_ckpt):
+    """Every layer through the kernel (let onto the CPU here) gives the model's logits: the residual
+    handed from layer to layer, the first layer's, gate_up's activation (tiny Llama, fp32)."""
+    from engine.model import fused_ops
+    from engine.model.dense import forward_full_sequence
+    from engine.model.loader import load_model
+
+    model = load_model(str(llama_ckpt), "float32", "cpu").model
+    tokens = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    want = forward_full_sequence(model, tokens)
+    calls = []
+    monkeypatch.setattr(fused_ops, "_norm_linear_fits", lambda x, residual, linear: calls.append(x.shape) or True)
+    for layer in model.layers:
+        layer.fuse_norm_linear = True
+    got = forward_full_sequence(model, tokens)
+    assert len(calls) == 2 * len(model.layers)  # before attention and before the MLP, in every layer
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
