@@ -111,21 +111,20 @@ class SampledStepBuffers:
     """What a sampled chained step of one bucket reads besides the passes' own buffers."""
 
     def __init__(self, b: int, k: int, vocab: int, device: torch.device) -> None:
-        self.temperatures = torch.zeros(b, dtype=torch.float32, device=device)  # 0: greedy (and padding) rows
+        # Temperatures: the draft's buffers hold them (DraftBuffers.temps), for both passes.
         self.top_ks = torch.full((b,), vocab, dtype=torch.int64, device=device)  # the vocabulary size: off
         self.top_ps = torch.ones(b, dtype=torch.float32, device=device)
         self.uniform = torch.zeros(b, k, device=device)  # the accept tests' U[0, 1)
         self.race = torch.ones(b, vocab, device=device)  # Exp(1) noise of each row's drawn token
 
-    def set_params(self, rows: list[Sequence], vocab: int) -> None:
-        """Each row's sampling parameters (padding rows: greedy, nothing cut)."""
-        pad = self.temperatures.shape[0] - len(rows)
+    def set_cuts(self, rows: list[Sequence], vocab: int) -> None:
+        """Each row's top-k and top-p (padding rows: nothing cut)."""
+        pad = self.top_ks.shape[0] - len(rows)
         params = [s.params for s in rows]
-        temps = torch.tensor([p.temperature for p in params] + [0.0] * pad, dtype=torch.float32)
         top_ks = torch.tensor([p.top_k or vocab for p in params] + [vocab] * pad, dtype=torch.int64)
         top_ps = torch.tensor([p.top_p for p in params] + [1.0] * pad, dtype=torch.float32)
-        for dst, src in ((self.temperatures, temps), (self.top_ks, top_ks), (self.top_ps, top_ps)):
-            dst.copy_(src, non_blocking=True)
+        self.top_ks.copy_(top_ks, non_blocking=True)
+        self.top_ps.copy_(top_ps, non_blocking=True)
 
 
 class SpecChain:
@@ -168,7 +167,7 @@ class SpecChain:
             b = self.verify.bucket(len(rows))
             self.verify.buffers(b).verdict[: len(rows)].copy_(verdict)  # drawn outside the pass's graph
             self.draft.set_temperatures(self.draft.buffers(b), [s.params.temperature for s in rows])
-            self._sampled_buffers(b).set_params(rows, self.draft.vocab_size)
+            self._sampled_buffers(b).set_cuts(rows, self.draft.vocab_size)
 
     @torch.inference_mode()
     def launch(self, new_blocks: list[tuple[int, int, list[int]]]) -> LaunchedVerdict:
@@ -218,7 +217,7 @@ class SpecChain:
             sampling = self._sampled_buffers(b)
             cut = mode is ChainMode.TRUNCATED
             probs = target_probs(
-                logits.view(b, self.k + 1, -1), sampling.temperatures,
+                logits.view(b, self.k + 1, -1), dbufs.temps,
                 sampling.top_ks if cut else None, sampling.top_ps if cut else None,
             )
             tokens, accepted = accept_or_resample(

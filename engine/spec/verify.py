@@ -64,6 +64,7 @@ def target_probs(
     temperatures: torch.Tensor,  # [B] fp32
     top_ks: torch.Tensor | None = None,  # [B] int64, the vocabulary size where off; None: no row truncates
     top_ps: torch.Tensor | None = None,  # [B] fp32; None: no row has a top-p
+    any_greedy: bool = True,  # False: no row at T = 0 (no one-hot rows to make)
 ) -> torch.Tensor:
     """p [B, k + 1, V] from the target's logits: softmax(logits / T) per row, cut to its top-k and
     top-p as its sampler would cut it; one-hot at the argmax where T = 0. No host syncs."""
@@ -74,6 +75,8 @@ def target_probs(
         scaled = truncate_top_k_top_p(scaled.view(b * k1, vocab), top_ks.repeat_interleave(k1), per_position)
         scaled = scaled.view(b, k1, vocab)
     probs = torch.softmax(scaled, dim=2)
+    if not any_greedy:
+        return probs
     one_hot = torch.zeros_like(probs).scatter_(2, logits.argmax(dim=2, keepdim=True), 1.0)
     return torch.where((temperatures == 0.0).view(b, 1, 1), one_hot, probs)
 
@@ -121,7 +124,8 @@ def verify(
     batch = SamplingBatch.from_seqs(seqs, vocab, dev)
     cut = batch.any_top_k or batch.any_top_p
     probs = target_probs(
-        logits, batch.temperatures, batch.top_ks if cut else None, batch.top_ps if batch.any_top_p else None
+        logits, batch.temperatures, batch.top_ks if cut else None, batch.top_ps if batch.any_top_p else None,
+        any_greedy=any(p.temperature == 0.0 for p in params),
     )
     uniform = torch.empty(b, k1 - 1, device=dev)
     race = torch.empty(b, vocab, device=dev)
