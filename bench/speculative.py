@@ -11,9 +11,10 @@ scheduling; speedups are against the faster of the two in each cell),
 chain on the device, engine/spec/chain.py), `draft-sync:K` (the same,
 every step synchronous), `ngram:K` (prompt lookup), `remote:K` (the draft
 behind Ray Serve; with --remote); ngram and remote always step synchronously.
-Any variant takes the suffix `+fused` (EngineConfig.fused_norm_linear: each norm
-inside the projection after it, on CUDA), e.g. `none+fused,draft:2+fused`; the
-plain baseline of a cell is the fastest of none, none-sync and their `+fused` runs.
+Any variant takes the suffix `+unfused` (EngineConfig.fused_norm_linear off: each
+norm and projection its own kernels, as before the fused kernel), e.g.
+`none+unfused,draft:2+unfused`; the plain baseline of a cell is the fastest of
+none, none-sync and their `+unfused` runs.
 For each: output tok/s (median of --runs timed runs after a warm-up), engine
 steps per run and ms per step, acceptance rate and mean tokens per
 sequence-step (accepted proposals + the target's own token). Batch 1 runs --batch1-prompts prompts one after the
@@ -108,21 +109,21 @@ def heldout_prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
 
 
 PLAIN = ("none", "none-sync")  # no speculation: the default step, and the synchronous one
-FUSED = "+fused"  # a variant with this suffix runs with EngineConfig.fused_norm_linear
+UNFUSED = "+unfused"  # a variant with this suffix runs with EngineConfig.fused_norm_linear off
 PROFILE_ROOM = 480  # extra context for --profile's steps
 
 
 def baseline(results: dict, cell: str) -> dict | None:
     """The faster plain-decoding run of a (batch, temperature) cell: speedups are against the best
     the engine does without speculation, not against whichever scheduling is its default."""
-    plain = [v for v in results["variants"] if v.removesuffix(FUSED) in PLAIN]
+    plain = [v for v in results["variants"] if v.removesuffix(UNFUSED) in PLAIN]
     runs = [results["variants"][v][cell] for v in plain if cell in results["variants"][v]]
     return max(runs, key=lambda r: r["tok_s"]) if runs else None
 
 
 def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, proposer=None) -> LLMEngine:
-    fused = variant.endswith(FUSED)
-    method, _, k = variant.removesuffix(FUSED).partition(":")
+    unfused = variant.endswith(UNFUSED)
+    method, _, k = variant.removesuffix(UNFUSED).partition(":")
     synchronous = method == "none-sync" or method.endswith("-sync")
     method = method.removesuffix("-sync") if method not in PLAIN else method
     spec = SpeculativeConfig()
@@ -144,7 +145,7 @@ def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, propo
         # By default ("auto") the host's step overlaps the GPU's: plain decoding, and the draft's
         # steps chained on the device; "-sync" variants time each without that.
         async_scheduling=False if synchronous else "auto",
-        fused_norm_linear=fused,
+        fused_norm_linear=not unfused,
     )
     return LLMEngine(config, proposer=proposer)
 
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(results: dict, variants: list[str], batches: list[int], temps: list[float]) -> None:
-    base = any(v.removesuffix(FUSED) in PLAIN for v in results["variants"])
+    base = any(v.removesuffix(UNFUSED) in PLAIN for v in results["variants"])
     print(f"\nW4 on {results['device']} ({results['dtype']})")
     print(f"{'variant':<14}{'batch':>6}{'temp':>6}{'tok/s':>10}{'speedup':>9}{'ms/step':>9}{'accept':>8}{'tok/step':>9}{'match':>7}")
     for variant in variants:

@@ -134,9 +134,10 @@ class EngineConfig:
     async_scheduling: bool | Literal["auto"] = "auto"
     # Steps of up to 64 tokens on CUDA run each RMSNorm inside the projection after it, and
     # SiLU-and-mul inside gate_up's (engine/model/norm_linear.py): three kernels fewer per layer,
-    # for bf16 / fp16 layers small enough that such a step is bound by its launches. Off until
-    # measured on a GPU.
-    fused_norm_linear: bool = False
+    # for bf16 / fp16 layers small enough that such a step is bound by its launches (up to
+    # fused_ops.NORM_LINEAR_MAX_WEIGHT weights; bigger ones keep cuBLAS). On the H200 it took the
+    # demo pair's chained draft:2 step from 0.49 to 0.42 ms (BENCHMARKS.md, W4).
+    fused_norm_linear: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quantization: QuantConfig = field(default_factory=QuantConfig)

@@ -13,13 +13,13 @@ def test_speculative_bench_smoke(tmp_path, capsys):
         [
             "--device", "cpu", "--dtype", "float32", "--output-len", "6", "--prompt-tokens", "20",
             "--batch-sizes", "1,2", "--batch1-prompts", "1", "--temperatures", "0,0.8", "--runs", "1",
-            "--variants", "none,draft:2,ngram:2,draft:2+fused", "--json", str(out),
+            "--variants", "none,draft:2,ngram:2,draft:2+unfused", "--json", str(out),
         ]
     )
     printed = capsys.readouterr().out
     assert "W4: " in printed and "x at batch 1 temp 0" in printed
     saved = json.loads(out.read_text())
-    for variant in ("none", "draft:2", "ngram:2", "draft:2+fused"):
+    for variant in ("none", "draft:2", "ngram:2", "draft:2+unfused"):
         for key in ("b1_t0", "b2_t0", "b1_t0.8", "b2_t0.8"):
             row = saved["variants"][variant][key]
             assert row["tokens"] == 6 * (1 if key.startswith("b1") else 2) and row["tok_s"] > 0
@@ -27,7 +27,7 @@ def test_speculative_bench_smoke(tmp_path, capsys):
     assert saved["variants"]["draft:2"]["b2_t0"]["tokens_per_step"] >= 1.0
     assert results["variants"]["none"]["b1_t0"]["acceptance_rate"] is None
     # The fused layers are CUDA's: on the CPU the same tokens.
-    assert results["variants"]["draft:2+fused"]["b1_t0"]["output"] == results["variants"]["draft:2"]["b1_t0"]["output"]
+    assert results["variants"]["draft:2+unfused"]["b1_t0"]["output"] == results["variants"]["draft:2"]["b1_t0"]["output"]
 
 
 def test_speculative_bench_profiles_one_batch_1_step_per_variant(tmp_path):
