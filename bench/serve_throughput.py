@@ -70,32 +70,56 @@ def _print_level(label: str, summary: dict) -> None:
     )
 
 
-def settled(probe, every_s: float = 0.25, tries: int = 12):
-    """The probe's reading once two in a row agree: replicas publish every publish_interval_s."""
+def settled(probe, every_s: float = 0.25, tries: int = 12, keys: tuple[str, ...] | None = None):
+    """The probe's reading once two in a row agree on `keys` (None: all): replicas publish every
+    publish_interval_s. Counters that tick while idle (loop lag checks) are left out of `keys`."""
+    same = (lambda a, b: a == b) if keys is None else (lambda a, b: all(a[k] == b[k] for k in keys))
     last = probe()
     for _ in range(tries):
         time.sleep(every_s)
         now = probe()
-        if now == last:
+        if same(now, last):
             return now
         last = now
     return last
 
 
-def replica_wait(before: tuple[float, float], after: tuple[float, float]) -> dict:
-    """Mean arrival-at-replica -> first token over the requests between two counter readings."""
-    seconds, count = after[0] - before[0], after[1] - before[1]
-    return {"replica_first_tokens": count, "replica_ttft_mean_ms": seconds / count * 1e3 if count else float("nan")}
+# Counters of /metrics that a level's summary reads the change of (LLM replicas summed; the ingress
+# ones are the replica that answered the scrape, one of several sharing the load alike).
+FIRST_TOKEN_COUNTERS = ("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total")
+SERVE_COUNTERS = (
+    *FIRST_TOKEN_COUNTERS,
+    "llm_replica_event_loop_lag_seconds_total",
+    "llm_replica_event_loop_lag_checks_total",
+    "llm_ingress_event_loop_lag_seconds_total",
+    "llm_ingress_event_loop_lag_checks_total",
+)
 
 
-def parse_first_token_counters(metrics_text: str) -> tuple[float, float]:
-    """(seconds, requests) summed over the LLM replicas in a /metrics page."""
-    totals = {"llm_replica_first_token_wait_seconds_total": 0.0, "llm_replica_first_tokens_total": 0.0}
+def parse_counters(metrics_text: str) -> dict[str, float]:
+    """SERVE_COUNTERS summed over their labels (the LLM replicas) in a /metrics page."""
+    totals = dict.fromkeys(SERVE_COUNTERS, 0.0)
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["llm_replica_first_token_wait_seconds_total"], totals["llm_replica_first_tokens_total"]
+    return totals
+
+
+def replica_wait(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Between two readings: the mean arrival-at-replica -> first token, and the mean lag of the LLM
+    replicas' and the ingress's event loops (the wait a request sees there before our code runs)."""
+
+    def mean_ms(seconds: str, count: str) -> float:
+        n = after[count] - before[count]
+        return (after[seconds] - before[seconds]) / n * 1e3 if n else float("nan")
+
+    return {
+        "replica_first_tokens": after["llm_replica_first_tokens_total"] - before["llm_replica_first_tokens_total"],
+        "replica_ttft_mean_ms": mean_ms("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total"),
+        "replica_loop_lag_mean_ms": mean_ms("llm_replica_event_loop_lag_seconds_total", "llm_replica_event_loop_lag_checks_total"),
+        "ingress_loop_lag_mean_ms": mean_ms("llm_ingress_event_loop_lag_seconds_total", "llm_ingress_event_loop_lag_checks_total"),
+    }
 
 
 # ----- engine direct ------------------------------------------------------------------
@@ -167,9 +191,9 @@ def bench_serve(
     client_url: where the clients send their requests (Serve's proxy, or the ingress replicas' own
     port with ingress_direct_http); base_url: the proxy, read for the replicas' counters."""
 
-    def probe() -> tuple[float, float]:
+    def probe() -> dict[str, float]:
         with urllib.request.urlopen(base_url + "/metrics", timeout=30) as resp:
-            return parse_first_token_counters(resp.read().decode())
+            return parse_counters(resp.read().decode())
 
     def level(c: int, warm_up: bool = False) -> LevelResult:
         prompts = prompts_for(c, warm_up)
@@ -183,11 +207,11 @@ def bench_serve(
     out = []
     for c in levels:
         level(c, warm_up=True)
-        before, cpu_before = settled(probe), cpu_seconds_by_role()
+        before, cpu_before = settled(probe, keys=FIRST_TOKEN_COUNTERS), cpu_seconds_by_role()
         result = level(c)
         cpu = per_request_ms(cpu_before, cpu_seconds_by_role(), result.requests)
         out.append({**result.summary(), **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()}})
-        out[-1].update(replica_wait(before, settled(probe)))
+        out[-1].update(replica_wait(before, settled(probe, keys=FIRST_TOKEN_COUNTERS)))
         _print_level("serve", out[-1])
     return out
 
@@ -489,6 +513,10 @@ def report(results: dict, argv: list[str] | None) -> None:
             print(f"  c={s['concurrency']:<5} {s['ttft_mean_ms']:8.1f} | {handler:8.1f} [= {handler - ingress:6.1f} + {ingress:7.1f}"
                   f" [= {route:6.1f} + {replica:6.1f}]] | {s['ttft_mean_ms'] - handler:8.1f}")
         print("  the rest: before the ingress handler ran (HTTP proxy, routing to the ingress, its queue) and the way back out")
+        print("  event-loop lag, mean ms (the wait a ready callback sees): LLM replica | one ingress replica")
+        for s in variant["levels"]:
+            print(f"  c={s['concurrency']:<5} {s.get('replica_loop_lag_mean_ms', float('nan')):8.2f} | "
+                  f"{s.get('ingress_loop_lag_mean_ms', float('nan')):8.2f}")
         print("  CPU ms per request, by process role (all replicas of a role summed): " + ", ".join(SERVE_ROLES))
         for s in variant["levels"]:
             cpu = [s.get(f"cpu_ms_per_request_{role}", float("nan")) for role in SERVE_ROLES]

@@ -35,6 +35,7 @@ from deployments import errors
 from deployments.config import AppConfig
 from deployments.direct_http import DirectHTTPServer
 from deployments.errors import OpenAIError
+from deployments.loop_lag import LoopLag
 from deployments.messages import GenerateOutput, GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -118,7 +119,9 @@ class OpenAIIngress:
         self._llm_stream = self._llm.options(stream=True)
         self._config = config
         self._prompts = Prompts(load_ingress_tokenizer(config))
-        self._metrics = IngressMetrics()
+        # The wait a request sees on this replica's loop before any code of ours runs (/metrics).
+        self._loop_lag = LoopLag()
+        self._metrics = IngressMetrics(self._loop_lag)
         self._info: ModelInfo | None = None
         self._index: Any = None  # the prefix index actor, for /metrics
         direct = config.ingress_direct_http
@@ -162,6 +165,7 @@ class OpenAIIngress:
         """
         status = "500"
         entered = time.monotonic()
+        self._loop_lag.ensure_started()
         self._metrics.in_progress.inc()
         try:
             self._authorize(request)

@@ -27,6 +27,7 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig, RouterOptions
+from deployments.loop_lag import LoopLag
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
 from engine.outputs import RequestOutput
 
@@ -54,6 +55,8 @@ class LLMServer:
         self._first_tokens = 0
         self._index_address: tuple[str, str] | None = None
         self._publisher: CachePublisher | None = None
+        # The wait a request sees here before any code of ours runs (published, /metrics).
+        self._loop_lag = LoopLag()
 
     # ----- Serve hooks -------------------------------------------------------------------
 
@@ -71,6 +74,8 @@ class LLMServer:
         # Serve calls this even when __init__ raised or has not finished: any attribute may be missing.
         if getattr(self, "_publisher", None) is not None:
             self._publisher.stop()
+        if getattr(self, "_loop_lag", None) is not None:
+            self._loop_lag.stop()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
 
@@ -88,10 +93,13 @@ class LLMServer:
         return {"replica_id": self.replica_id, "ongoing_requests": self._ongoing, **self._published_stats()}
 
     def _published_stats(self) -> dict[str, Any]:
+        lag = self._loop_lag.totals()
         return {
             **dataclasses.asdict(self.engine.stats()),
             "first_token_wait_s_total": self._first_token_wait_s,
             "first_tokens_total": self._first_tokens,
+            "loop_lag_s_total": lag.lag_s,
+            "loop_lag_checks_total": lag.checks,
         }
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
@@ -181,6 +189,7 @@ class LLMServer:
         )
 
     def _start_publisher(self) -> None:
+        self._loop_lag.ensure_started()
         if self._publisher is None:
             self._publisher = CachePublisher(
                 replica_id=self.replica_id,

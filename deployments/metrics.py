@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from deployments.loop_lag import LoopLag
 from deployments.messages import GenerateOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -38,6 +39,8 @@ _REPLICA_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("prefix_cache_hit_tokens", "llm_replica_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", "counter"),
     ("first_token_wait_s_total", "llm_replica_first_token_wait_seconds", "Seconds from requests' arrival at the replica to their first token, summed", "counter"),
     ("first_tokens_total", "llm_replica_first_tokens", "Requests that got their first token on the replica", "counter"),
+    ("loop_lag_s_total", "llm_replica_event_loop_lag_seconds", "Seconds the replica's event loop ran its timed checks late, summed", "counter"),
+    ("loop_lag_checks_total", "llm_replica_event_loop_lag_checks", "Timed checks of the replica's event loop", "counter"),
 )
 
 
@@ -57,8 +60,25 @@ class ReplicaStatsCollector(Collector):
             yield family
 
 
+class LoopLagCollector(Collector):
+    """This ingress replica's own event-loop lag (deployments/loop_lag.py), read at scrape time."""
+
+    def __init__(self, lag: LoopLag) -> None:
+        self._lag = lag
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self._lag.totals()
+        yield CounterMetricFamily(
+            "llm_ingress_event_loop_lag_seconds", "Seconds this ingress replica's event loop ran its timed checks late, summed",
+            value=totals.lag_s,
+        )
+        yield CounterMetricFamily(
+            "llm_ingress_event_loop_lag_checks", "Timed checks of this ingress replica's event loop", value=totals.checks
+        )
+
+
 class IngressMetrics:
-    def __init__(self) -> None:
+    def __init__(self, loop_lag: LoopLag | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
@@ -79,6 +99,8 @@ class IngressMetrics:
         )
         self._replicas = ReplicaStatsCollector()
         r.register(self._replicas)
+        if loop_lag is not None:
+            r.register(LoopLagCollector(loop_lag))
 
     def observe_finished(self, output: GenerateOutput, elapsed_s: float) -> None:
         self.prompt_tokens.inc(output.prompt_tokens)

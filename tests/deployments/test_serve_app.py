@@ -391,3 +391,9 @@ def test_metrics_parse(client: httpx.Client) -> None:
     for name in ("llm_replica_kv_cache_usage_ratio", "llm_replica_prefix_cache_hit_rate", "llm_replica_waiting_requests"):
         (sample,) = samples[name]
         assert sample.labels["replica"].startswith("SERVE_REPLICA::single#LLMServer#")
+    # Both loops' lag checks run (10 ms apart) once a request has come: counted, and small on an idle app.
+    (replica_checks,) = [s for s in samples["llm_replica_event_loop_lag_checks"] if s.name.endswith("_total")]
+    (ingress_checks,) = [s for s in samples["llm_ingress_event_loop_lag_checks"] if s.name.endswith("_total")]
+    (ingress_lag,) = [s for s in samples["llm_ingress_event_loop_lag_seconds"] if s.name.endswith("_total")]
+    assert replica_checks.value > 0 and ingress_checks.value > 0
+    assert 0 <= ingress_lag.value < 0.5 * ingress_checks.value  # under half a second per 10 ms check
