@@ -11,10 +11,11 @@ scheduling; speedups are against the faster of the two in each cell),
 chain on the device, engine/spec/chain.py), `draft-sync:K` (the same,
 every step synchronous), `ngram:K` (prompt lookup), `remote:K` (the draft
 behind Ray Serve; with --remote); ngram and remote always step synchronously.
-Any variant takes the suffix `+unfused` (EngineConfig.fused_norm_linear off: each
-norm and projection its own kernels, as before the fused kernel), e.g.
-`none+unfused,draft:2+unfused`; the plain baseline of a cell is the fastest of
-none, none-sync and their `+unfused` runs.
+Any variant takes the suffix `+unfused` (EngineConfig.fused_norm_linear false: each
+norm and projection its own kernels) or `+fused` (true: every step of up to 64
+tokens fused, plain decoding too); without one, the engine's default (auto: the
+speculative passes fused). E.g. `none+fused,draft:2+unfused`; the plain baseline
+of a cell is the fastest of none, none-sync and their suffixed runs.
 For each: output tok/s (median of --runs timed runs after a warm-up), engine
 steps per run and ms per step, acceptance rate and mean tokens per
 sequence-step (accepted proposals + the target's own token). Batch 1 runs --batch1-prompts prompts one after the
@@ -109,21 +110,30 @@ def heldout_prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
 
 
 PLAIN = ("none", "none-sync")  # no speculation: the default step, and the synchronous one
-UNFUSED = "+unfused"  # a variant with this suffix runs with EngineConfig.fused_norm_linear off
+# Variant suffix -> EngineConfig.fused_norm_linear (no suffix: the engine's default).
+FUSION = {"+unfused": False, "+fused": True}
+
+
+def split_fusion(variant: str) -> tuple[str, dict]:
+    """("draft:2", {"fused_norm_linear": False}) for "draft:2+unfused"; ({} for no suffix)."""
+    for suffix, on in FUSION.items():
+        if variant.endswith(suffix):
+            return variant.removesuffix(suffix), {"fused_norm_linear": on}
+    return variant, {}
 PROFILE_ROOM = 480  # extra context for --profile's steps
 
 
 def baseline(results: dict, cell: str) -> dict | None:
     """The faster plain-decoding run of a (batch, temperature) cell: speedups are against the best
     the engine does without speculation, not against whichever scheduling is its default."""
-    plain = [v for v in results["variants"] if v.removesuffix(UNFUSED) in PLAIN]
+    plain = [v for v in results["variants"] if split_fusion(v)[0] in PLAIN]
     runs = [results["variants"][v][cell] for v in plain if cell in results["variants"][v]]
     return max(runs, key=lambda r: r["tok_s"]) if runs else None
 
 
 def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, proposer=None) -> LLMEngine:
-    unfused = variant.endswith(UNFUSED)
-    method, _, k = variant.removesuffix(UNFUSED).partition(":")
+    variant, fusion = split_fusion(variant)
+    method, _, k = variant.partition(":")
     synchronous = method == "none-sync" or method.endswith("-sync")
     method = method.removesuffix("-sync") if method not in PLAIN else method
     spec = SpeculativeConfig()
@@ -145,7 +155,7 @@ def make_engine(args: argparse.Namespace, variant: str, max_num_seqs: int, propo
         # By default ("auto") the host's step overlaps the GPU's: plain decoding, and the draft's
         # steps chained on the device; "-sync" variants time each without that.
         async_scheduling=False if synchronous else "auto",
-        fused_norm_linear=not unfused,
+        **fusion,
     )
     return LLMEngine(config, proposer=proposer)
 
@@ -253,7 +263,7 @@ def median_run(variant: str, batch: int, temp: float, runs: list[dict]) -> dict:
 
 
 def profile_b1(variant: str, engine: LLMEngine, workloads: dict) -> dict:
-    k = int(variant.partition(":")[2] or 0)
+    k = int(split_fusion(variant)[0].partition(":")[2] or 0)
     profile = profile_decode(engine, workloads[1][0], steps=24, top=16, tokens_per_step=k + 1, host_top=24)
     print(f"  {variant}: one batch-1 step, temperature 0")
     print_profile(profile)
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         factory = None
         if variant.startswith("remote"):
             vocab = json.loads((Path(args.target) / "config.json").read_text())["vocab_size"]
-            factory = start_remote(args, int(variant.partition(":")[2]), vocab, device)
+            factory = start_remote(args, int(split_fusion(variant)[0].partition(":")[2]), vocab, device)
         try:
             results["variants"][variant] = run_variant(args, variant, workloads, temps, factory)
         finally:
@@ -340,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(results: dict, variants: list[str], batches: list[int], temps: list[float]) -> None:
-    base = any(v.removesuffix(UNFUSED) in PLAIN for v in results["variants"])
+    base = any(split_fusion(v)[0] in PLAIN for v in results["variants"])
     print(f"\nW4 on {results['device']} ({results['dtype']})")
     print(f"{'variant':<14}{'batch':>6}{'temp':>6}{'tok/s':>10}{'speedup':>9}{'ms/step':>9}{'accept':>8}{'tok/step':>9}{'match':>7}")
     for variant in variants:

@@ -189,10 +189,11 @@ class AppConfig(_Strict):
         "GPU's): plain decoding, and the co-located draft's speculative steps (chained on the device); "
         "auto: on for CUDA, off on the CPU.",
     )
-    fused_norm_linear: bool = Field(
-        True,
+    fused_norm_linear: bool | Literal["auto"] = Field(
+        "auto",
         description="Small steps on CUDA run each RMSNorm inside the projection after it (three kernels fewer "
-        "per layer, for bf16 / fp16 layers of up to 1M weights: small models); false: norm and cuBLAS apart.",
+        "per layer, for bf16 / fp16 layers of up to 1M weights: small models). auto: in the speculative passes "
+        "(draft, verify) only, where it is measured faster; true: every step of up to 64 tokens; false: never.",
     )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

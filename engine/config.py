@@ -135,9 +135,11 @@ class EngineConfig:
     # Steps of up to 64 tokens on CUDA run each RMSNorm inside the projection after it, and
     # SiLU-and-mul inside gate_up's (engine/model/norm_linear.py): three kernels fewer per layer,
     # for bf16 / fp16 layers small enough that such a step is bound by its launches (up to
-    # fused_ops.NORM_LINEAR_MAX_WEIGHT weights; bigger ones keep cuBLAS). On the H200 it took the
-    # demo pair's chained draft:2 step from 0.49 to 0.42 ms (BENCHMARKS.md, W4).
-    fused_norm_linear: bool = True
+    # fused_ops.NORM_LINEAR_MAX_WEIGHT weights; bigger ones keep cuBLAS). "auto": in the speculative
+    # passes only (the draft's, the target's verify), where it is measured faster: on the H200 the
+    # demo pair's chained draft:2 went from 4,309 to 4,855 tok/s at batch 1. Plain decoding measured
+    # 3-20% slower with it in W4's timed runs, so it stays off there (BENCHMARKS.md, W4).
+    fused_norm_linear: bool | Literal["auto"] = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quantization: QuantConfig = field(default_factory=QuantConfig)
@@ -152,3 +154,5 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 1")
         if self.async_scheduling not in (True, False, "auto"):
             raise ConfigError(f"async_scheduling must be true, false or auto, got {self.async_scheduling!r}")
+        if self.fused_norm_linear not in (True, False, "auto"):
+            raise ConfigError(f"fused_norm_linear must be true, false or auto, got {self.fused_norm_linear!r}")

@@ -106,7 +106,9 @@ class LLMEngine:
             self.model, config.quantization, checkpoint=loaded.quantization,
             calibration_source=config.tokenizer or loaded.path,
         )
-        _set_fused_norm_linear(self.model, config.fused_norm_linear)
+        # "auto": the target's layers fused only while its speculative graphs are captured.
+        fuse_speculative = config.fused_norm_linear is not False
+        self.model.set_fused_norm_linear(config.fused_norm_linear is True)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)
@@ -114,7 +116,7 @@ class LLMEngine:
         draft = None
         if spec.method == "draft":
             draft = load_model(spec.draft_model, config.dtype, str(self.device), config.seed)
-            _set_fused_norm_linear(draft.model, config.fused_norm_linear)
+            draft.model.set_fused_norm_linear(fuse_speculative)
         block_size = config.cache.block_size
         num_blocks = self._num_kv_blocks(draft.arch if draft else None)
         self.kv_cache = torch.zeros(
@@ -139,7 +141,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.allocator.block_table, block_size, self.max_model_len,
             config.scheduler.max_num_seqs, use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens, fuse_speculative=fuse_speculative,
         )
         self.sampler = Sampler(self.device, config.seed)
         if draft is not None:
@@ -170,7 +172,8 @@ class LLMEngine:
         self._spec_chain: SpecChain | None = None
         graphs_or_cpu = self.device.type != "cuda" or not config.enforce_eager
         if wanted and graphs_or_cpu and isinstance(self.proposer, DraftProposer) and self.runner.verify_pass is not None:
-            self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass, self.sampler.generator)
+            with self.model.fused_norm_linear(fuse_speculative):  # the chain's graphs run the target's verify
+                self._spec_chain = SpecChain(self.proposer.draft, self.runner.verify_pass, self.sampler.generator)
         self._chained: ChainedStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -708,9 +711,3 @@ class LLMEngine:
                 "raise cache.gpu_memory_utilization, free the device, or set cache.num_blocks"
             )
         return num_blocks
-
-
-def _set_fused_norm_linear(model: torch.nn.Module, on: bool) -> None:
-    """Before any CUDA graph is captured: the layers' forward reads it while being captured."""
-    for layer in model.layers:
-        layer.fuse_norm_linear = on

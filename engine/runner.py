@@ -62,6 +62,7 @@ class ModelRunner:
         use_cuda_graphs: bool,
         num_speculative_tokens: int = 0,
         max_num_batched_tokens: int = 0,  # > 0 (and CUDA graphs): steps with prompt tokens up to this many too
+        fuse_speculative: bool = False,  # the verify pass's graphs with the fused norm-linear layers
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -80,9 +81,10 @@ class ModelRunner:
         self.verify_pass: TargetVerifyPass | None = None
         if num_speculative_tokens:
             graph_batch = min(max_num_seqs, SPEC_GRAPH_MAX_BATCH) if use_cuda_graphs else 0
-            self.verify_pass = TargetVerifyPass(
-                model, kv_cache, block_size, num_speculative_tokens, self.max_blocks_per_seq, graph_batch
-            )
+            with model.fused_norm_linear(fuse_speculative):  # read while its graphs are captured
+                self.verify_pass = TargetVerifyPass(
+                    model, kv_cache, block_size, num_speculative_tokens, self.max_blocks_per_seq, graph_batch
+                )
 
     def prepare(
         self,

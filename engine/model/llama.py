@@ -8,6 +8,9 @@ they stay plain nn.Linear modules so quantization can swap them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,6 +144,22 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
         return self.norm(x, residual)[0]
+
+    def set_fused_norm_linear(self, on: bool) -> None:
+        """Before any CUDA graph is captured: the layers' forward reads it while being captured."""
+        for layer in self.layers:
+            layer.fuse_norm_linear = on
+
+    @contextlib.contextmanager
+    def fused_norm_linear(self, on: bool) -> Iterator[None]:
+        """The layers fused (or not) for what runs (or is captured) inside; as before after."""
+        before = [layer.fuse_norm_linear for layer in self.layers]
+        self.set_fused_norm_linear(on)
+        try:
+            yield
+        finally:
+            for layer, was in zip(self.layers, before):
+                layer.fuse_norm_linear = was
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -18,5 +18,5 @@ step() {  # step NAME SECONDS COMMAND...: runs it bounded in time, its log in $O
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 step chain-check 150 python bench/spec_chain_check.py
 step norm-linear 120 python bench/norm_linear.py --sweep
-step w4 330 python bench/speculative.py --variants none,none+fused,draft:2,draft:2+fused,draft-sync:2 \
+step w4 330 python bench/speculative.py --variants none,none+fused,none+unfused,draft:2,draft:2+unfused,draft-sync:2 \
   --runs 3 --json "$OUT/w4.json"

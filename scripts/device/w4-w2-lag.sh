@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND...: bounded in time, its log in $OUT/NAME.
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 TAIL=30 step w4 300 python bench/speculative.py \
-  --variants none,none-sync,none+unfused,draft:2,draft-sync:2,draft:2+unfused,remote:2 --runs 3 --json "$OUT/w4.json"
+  --variants none,none-sync,none+fused,draft:2,draft-sync:2,draft:2+unfused,remote:2 --runs 3 --json "$OUT/w4.json"
 bash scripts/device/spy.sh 'ServeReplica:llm:LLMServer' 15 40 "$OUT/spy-llm.txt" >"$OUT/spy-llm.log" 2>&1 &
 bash scripts/device/spy.sh 'ServeReplica:llm:OpenAIIngress' 15 40 "$OUT/spy-ingress.txt" >"$OUT/spy-ingress.log" 2>&1 &
 TAIL=45 step w2 240 python bench/serve_throughput.py --concurrency 64 --interleave --rounds 3 \

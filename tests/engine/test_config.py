@@ -27,6 +27,7 @@ from engine import CacheConfig, ConfigError, EngineConfig, QuantConfig, Schedule
         (lambda: EngineConfig(model="preset:tiny-llama", dtype="int8"), "dtype"),
         (lambda: EngineConfig(model="preset:tiny-llama", max_model_len=0), "max_model_len"),
         (lambda: EngineConfig(model="preset:tiny-llama", async_scheduling="yes"), "async_scheduling"),
+        (lambda: EngineConfig(model="preset:tiny-llama", fused_norm_linear="yes"), "fused_norm_linear"),
     ],
 )
 def test_bad_values_raise_config_error(make, field):

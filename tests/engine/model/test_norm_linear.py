@@ -113,14 +113,45 @@ def test_the_dispatch_runs_the_unfused_path_where_the_kernel_does_not_fit():
     torch.testing.assert_close(summed, x + residual)
 
 
-def test_the_engine_sets_the_flag_on_every_layer_of_both_models(llama_ckpt, make_engine):
+def test_the_engine_sets_the_flag_on_every_layer_of_both_models(llama_ckpt, make_engine, monkeypatch):
+    """true: every layer of both models; false: none; auto: the draft's, and the target's only while
+    its speculative graphs (verify pass, chain) are made, so plain decode graphs run unfused."""
     from engine import SpeculativeConfig
+    from engine import engine as engine_module
+    from engine import runner as runner_module
 
+    seen: dict[str, list[bool]] = {}
+
+    def recording(name, cls):
+        class Recording(cls):
+            def __init__(self, *args, **kwargs):
+                model = args[0] if name == "verify" else args[1].model
+                seen[name] = [layer.fuse_norm_linear for layer in model.layers]
+                super().__init__(*args, **kwargs)
+
+        return Recording
+
+    monkeypatch.setattr(runner_module, "TargetVerifyPass", recording("verify", runner_module.TargetVerifyPass))
+    monkeypatch.setattr(engine_module, "SpecChain", recording("chain", engine_module.SpecChain))
     spec = SpeculativeConfig(method="draft", draft_model=str(llama_ckpt), num_speculative_tokens=2)
-    for on in (False, True):
-        engine = make_engine(llama_ckpt, speculative=spec, fused_norm_linear=on)
-        layers = list(engine.model.layers) + list(engine.proposer.draft.model.layers)
-        assert [layer.fuse_norm_linear for layer in layers] == [on] * len(layers)
+    for mode, target, draft in ((False, False, False), (True, True, True), ("auto", False, True)):
+        seen.clear()
+        engine = make_engine(llama_ckpt, speculative=spec, fused_norm_linear=mode, async_scheduling=True)
+        n, d = len(engine.model.layers), len(engine.proposer.draft.model.layers)
+        assert [layer.fuse_norm_linear for layer in engine.model.layers] == [target] * n, mode
+        assert [layer.fuse_norm_linear for layer in engine.proposer.draft.model.layers] == [draft] * d, mode
+        assert seen == {"verify": [draft] * n, "chain": [draft] * n}, mode
+
+
+def test_fused_norm_linear_context_restores_each_layer(llama_ckpt, make_engine):
+    model = make_engine(llama_ckpt).model
+    model.layers[0].fuse_norm_linear = True
+    before = [layer.fuse_norm_linear for layer in model.layers]
+    with pytest.raises(RuntimeError):
+        with model.fused_norm_linear(False):
+            assert not any(layer.fuse_norm_linear for layer in model.layers)
+            raise RuntimeError
+    assert [layer.fuse_norm_linear for layer in model.layers] == before
 
 
 def test_a_model_with_the_fused_layers_equals_the_unfused_model(kernel, monkeypatch, llama_ckpt):

@@ -64,3 +64,11 @@ def test_speculative_bench_interleaves_the_runs_of_all_variants(capsys):
     assert results["variants"]["draft:2"]["b1_t0"]["exact_match"] == 1.0
     printed = capsys.readouterr().out
     assert "W4: " in printed
+
+
+def test_variant_suffixes_pick_the_fusion_mode():
+    from bench.speculative import split_fusion
+
+    assert split_fusion("draft:2+unfused") == ("draft:2", {"fused_norm_linear": False})
+    assert split_fusion("none-sync+fused") == ("none-sync", {"fused_norm_linear": True})
+    assert split_fusion("remote:2") == ("remote:2", {})  # the engine's default
