@@ -139,7 +139,7 @@ class LLMServer:
         self._ongoing += 1
         start = time.monotonic()
         last_token: float | None = None
-        timing = RequestTiming(arrived_unix_s=time.time())
+        timing = RequestTiming(arrived_unix_s=time.time(), router_unix_s=request.router_unix_s)
         first_sent = False
         pending: GenerateOutput | None = None
         pace = stream_interval_s or (lambda: math.inf)

@@ -19,6 +19,9 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # Wall clock when the ingress's request router first took this request up (set there, read by
+    # the replica for Server-Timing): splits routing into the wait for the router and what follows.
+    router_unix_s: float | None = None
 
 
 @dataclass
@@ -48,6 +51,7 @@ class RequestTiming:
     time_to_first_token_s: float | None = None
     inter_token_latencies_s: list[float] = field(default_factory=list)
     arrived_unix_s: float | None = None  # wall clock, so the ingress can tell how long routing took
+    router_unix_s: float | None = None  # GenerateRequest.router_unix_s, handed back
 
 
 @dataclass

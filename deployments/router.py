@@ -94,14 +94,29 @@ class RecentRoutes:
         return out
 
 
-def prompt_token_ids(pending_request: PendingRequest) -> list[int] | None:
-    """The prompt of a call to the LLM deployment (the first one, for a batch of prompts)."""
+def generate_request(pending_request: PendingRequest) -> GenerateRequest | None:
+    """The request of a call to the LLM deployment (the first one, for a batch of prompts)."""
     for arg in pending_request.args:
         if isinstance(arg, list) and arg and isinstance(arg[0], GenerateRequest):
             arg = arg[0]
         if isinstance(arg, GenerateRequest):
-            return arg.prompt_token_ids
+            return arg
     return None
+
+
+def prompt_token_ids(pending_request: PendingRequest) -> list[int] | None:
+    """The prompt of a call to the LLM deployment (the first one, for a batch of prompts)."""
+    request = generate_request(pending_request)
+    return None if request is None else request.prompt_token_ids
+
+
+def stamp_router_time(pending_request: PendingRequest | None, now_unix_s: float) -> None:
+    """Marks when the router first took the request up. Serve may call choose_replicas again for the
+    same request (retries, backoff) or for the head of its queue on behalf of another, so this
+    is the first time a routing attempt ran for it, to within one routing round."""
+    request = None if pending_request is None else generate_request(pending_request)
+    if request is not None and request.router_unix_s is None:
+        request.router_unix_s = now_unix_s
 
 
 class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
@@ -124,6 +139,7 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        stamp_router_time(pending_request, time.time())
         fallback = self._power_of_two(pending_request)
         if pending_request is None or len(candidate_replicas) < 2 or not fallback:
             return fallback

@@ -15,5 +15,5 @@ for _ in $(seq 300); do
 done
 [ -n "${pid:-}" ] || { echo "spy.sh: no process matches $pattern" >&2; exit 1; }
 sleep "$delay"
-py-spy record -p "$pid" -d "$duration" -r 100 -f raw --threads --nonblocking -o "$out" >/dev/null 2>&1
+py-spy record -p "$pid" -d "$duration" -r 100 -f raw --threads --nonblocking -o "$out" 2>&1 | tail -n 3
 echo "spy.sh: $pattern (pid $pid) sampled for $duration s into $out"

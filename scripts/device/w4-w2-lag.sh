@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call: W4 with the fused norm-linear default (the unfused and remote-draft variants
-# beside it), then W2 at 64 streams with the event-loop lag of the LLM and ingress replicas and
+# beside it), then W2 at 1-256 streams with the event-loop lag of the LLM and ingress replicas and
 # py-spy of both. Needs .raybundle and .whl (py-spy) carried. Logs and JSON go to $OUT.
 #   run: bash scripts/device/w4-w2-lag.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT" /tmp/site
 tar -xJf .raybundle/ray-serve-py312.tar.xz -C /tmp/site || exit 1
-pip install -q --no-index --no-deps --target /tmp/site .whl/py_spy-*.whl >/dev/null 2>&1
+pip install -q --no-index --no-deps --target /tmp/site .whl/py_spy-*.whl 2>&1 | tail -n 2; ls /tmp/site/bin | grep -i spy
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: bounded in time, its log in $OUT/NAME.log
   local name=$1 limit=$2
@@ -20,9 +20,9 @@ step() {  # step NAME SECONDS COMMAND...: bounded in time, its log in $OUT/NAME.
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 TAIL=30 step w4 300 python bench/speculative.py \
   --variants none,none-sync,none+fused,draft:2,draft-sync:2,draft:2+unfused,remote:2 --runs 3 --json "$OUT/w4.json"
-bash scripts/device/spy.sh 'ServeReplica:llm:LLMServer' 15 40 "$OUT/spy-llm.txt" >"$OUT/spy-llm.log" 2>&1 &
-bash scripts/device/spy.sh 'ServeReplica:llm:OpenAIIngress' 15 40 "$OUT/spy-ingress.txt" >"$OUT/spy-ingress.log" 2>&1 &
-TAIL=45 step w2 240 python bench/serve_throughput.py --concurrency 64 --interleave --rounds 3 \
+bash scripts/device/spy.sh 'ServeReplica:llm:LLMServer' 40 40 "$OUT/spy-llm.txt" >"$OUT/spy-llm.log" 2>&1 &
+bash scripts/device/spy.sh 'ServeReplica:llm:OpenAIIngress' 40 40 "$OUT/spy-ingress.txt" >"$OUT/spy-ingress.log" 2>&1 &
+TAIL=60 step w2 400 python bench/serve_throughput.py --concurrency 1,16,64,256 --interleave --rounds 3 \
   --serve-set ingress_direct_http.port=18000 --json "$OUT/w2.json"
 wait
 cat "$OUT"/spy-*.log

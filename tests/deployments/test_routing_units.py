@@ -93,6 +93,18 @@ def test_router_reads_the_prompt_from_the_call() -> None:
     assert prompt_token_ids(SimpleNamespace(args=["other"], kwargs={})) is None
 
 
+def test_router_stamps_the_first_time_it_takes_a_request_up() -> None:
+    from deployments.router import stamp_router_time
+
+    req = GenerateRequest("r", [1, 2, 3], SamplingParams())
+    call = SimpleNamespace(args=[req], kwargs={})
+    stamp_router_time(call, 100.5)
+    stamp_router_time(call, 101.0)  # a retry keeps the first
+    assert req.router_unix_s == 100.5
+    stamp_router_time(None, 1.0)  # Serve's probes come without a request
+    stamp_router_time(SimpleNamespace(args=["other"], kwargs={}), 1.0)
+
+
 class FakeIndex:
     """Stands in for the PrefixIndex actor handle: `update.remote(...)` is awaitable."""
 

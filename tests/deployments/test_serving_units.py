@@ -143,3 +143,5 @@ def test_server_timing_header_round_trip():
     assert parse_server_timing(header) == {"ingress": 50.0, "route": 12.0, "replica": 30.0}
     assert parse_server_timing('cache;desc="hit", db;dur=2.5;desc=x') == {"db": 2.5}
     assert parse_server_timing(add_handler_time(header, 0.0625))["handler"] == 62.5
+    first.timing = RequestTiming(time_to_first_token_s=0.03, arrived_unix_s=100.012, router_unix_s=100.004)
+    assert format_server_timing(first, 100.0, 100.05) == "ingress;dur=50.0, route;dur=12.0, router;dur=4.0, replica;dur=30.0"
