@@ -84,41 +84,51 @@ def settled(probe, every_s: float = 0.25, tries: int = 12, keys: tuple[str, ...]
     return last
 
 
-# Counters of /metrics that a level's summary reads the change of (LLM replicas summed; the ingress
-# ones are the replica that answered the scrape, one of several sharing the load alike).
+# Counters of /metrics that a level's summary reads the change of: the LLM replicas' summed; the
+# ingress ones are per ingress replica (a scrape is answered by one of several), so they are read
+# under the answering replica's label and count only when both readings came from the same one.
 FIRST_TOKEN_COUNTERS = ("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total")
 SERVE_COUNTERS = (
     *FIRST_TOKEN_COUNTERS,
     "llm_replica_event_loop_lag_seconds_total",
     "llm_replica_event_loop_lag_checks_total",
-    "llm_ingress_event_loop_lag_seconds_total",
-    "llm_ingress_event_loop_lag_checks_total",
 )
+INGRESS_COUNTERS = ("llm_ingress_event_loop_lag_seconds_total", "llm_ingress_event_loop_lag_checks_total")
 
 
 def parse_counters(metrics_text: str) -> dict[str, float]:
-    """SERVE_COUNTERS summed over their labels (the LLM replicas) in a /metrics page."""
+    """SERVE_COUNTERS summed over their labels (the LLM replicas), and INGRESS_COUNTERS keyed
+    "name{replica}" by the ingress replica that answered."""
     totals = dict.fromkeys(SERVE_COUNTERS, 0.0)
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
+        value = line.rsplit(" ", 1)[-1]
         if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
+            totals[name] += float(value)
+        elif name in INGRESS_COUNTERS:
+            replica = line.partition('replica="')[2].partition('"')[0]
+            totals[f"{name}{{{replica}}}"] = float(value)
     return totals
 
 
 def replica_wait(before: dict[str, float], after: dict[str, float]) -> dict:
     """Between two readings: the mean arrival-at-replica -> first token, and the mean lag of the LLM
-    replicas' and the ingress's event loops (the wait a request sees there before our code runs)."""
+    replicas' and an ingress replica's event loops (the wait a request sees there before our code runs;
+    nan for the ingress when the two readings came from different ingress replicas)."""
 
     def mean_ms(seconds: str, count: str) -> float:
+        if count not in before or count not in after:
+            return float("nan")
         n = after[count] - before[count]
         return (after[seconds] - before[seconds]) / n * 1e3 if n else float("nan")
 
+    ingress = [k.partition("{")[2] for k in after if k.startswith(INGRESS_COUNTERS[1] + "{")]
+    suffix = "{" + ingress[0] if ingress else ""
     return {
         "replica_first_tokens": after["llm_replica_first_tokens_total"] - before["llm_replica_first_tokens_total"],
         "replica_ttft_mean_ms": mean_ms("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total"),
         "replica_loop_lag_mean_ms": mean_ms("llm_replica_event_loop_lag_seconds_total", "llm_replica_event_loop_lag_checks_total"),
-        "ingress_loop_lag_mean_ms": mean_ms("llm_ingress_event_loop_lag_seconds_total", "llm_ingress_event_loop_lag_checks_total"),
+        "ingress_loop_lag_mean_ms": mean_ms(INGRESS_COUNTERS[0] + suffix, INGRESS_COUNTERS[1] + suffix),
     }
 
 

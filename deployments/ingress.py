@@ -121,7 +121,7 @@ class OpenAIIngress:
         self._prompts = Prompts(load_ingress_tokenizer(config))
         # The wait a request sees on this replica's loop before any code of ours runs (/metrics).
         self._loop_lag = LoopLag()
-        self._metrics = IngressMetrics(self._loop_lag)
+        self._metrics = IngressMetrics(self._loop_lag, serve.get_replica_context().replica_id.to_full_id_str())
         self._info: ModelInfo | None = None
         self._index: Any = None  # the prefix index actor, for /metrics
         direct = config.ingress_direct_http

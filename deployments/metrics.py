@@ -63,22 +63,27 @@ class ReplicaStatsCollector(Collector):
 class LoopLagCollector(Collector):
     """This ingress replica's own event-loop lag (deployments/loop_lag.py), read at scrape time."""
 
-    def __init__(self, lag: LoopLag) -> None:
+    def __init__(self, lag: LoopLag, replica_id: str) -> None:
         self._lag = lag
+        self._replica_id = replica_id  # a label: each scrape is answered by one of several ingress replicas
 
     def collect(self) -> Iterator[Metric]:
         totals = self._lag.totals()
-        yield CounterMetricFamily(
+        seconds = CounterMetricFamily(
             "llm_ingress_event_loop_lag_seconds", "Seconds this ingress replica's event loop ran its timed checks late, summed",
-            value=totals.lag_s,
+            labels=["replica"],
         )
-        yield CounterMetricFamily(
-            "llm_ingress_event_loop_lag_checks", "Timed checks of this ingress replica's event loop", value=totals.checks
+        seconds.add_metric([self._replica_id], totals.lag_s)
+        checks = CounterMetricFamily(
+            "llm_ingress_event_loop_lag_checks", "Timed checks of this ingress replica's event loop", labels=["replica"]
         )
+        checks.add_metric([self._replica_id], totals.checks)
+        yield seconds
+        yield checks
 
 
 class IngressMetrics:
-    def __init__(self, loop_lag: LoopLag | None = None) -> None:
+    def __init__(self, loop_lag: LoopLag | None = None, replica_id: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
@@ -100,7 +105,7 @@ class IngressMetrics:
         self._replicas = ReplicaStatsCollector()
         r.register(self._replicas)
         if loop_lag is not None:
-            r.register(LoopLagCollector(loop_lag))
+            r.register(LoopLagCollector(loop_lag, replica_id))
 
     def observe_finished(self, output: GenerateOutput, elapsed_s: float) -> None:
         self.prompt_tokens.inc(output.prompt_tokens)

@@ -113,28 +113,33 @@ def test_serve_variant_args_split_app_args_and_ray_environment():
 def test_serve_counters_are_summed_over_replicas():
     from bench.serve_throughput import parse_counters, replica_wait
 
-    page = "\n".join([
-        "# HELP llm_replica_first_tokens_total Requests that got their first token on the replica",
-        'llm_replica_first_tokens_total{replica="a"} 3.0',
-        'llm_replica_first_tokens_total{replica="b"} 5.0',
-        'llm_replica_first_token_wait_seconds_total{replica="a"} 0.25',
-        'llm_replica_first_token_wait_seconds_total{replica="b"} 0.75',
-        'llm_replica_free_kv_blocks{replica="a"} 9.0',
-        'llm_replica_event_loop_lag_seconds_total{replica="a"} 0.5',
-        'llm_replica_event_loop_lag_checks_total{replica="a"} 100.0',
-        "llm_ingress_event_loop_lag_seconds_total 0.02",
-        "llm_ingress_event_loop_lag_checks_total 10.0",
-    ])
-    after = parse_counters(page)
+    def page(ingress: str, lag_s: float, checks: float) -> str:
+        return "\n".join([
+            "# HELP llm_replica_first_tokens_total Requests that got their first token on the replica",
+            'llm_replica_first_tokens_total{replica="a"} 3.0',
+            'llm_replica_first_tokens_total{replica="b"} 5.0',
+            'llm_replica_first_token_wait_seconds_total{replica="a"} 0.25',
+            'llm_replica_first_token_wait_seconds_total{replica="b"} 0.75',
+            'llm_replica_free_kv_blocks{replica="a"} 9.0',
+            'llm_replica_event_loop_lag_seconds_total{replica="a"} 0.5',
+            'llm_replica_event_loop_lag_checks_total{replica="a"} 100.0',
+            f'llm_ingress_event_loop_lag_seconds_total{{replica="{ingress}"}} {lag_s}',
+            f'llm_ingress_event_loop_lag_checks_total{{replica="{ingress}"}} {checks}',
+        ])
+
+    after = parse_counters(page("i1", 0.02, 10.0))
     assert after["llm_replica_first_token_wait_seconds_total"] == 1.0 and after["llm_replica_first_tokens_total"] == 8.0
-    before = dict.fromkeys(after, 0.0) | {
+    before = parse_counters(page("i1", 0.01, 5.0)) | {
         "llm_replica_first_token_wait_seconds_total": 0.5, "llm_replica_first_tokens_total": 4.0,
-        "llm_replica_event_loop_lag_checks_total": 50.0,
+        "llm_replica_event_loop_lag_seconds_total": 0.0, "llm_replica_event_loop_lag_checks_total": 50.0,
     }
     assert replica_wait(before, after) == {
         "replica_first_tokens": 4.0, "replica_ttft_mean_ms": 125.0,
         "replica_loop_lag_mean_ms": 10.0, "ingress_loop_lag_mean_ms": 2.0,
     }
+    # Another ingress replica answered the second scrape: its counters say nothing about the level.
+    other = replica_wait(parse_counters(page("i2", 0.5, 900.0)), after)
+    assert math.isnan(other["ingress_loop_lag_mean_ms"])
 
 
 def test_mixed_step_times_the_pieces_and_the_eager_pass_on_the_same_step():
