@@ -227,6 +227,17 @@ class AppConfig(_Strict):
             "speculative.method 'remote', whose proposer calls the draft deployment from the replica)."
         ),
     )
+    gil_switch_interval_s: float | None = Field(
+        None,
+        gt=0,
+        le=0.1,
+        description=(
+            "Python's thread switch interval (sys.setswitchinterval) in the ingress and LLM replicas. Each "
+            "replica has several threads that take the GIL by turns (its event loop, gRPC's poller, the "
+            "engine core client's reader); a thread that wants the GIL waits up to this long for a busy one "
+            "to let go. null: Python's own 5 ms."
+        ),
+    )
     handle_transport: Literal["grpc", "ray"] = Field(
         "grpc",
         description=(

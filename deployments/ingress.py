@@ -39,6 +39,7 @@ from deployments.loop_lag import LoopLag
 from deployments.messages import GenerateOutput, GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from deployments.ray_env import set_switch_interval
 from deployments.serving import ChatShaper, CompletionShaper, Prompts, load_ingress_tokenizer, sampling_params
 from deployments.server_timing import add_handler_time, format_server_timing
 from engine.errors import InvalidRequestError, RequestAbortedError
@@ -118,6 +119,7 @@ class OpenAIIngress:
         self._llm = llm.options(_by_reference=config.handle_transport == "ray")
         self._llm_stream = self._llm.options(stream=True)
         self._config = config
+        set_switch_interval(config.gil_switch_interval_s)
         self._prompts = Prompts(load_ingress_tokenizer(config))
         # The wait a request sees on this replica's loop before any code of ours runs (/metrics).
         self._loop_lag = LoopLag()

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import AppConfig, RouterOptions
 from deployments.loop_lag import LoopLag
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
+from deployments.ray_env import set_switch_interval
 from engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class LLMServer:
     def __init__(self, config: AppConfig, draft: DeploymentHandle | None = None) -> None:
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self._config = config
+        set_switch_interval(config.gil_switch_interval_s)
         # Looked up first: nothing that can raise comes after the engine (a child process) has started.
         self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
         self.engine = _start_engine(config, draft)

@@ -13,12 +13,14 @@ crosses between the two loops, and under the GIL that handoff was what the LLM r
 its core on. On an H100 host at 256 streams it took the Serve path from 33.7k to 52.8k tok/s in
 one run, side by side; two later runs with it as the default gave 37.3k and 39.0k (BENCHMARKS.md, W2). Our handlers never block their loop, which this needs. `make serve`
 sets the same variables on the command line; launchers in this repo that start Ray call
-`serve_process_env`.
+`serve_process_env`. One setting is per process and not an environment variable: the GIL's
+switch interval, which each replica sets for itself at start (`set_switch_interval`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 _DEFAULTS = {
@@ -41,3 +43,9 @@ def missing_serve_settings(base: Mapping[str, str] | None = None) -> dict[str, s
     """The settings `serve_process_env` would add to `base`: what to put in os.environ before ray.init."""
     env = os.environ if base is None else base
     return {name: value for name, value in _DEFAULTS.items() if name not in env}
+
+
+def set_switch_interval(seconds: float | None) -> None:
+    """This process's GIL switch interval (AppConfig.gil_switch_interval_s); None leaves Python's."""
+    if seconds is not None:
+        sys.setswitchinterval(seconds)

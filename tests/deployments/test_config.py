@@ -99,6 +99,8 @@ def test_preset_model_name() -> None:
         ({"max_stream_chunks_per_s": 0}, "max_stream_chunks_per_s"),
         ({"engine_loop": "fork"}, "engine_loop"),
         ({"handle_transport": "http"}, "handle_transport"),
+        ({"gil_switch_interval_s": 0}, "gil_switch_interval_s"),
+        ({"fused_norm_linear": "sometimes"}, "fused_norm_linear"),
         (
             {"engine_loop": "process", "speculative": {"method": "remote", "draft_model": "models/demo-draft"}},
             "engine_loop 'process' cannot call the draft deployment",

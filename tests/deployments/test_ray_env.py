@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from deployments.ray_env import missing_serve_settings, serve_process_env
+from deployments.ray_env import missing_serve_settings, serve_process_env, set_switch_interval
 
 OURS = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_worker_niceness": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
@@ -36,3 +36,14 @@ def test_ray_workers_take_their_niceness_from_the_environment() -> None:
     env = serve_process_env({k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"})
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert f"worker nice {os.nice(0)}" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_replica_sets_its_switch_interval_only_when_configured() -> None:
+    before = sys.getswitchinterval()
+    try:
+        set_switch_interval(None)
+        assert sys.getswitchinterval() == before
+        set_switch_interval(0.0005)
+        assert abs(sys.getswitchinterval() - 0.0005) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
