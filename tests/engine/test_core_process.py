@@ -296,8 +296,10 @@ def test_a_replica_constructor_that_fails_leaves_no_engine_running(monkeypatch):
     monkeypatch.setattr(llm_server.serve, "get_replica_context", lambda: Context)
     monkeypatch.setattr(llm_server.serve, "get_deployment_actor", no_index)
     monkeypatch.setattr(llm_server, "_start_engine", lambda config, draft: FakeEngine())
+    from deployments.config import AppConfig
+
     with pytest.raises(ValueError, match="no actor"):
-        _replica_class()(config=None)
+        _replica_class()(config=AppConfig(model="preset:tiny-llama"))
     assert not FakeEngine.started or FakeEngine.stopped
 
 
