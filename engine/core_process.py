@@ -258,8 +258,10 @@ class EngineCoreClient:
     the core's messages and hands each to the loop whole.
     """
 
-    def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0) -> None:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0, stop_grace_s: float = 5.0) -> None:
+        """stop_grace_s: how long shutdown lets the core finish its step before killing it."""
         self._config = config
+        self._stop_grace_s = stop_grace_s
         self._process, self._conn = _spawn_core()
         try:
             self._conn.send(config)
@@ -361,7 +363,7 @@ class EngineCoreClient:
             threading.Thread(target=self._stop, name="core-client-stop", daemon=True).start()
 
     def _stop(self) -> None:
-        _reap(self._process, timeout_s=5)
+        _reap(self._process, timeout_s=self._stop_grace_s)
         # The core is gone, so the writer and the reader end (EPIPE, EOF): only then is the socket closed.
         self._writer.join(timeout=5)
         self._reader.join(timeout=5)

@@ -37,9 +37,40 @@ def _config(path) -> EngineConfig:
 
 @pytest.fixture
 def client(llama_ckpt):
+    """A core of the test's own: for tests that stop, kill or must see an empty cache."""
     client = EngineCoreClient(_config(llama_ckpt))
     yield client
     client.shutdown()
+
+
+@pytest.fixture(scope="module")
+def _loop():
+    # A client belongs to the first event loop that uses it: one loop for the module's shared cores.
+    with asyncio.Runner() as runner:
+        yield runner
+
+
+@pytest.fixture(scope="module")
+def _module_core(llama_ckpt, _loop):
+    client = EngineCoreClient(_config(llama_ckpt))
+    yield client, _loop.run
+    client.shutdown()
+
+
+@pytest.fixture
+def shared(_module_core):
+    """One core for the tests that leave it as they found it (a core start is seconds on CI): each
+    must finish or abort its requests, which is checked after it."""
+    client, run = _module_core
+    yield client
+    run(wait_until(lambda: all_free(client)))
+    assert client.errored is None
+
+
+@pytest.fixture
+def run(_module_core):
+    """asyncio.run for the tests of the shared core: its event loop."""
+    return _module_core[1]
 
 
 def all_free(client: EngineCoreClient) -> bool:
@@ -47,14 +78,14 @@ def all_free(client: EngineCoreClient) -> bool:
     return stats.num_running == 0 and stats.num_waiting == 0 and stats.num_free_blocks == NUM_BLOCKS - 1
 
 
-def test_concurrent_streams_equal_the_in_process_engine(client, llama_ckpt, make_engine):
+def test_concurrent_streams_equal_the_in_process_engine(shared, run, llama_ckpt, make_engine):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     expected = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(PROMPTS, params)
 
     async def main():
-        return await asyncio.gather(*(collect(client, p, params, f"r{i}") for i, p in enumerate(PROMPTS)))
+        return await asyncio.gather(*(collect(shared, p, params, f"r{i}") for i, p in enumerate(PROMPTS)))
 
-    streams = asyncio.run(main())
+    streams = run(main())
     for stream, want in zip(streams, expected):
         last = stream[-1].outputs[0]
         assert [o.finished for o in stream] == [False] * (len(stream) - 1) + [True]
@@ -67,7 +98,7 @@ def test_concurrent_streams_equal_the_in_process_engine(client, llama_ckpt, make
             assert got_lp.top.keys() == want_lp.top.keys()
             assert got_lp.top == pytest.approx(want_lp.top, abs=1e-5)
         assert stream[-1].prompt_token_ids == want.prompt_token_ids and last.finish_reason == "length"
-    assert all_free(client)
+    assert all_free(shared)
 
 
 def test_a_core_with_async_scheduling_streams_the_same_tokens_and_frees_aborted_blocks(llama_ckpt, make_engine):
@@ -94,18 +125,20 @@ def test_a_core_with_async_scheduling_streams_the_same_tokens_and_frees_aborted_
         assert sum((o.outputs[0].new_token_ids for o in stream), []) == want.outputs[0].token_ids
 
 
-def test_leaving_a_stream_aborts_it_in_the_core_and_frees_its_blocks(client):
-    async def main():
-        agen = client.generate(PROMPTS[3], LONG, "closing")
-        got = [await agen.__anext__(), await agen.__anext__()]
-        assert not got[-1].finished and client.stats().num_free_blocks < NUM_BLOCKS - 1
-        await agen.aclose()
-        await wait_until(lambda: all_free(client))
-        # Freed by the abort, not by running to max_tokens.
-        assert client.stats().generation_tokens_total < 300
-        return await collect(client, PROMPTS[1], GREEDY, "after")
+def test_leaving_a_stream_aborts_it_in_the_core_and_frees_its_blocks(shared, run):
+    before = shared.stats().generation_tokens_total
 
-    after = asyncio.run(main())
+    async def main():
+        agen = shared.generate(PROMPTS[3], LONG, "closing")
+        got = [await agen.__anext__(), await agen.__anext__()]
+        assert not got[-1].finished and shared.stats().num_free_blocks < NUM_BLOCKS - 1
+        await agen.aclose()
+        await wait_until(lambda: all_free(shared))
+        # Freed by the abort, not by running to max_tokens.
+        assert shared.stats().generation_tokens_total - before < 300
+        return await collect(shared, PROMPTS[1], GREEDY, "after")
+
+    after = run(main())
     assert after[-1].finished and len(after[-1].outputs[0].token_ids) == 12
 
 
@@ -114,25 +147,25 @@ def test_leaving_a_stream_aborts_it_in_the_core_and_frees_its_blocks(client):
     [([], GREEDY), ([5, 384], GREEDY), ([5] * 2000, GREEDY), ("text but no tokenizer", GREEDY)],
     ids=["empty", "unknown-token", "too-long", "text-no-tokenizer"],
 )
-def test_invalid_requests_are_refused_in_the_client_and_others_are_served(client, prompt, params):
+def test_invalid_requests_are_refused_in_the_client_and_others_are_served(shared, run, prompt, params):
     async def main():
-        good = asyncio.create_task(collect(client, PROMPTS[2], GREEDY, "good"))
+        good = asyncio.create_task(collect(shared, PROMPTS[2], GREEDY, "good"))
         with pytest.raises(InvalidRequestError):
-            await collect(client, prompt, params, "bad")
+            await collect(shared, prompt, params, "bad")
         return await good
 
-    assert len(asyncio.run(main())[-1].outputs[0].token_ids) == 12
+    assert len(run(main())[-1].outputs[0].token_ids) == 12
 
 
-def test_duplicate_request_id_while_streaming_is_refused(client):
+def test_duplicate_request_id_while_streaming_is_refused(shared, run):
     async def main():
-        agen = client.generate(PROMPTS[1], GREEDY, "dup")
+        agen = shared.generate(PROMPTS[1], GREEDY, "dup")
         first = await agen.__anext__()
         with pytest.raises(InvalidRequestError, match="dup"):
-            await collect(client, PROMPTS[2], GREEDY, "dup")
+            await collect(shared, PROMPTS[2], GREEDY, "dup")
         return [first] + [o async for o in agen]
 
-    outs = asyncio.run(main())
+    outs = run(main())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
 
 
@@ -169,11 +202,11 @@ def test_a_config_the_core_cannot_load_raises_its_error_in_the_client(tmp_path):
         EngineCoreClient(EngineConfig(model="preset:no-such-preset", device="cpu"))
 
 
-def test_a_chunk_interval_merges_steps_into_fewer_outputs(client):
+def test_a_chunk_interval_merges_steps_into_fewer_outputs(shared, run):
     async def main():
-        return await collect(client, PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)
+        return await collect(shared, PROMPTS[1], GREEDY, "paced", chunk_interval_s=lambda: 60.0)
 
-    check_paced_stream(asyncio.run(main()), num_tokens=12)
+    check_paced_stream(run(main()), num_tokens=12)
 
 
 def test_a_core_with_async_scheduling_returns_the_last_in_flight_tokens(llama_ckpt, make_engine):
@@ -225,14 +258,14 @@ def test_sending_to_a_core_that_does_not_read_never_blocks_the_event_loop(client
 
 
 def test_shutdown_kills_and_reaps_a_core_that_does_not_stop(llama_ckpt):
-    client = EngineCoreClient(_config(llama_ckpt))
+    client = EngineCoreClient(_config(llama_ckpt), stop_grace_s=0.5)
     _stopped(client._process)
     client.shutdown()
     assert client._process.returncode is not None  # reaped: no zombie left behind
 
 
 def test_shutdown_on_the_event_loop_does_not_wait_for_the_core(llama_ckpt):
-    client = EngineCoreClient(_config(llama_ckpt))
+    client = EngineCoreClient(_config(llama_ckpt), stop_grace_s=0.5)
     _stopped(client._process)
 
     async def main():
@@ -303,32 +336,42 @@ def test_a_replica_constructor_that_fails_leaves_no_engine_running(monkeypatch):
     assert not FakeEngine.started or FakeEngine.stopped
 
 
-def test_an_id_reused_right_after_leaving_gets_none_of_the_old_requests_tokens(client, llama_ckpt, make_engine):
+def test_an_id_reused_right_after_leaving_gets_none_of_the_old_requests_tokens(shared, run, llama_ckpt, make_engine):
     """The old request's last steps may still be on their way when its id is used again."""
     expected = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate([PROMPTS[1]], GREEDY)[0]
 
     async def main():
         results = []
         for _ in range(5):
-            old = client.generate(PROMPTS[3], LONG, "reused")
+            old = shared.generate(PROMPTS[3], LONG, "reused")
             await old.__anext__()
             await asyncio.sleep(0.05)  # the core steps on: its deltas for "reused" are in flight
             await old.aclose()
-            results.append(await collect(client, PROMPTS[1], GREEDY, "reused"))
+            results.append(await collect(shared, PROMPTS[1], GREEDY, "reused"))
         return results
 
-    for outs in asyncio.run(main()):
+    for outs in run(main()):
         assert outs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
         assert sum((o.outputs[0].new_token_ids for o in outs), []) == expected.outputs[0].token_ids
 
 
-def test_a_failing_query_fails_its_caller_not_the_core(client):
+def test_a_failing_query_fails_its_caller_not_the_core(shared, run):
     async def main():
         with pytest.raises(EngineError, match="no_such_query"):
-            await client._call("no_such_query")
-        return await collect(client, PROMPTS[1], GREEDY, "after")
+            await shared._call("no_such_query")
+        return await collect(shared, PROMPTS[1], GREEDY, "after")
 
-    assert asyncio.run(main())[-1].finished and client.errored is None
+    assert run(main())[-1].finished and shared.errored is None
+
+
+@pytest.fixture(scope="module")
+def text_core(text_ckpt, _loop):
+    """One core with a tokenizer for the text tests, on the module's loop."""
+    client = EngineCoreClient(
+        EngineConfig(model=str(text_ckpt), dtype="float32", device="cpu", cache=CacheConfig(block_size=4, num_blocks=NUM_BLOCKS))
+    )
+    yield client, _loop.run
+    client.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -341,23 +384,19 @@ def test_a_failing_query_fails_its_caller_not_the_core(client):
     ],
     ids=["client-detokenizes", "client-detokenizes-chunks", "core-detokenizes"],
 )
-def test_text_equals_the_in_process_engine_wherever_it_is_made(text_ckpt, make_engine, params, chunk_interval_s):
+def test_text_equals_the_in_process_engine_wherever_it_is_made(text_core, text_ckpt, make_engine, params, chunk_interval_s):
+    client, run = text_core
     prompts = ["The quick brown", "A serving system"]
     expected = make_engine(text_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(prompts, params)
-    client = EngineCoreClient(
-        EngineConfig(model=str(text_ckpt), dtype="float32", device="cpu", cache=CacheConfig(block_size=4, num_blocks=NUM_BLOCKS))
-    )
-    try:
-        async def main():
-            return await asyncio.gather(
-                *(collect(client, p, params, f"t{i}", chunk_interval_s=chunk_interval_s) for i, p in enumerate(prompts))
-            )
 
-        streams = asyncio.run(main())
-        if chunk_interval_s is not None:  # first tokens, one merged chunk, the end
-            assert max(len(s) for s in streams) <= 3
-    finally:
-        client.shutdown()
+    async def main():
+        return await asyncio.gather(
+            *(collect(client, p, params, f"t{i}", chunk_interval_s=chunk_interval_s) for i, p in enumerate(prompts))
+        )
+
+    streams = run(main())
+    if chunk_interval_s is not None:  # first tokens, one merged chunk, the end
+        assert max(len(s) for s in streams) <= 3
     for stream, want in zip(streams, expected):
         for choice in want.outputs:
             got = [o.outputs[choice.index] for o in stream]
