@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ def test_two_sockets_share_a_port_and_a_plain_one_cannot() -> None:
 
 
 @pytest.fixture(scope="module")
-def direct_url(serve_cluster: ServeCluster, tiny_model: Path) -> str:
+def direct_url(serve_cluster: ServeCluster, tiny_model: Path) -> Iterator[str]:
     port = free_port()
     serve_cluster.deploy(
         "direct",
@@ -43,7 +44,8 @@ def direct_url(serve_cluster: ServeCluster, tiny_model: Path) -> str:
             "ingress_direct_http": {"host": "127.0.0.1", "port": port},
         },
     )
-    return f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}"
+    serve_cluster.delete("direct")  # its replicas would take CPU from the modules after this one
 
 
 def test_the_api_answers_on_the_shared_port(direct_url: str) -> None:

@@ -38,5 +38,6 @@ def tight_url(serve_host: ServeHost) -> str:
 
 
 @pytest.fixture(scope="module")
-def kill_url(serve_host: ServeHost) -> str:
-    return serve_host.app("kill")
+def kill_url(serve_host: ServeHost) -> Iterator[str]:
+    yield serve_host.app("kill")
+    serve_host.drop("kill")  # two LLM replicas: CPU the modules after this one need

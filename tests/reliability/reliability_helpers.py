@@ -132,6 +132,11 @@ class ServeHost:
             self._urls[name] = self.call("deploy", timeout_s=180, name=name, args=args, env=env)["url"]
         return self._urls[name]
 
+    def drop(self, name: str) -> None:
+        """Deletes app `name` (a later app() deploys it again)."""
+        if self._urls.pop(name, None) is not None:
+            self.call("delete", name=name)
+
     def kill(self, actor: str) -> None:
         self.call("kill", actor=actor)
 
