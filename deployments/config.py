@@ -75,6 +75,9 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="How often a stopping replica checks whether its requests are done (Serve's default: 2)."
+    )
     # ----- placement over a cluster (cluster/README.md) ---------------------------------
     max_replicas_per_node: int | None = Field(
         None, ge=1, le=100, description="At most this many replicas on one node (1: every replica on its own node)."
@@ -132,6 +135,7 @@ class DeploymentOptions(_Strict):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
         }
         for key in ("max_replicas_per_node", "placement_group_bundles", "placement_group_strategy"):
             if getattr(self, key) is not None:

@@ -36,6 +36,7 @@ def test_shipped_yaml_is_valid_and_maps_onto_the_engine() -> None:
     assert llm["max_ongoing_requests"] == 64 and llm["max_queued_requests"] == 128
     assert llm["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert "num_replicas" not in llm
+    assert (llm["graceful_shutdown_timeout_s"], llm["graceful_shutdown_wait_loop_s"]) == (20.0, 2.0)
 
 
 def test_gpu_edit_of_the_yaml() -> None:
@@ -95,6 +96,7 @@ def test_preset_model_name() -> None:
             "must not exceed max_ongoing_requests",
         ),
         ({"llm_server": {"max_queued_requests": -2}}, "llm_server.max_queued_requests"),
+        ({"ingress": {"graceful_shutdown_wait_loop_s": 0}}, "ingress.graceful_shutdown_wait_loop_s"),
         ({"router": {"index_timeout_s": 0}}, "router.index_timeout_s"),
         ({"max_stream_chunks_per_s": 0}, "max_stream_chunks_per_s"),
         ({"engine_loop": "fork"}, "engine_loop"),

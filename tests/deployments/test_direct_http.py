@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from deploy_helpers import ServeCluster, free_port
+from deploy_helpers import QUICK_STOP, ServeCluster, free_port
 from deployments.direct_http import reuseport_socket
 
 
@@ -39,8 +39,8 @@ def direct_url(serve_cluster: ServeCluster, tiny_model: Path) -> Iterator[str]:
             "dtype": "float32",
             "speculative": {"method": "none"},
             "cache": {"num_blocks": 128},
-            "ingress": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
-            "llm_server": {"ray_actor_options": {"num_cpus": 0.5}},
+            "ingress": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}, **QUICK_STOP},
+            "llm_server": {"ray_actor_options": {"num_cpus": 0.5}, **QUICK_STOP},
             "ingress_direct_http": {"host": "127.0.0.1", "port": port},
         },
     )

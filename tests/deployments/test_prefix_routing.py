@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy_helpers import ServeCluster, app_args
+from deploy_helpers import QUICK_STOP, ServeCluster, app_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -28,7 +28,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def base_url(serve_cluster: ServeCluster, tiny_model: Path) -> Iterator[str]:
     args = app_args(tiny_model)
-    args["llm_server"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
+    args["llm_server"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, **QUICK_STOP}
     args["api_key"] = KEY
     args["stream_interval_s"] = 0.05
     url = serve_cluster.deploy(APP, args)
