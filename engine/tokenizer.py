@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 
+# tokenizer_class values that name transformers' generic tokenizer over tokenizer.json (one class
+# in transformers 5: PreTrainedTokenizerFast is TokenizersBackend's alias).
+_PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer(path: str | Path | None) -> Any | None:
     """The Hugging Face tokenizer in `path`, or None when the folder has none."""
     if path is None:
@@ -25,11 +30,6 @@ def load_tokenizer(path: str | Path | None) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-# tokenizer_class values that name transformers' generic tokenizer over tokenizer.json (one class
-# in transformers 5: PreTrainedTokenizerFast is TokenizersBackend's alias).
-_PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def _tokenizer_class(folder: Path) -> str | None:

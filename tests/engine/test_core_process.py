@@ -53,24 +53,23 @@ def _loop():
 @pytest.fixture(scope="module")
 def _module_core(llama_ckpt, _loop):
     client = EngineCoreClient(_config(llama_ckpt))
-    yield client, _loop.run
+    yield client
     client.shutdown()
 
 
 @pytest.fixture
-def shared(_module_core):
+def shared(_module_core, _loop):
     """One core for the tests that leave it as they found it (a core start is seconds on CI): each
     must finish or abort its requests, which is checked after it."""
-    client, run = _module_core
-    yield client
-    run(wait_until(lambda: all_free(client)))
-    assert client.errored is None
+    yield _module_core
+    _loop.run(wait_until(lambda: all_free(_module_core)))
+    assert _module_core.errored is None
 
 
 @pytest.fixture
-def run(_module_core):
-    """asyncio.run for the tests of the shared core: its event loop."""
-    return _module_core[1]
+def run(_loop):
+    """asyncio.run for the tests of the module's shared cores: their event loop."""
+    return _loop.run
 
 
 def all_free(client: EngineCoreClient) -> bool:
@@ -370,7 +369,7 @@ def text_core(text_ckpt, _loop):
     client = EngineCoreClient(
         EngineConfig(model=str(text_ckpt), dtype="float32", device="cpu", cache=CacheConfig(block_size=4, num_blocks=NUM_BLOCKS))
     )
-    yield client, _loop.run
+    yield client
     client.shutdown()
 
 
@@ -384,8 +383,8 @@ def text_core(text_ckpt, _loop):
     ],
     ids=["client-detokenizes", "client-detokenizes-chunks", "core-detokenizes"],
 )
-def test_text_equals_the_in_process_engine_wherever_it_is_made(text_core, text_ckpt, make_engine, params, chunk_interval_s):
-    client, run = text_core
+def test_text_equals_the_in_process_engine_wherever_it_is_made(text_core, run, text_ckpt, make_engine, params, chunk_interval_s):
+    client = text_core
     prompts = ["The quick brown", "A serving system"]
     expected = make_engine(text_ckpt, block_size=4, num_blocks=NUM_BLOCKS).generate(prompts, params)
 
