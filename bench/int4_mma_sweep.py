@@ -31,25 +31,21 @@ COLD_BYTES = 256 << 20  # copies of a weight per timed pass: past the H100/H200 
 GROUP = 128
 
 
-# (BLOCK_N, STEP_GROUPS, SPLIT_K, warps, stages, PREFETCH)
-def sweep_configs() -> list[tuple[int, int, int, int, int, bool]]:
-    base = []
-    for pf in (False, True):
-        base += [(64, 4, s, 4, 1, pf) for s in (1, 2, 4, 8)]
-        base += [(64, 8, s, 4, 1, pf) for s in (1, 2, 4)]
-        base += [(64, 16, s, 4, 1, pf) for s in (1, 2)]
-        base += [(128, 8, s, 8, 1, pf) for s in (1, 2, 4)]
-        base += [(128, 4, s, 8, 1, pf) for s in (1, 4)]
-        base += [(128, 8, 1, 4, 1, pf), (256, 8, 1, 8, 1, pf)]
-        base += [(32, 8, s, 2, 1, pf) for s in (1, 4)]
-    base += [(64, 8, 1, 4, 2, False), (64, 4, 4, 4, 2, False), (128, 8, 1, 8, 2, False), (64, 4, 1, 4, 2, False)]
-    base += [(64, 8, 4, 4, 2, False), (64, 8, 1, 4, 3, False), (64, 4, 4, 4, 3, False)]
-    return base
+# (BLOCK_N, STEP_GROUPS, SPLIT_K, warps, stages)
+def sweep_configs() -> list[tuple[int, int, int, int, int]]:
+    configs = []
+    for stages in (1, 2, 3, 4):
+        configs += [(64, 4, s, 4, stages) for s in (1, 2, 4, 8)]
+        configs += [(64, 8, s, 4, stages) for s in (1, 2, 4)]
+        configs += [(128, 8, s, 8, stages) for s in (1, 4)]
+    configs += [(64, 16, s, 4, 1) for s in (1, 2)] + [(128, 4, s, 8, 1) for s in (1, 4)]
+    configs += [(128, 8, 1, 4, 1), (256, 8, 1, 8, 1)] + [(32, 8, s, 2, 1) for s in (1, 4)]
+    return configs
 
 
 def cfg_dict(c: tuple) -> dict:
-    n, sg, sk, w, st, pf = c
-    return {"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk, "num_warps": w, "num_stages": st, "PREFETCH": pf}
+    n, sg, sk, w, st = c
+    return {"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
 
 
 def graph_us(calls, replays: int = 10) -> float:

@@ -31,7 +31,9 @@ _LOG2E = 1.4426950408889634
 _DECODE_BLOCK_N = 64
 _DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16
 _DECODE_MAX_SPLITS = 64
-_DECODE_MIN_SPLIT_TOKENS = 128  # a split shorter than this costs more to combine than it saves
+# A split of one tile still pays at batch 1: 256 tokens, 8 KV heads on the H200 took 9.3 / 7.0 / 5.6 /
+# 5.7 us with 1 / 2 / 4 / 8 splits (bench/int4_mma_sweep.py, docs/bench/w3-h200-int4-sweep.json).
+_DECODE_MIN_SPLIT_TOKENS = _DECODE_BLOCK_N
 _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
 

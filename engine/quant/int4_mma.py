@@ -112,49 +112,18 @@ def _chunk_dots(d, w, x_ptr, b_off, b_mask, magic, gc,
 
 
 @triton.jit
-def _load_words(w_rows, j, n_mask, gc, g_end, num_groups, WPG: tl.constexpr, CHUNK: tl.constexpr,
-                EVEN: tl.constexpr):
-    """The int32 words of the chunk that starts at group gc: [BLOCK_N, CHUNK * WPG]. EVEN clamps a
-    start past the end to the last whole chunk (a prefetch beyond the slice reads valid memory,
-    unused); otherwise groups at or past g_end are masked off."""
-    if EVEN:
-        return tl.load(w_rows + tl.minimum(gc, num_groups - CHUNK) * WPG + j[None, :])
-    w_mask = n_mask[:, None] & (gc + j // WPG < g_end)[None, :]
-    return tl.load(w_rows + gc * WPG + j[None, :], mask=w_mask, other=0)
-
-
-@triton.jit
-def _step_scales(x_ptr, s_ptr, z_ptr, g0, g_end, offs_n, n_mask, col_grp, col_ok, x_grp, stride_sn,
-                 GROUP: tl.constexpr, EVEN: tl.constexpr):
-    """For the step at group g0: the scales and zeros [BLOCK_N, 16] of each column's group (fp32),
-    and the sum of x over that group [16]."""
-    grp = g0 + col_grp
-    g_ok = col_ok if EVEN else col_ok & (grp < g_end)
-    xg = tl.load(x_ptr + g0 * GROUP + x_grp, mask=g_ok[None, :], other=0.0).to(tl.float32)
-    sz = offs_n[:, None] * stride_sn + grp[None, :]
-    sz_mask = n_mask[:, None] & g_ok[None, :]
-    s = tl.load(s_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz, mask=sz_mask, other=0).to(tl.float32)
-    return s, z, tl.sum(xg, axis=0)
-
-
-@triton.jit
 def _int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
     """y = x W^T for int4 W in pack_mma's layout; program (row block, k split, block of x rows).
 
     A step covers STEP_GROUPS groups, loaded in chunks of CHUNK codes a row (registers); its dots
     fill the 16 accumulator columns, then the scales and zeros of its groups are applied.
     EVEN: whole row blocks and whole steps (every layer of the 8B model), so the weight loads need
-    no masks: masked loads cost a predicate and a zeroed register each.
-    PREFETCH: the words of the next chunk are loaded before this chunk's dots, and a step's scales,
-    zeros and x sums before its dots, so each load's latency overlaps work already in registers
-    (at num_stages 1 nothing else keeps loads in flight across the loop)."""
+    no masks: masked loads cost a predicate and a zeroed register each."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -188,28 +157,26 @@ def _int4_mma_kernel(
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     magic = tl.load(magic_ptr + tl.zeros([1, 1], dtype=tl.int32))
     acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-    if PREFETCH:
-        w_next = _load_words(w_rows, j, n_mask, g_start, g_end, num_groups, WPG, CHUNK, EVEN)
     for g0 in range(g_start, g_end, STEP_GROUPS):
-        if PREFETCH:
-            s, z, xsum = _step_scales(x_ptr, s_ptr, z_ptr, g0, g_end, offs_n, n_mask, col_grp, col_ok, x_grp,
-                                      stride_sn, GROUP, EVEN)
         d = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for ch in tl.static_range(STEP_GROUPS // CHUNK):
             gc = g0 + ch * CHUNK
             b_mask = ((ch * CHUNK + cp_grp)[:, None] == col_grp[None, :]) & col_ok[None, :]
-            if not EVEN:
-                b_mask = b_mask & (gc + cp_grp < g_end)[:, None]
-            if PREFETCH:
-                w = w_next
-                # the next chunk: this step's next, or the next step's first (clamped at the end)
-                w_next = _load_words(w_rows, j, n_mask, gc + CHUNK, g_end, num_groups, WPG, CHUNK, EVEN)
+            if EVEN:
+                w = tl.load(w_rows + gc * WPG + j[None, :])
             else:
-                w = _load_words(w_rows, j, n_mask, gc, g_end, num_groups, WPG, CHUNK, EVEN)
+                w_mask = n_mask[:, None] & (gc + j // WPG < g_end)[None, :]
+                w = tl.load(w_rows + gc * WPG + j[None, :], mask=w_mask, other=0)
+                b_mask = b_mask & (gc + cp_grp < g_end)[:, None]
             d = _chunk_dots(d, w, x_ptr, b_off, b_mask, magic, gc, GROUP, BLOCK_N, CW, DT)
-        if not PREFETCH:
-            s, z, xsum = _step_scales(x_ptr, s_ptr, z_ptr, g0, g_end, offs_n, n_mask, col_grp, col_ok, x_grp,
-                                      stride_sn, GROUP, EVEN)
+        grp = g0 + col_grp
+        g_ok = col_ok if EVEN else col_ok & (grp < g_end)
+        xg = tl.load(x_ptr + g0 * GROUP + x_grp, mask=g_ok[None, :], other=0.0).to(tl.float32)
+        xsum = tl.sum(xg, axis=0)  # [16]: sum of x over each column's group
+        sz = offs_n[:, None] * stride_sn + grp[None, :]
+        sz_mask = n_mask[:, None] & g_ok[None, :]
+        s = tl.load(s_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=sz_mask, other=0).to(tl.float32)
         acc += s * (d - (OFFSET + z) * xsum[None, :])
     if SPLIT_K == 1:
         out = tl.sum(tl.reshape(acc, [BLOCK_N, ROWS, STEP_GROUPS]), axis=2)  # [BLOCK_N, ROWS]
@@ -248,17 +215,20 @@ def _finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, 
 # ----- autotuning ------------------------------------------------------------------------
 
 # Batch 1: (BLOCK_N, STEP_GROUPS, SPLIT_K, warps, stages) as read for group 128. wgmma wants 64
-# rows per warpgroup (BLOCK_N 64 with 4 warps, 128 with 8; fewer rows fall back to mma.sync, whose
-# operand loads cost more than they save). Longer steps apply the scales less often (SASS
-# instructions per weight in the loop, offline for sm_90: 2.1 at 4 groups a step, 1.7 at 8, 1.5 at
-# 16). stages = 1 stores each dot's x columns from registers, behind a proxy fence; stages = 2
-# copies weights and x columns into shared memory asynchronously (cp.async), a step ahead, and
-# needs no fence but 50-135 KB of shared memory (fewer programs per SM): which wins is for the
-# device to say. A split adds programs where N / BLOCK_N alone leaves SMs idle (N = 4096: 64 row
-# blocks for 132 SMs). Each config is a compile at engine start: eleven of them.
+# rows per warpgroup (BLOCK_N 64 with 4 warps; fewer rows fall back to mma.sync, whose operand
+# loads cost more than they save). stages >= 2 copies weights and x columns into shared memory
+# asynchronously (cp.async), stages - 1 steps ahead; stages = 1 stores each dot's x columns from
+# registers, behind a proxy fence. A split adds programs where N / BLOCK_N alone leaves SMs idle
+# (N = 4096: 64 row blocks for 132 SMs). The list holds each 8B layer's winners of a 43-config
+# sweep on the H200 with weights cold in L2, as in the model (bench/int4_mma_sweep.py,
+# docs/bench/w3-h200-int4-sweep.json): qkv (64,4,4,4,2) 10.0 us, o and down (64,4,4,4,3) 8.1 and
+# 16.4 us, gate_up and lm_head (64,4,1,4,2) 27.0 and 92.2 us; the runners-up; and deeper
+# pipelines of the same tiles, untimed there. Loading the next chunk's words into registers ahead
+# of the dots (at stages 1) was slower than cp.async in that sweep. Each entry is a compile at
+# engine start: twelve of them.
 _MMA_CONFIGS = [
-    (64, 8, 1, 4, 1), (128, 8, 1, 8, 1), (64, 16, 1, 4, 1), (64, 8, 1, 4, 2), (64, 4, 1, 4, 2), (128, 8, 1, 8, 2),
-    (64, 8, 2, 4, 1), (64, 8, 4, 4, 1), (64, 8, 4, 4, 2), (64, 4, 4, 4, 2), (64, 4, 8, 4, 1),
+    (64, 4, 1, 4, 2), (64, 4, 4, 4, 2), (64, 4, 4, 4, 3), (64, 8, 4, 4, 2), (64, 8, 4, 4, 1), (64, 8, 1, 4, 2),
+    (64, 4, 1, 4, 3), (64, 4, 2, 4, 3), (64, 4, 8, 4, 3), (64, 4, 4, 4, 4), (64, 8, 4, 4, 3), (64, 4, 2, 4, 2),
 ]
 MMA_MAX_SPLIT = max(c[2] for c in _MMA_CONFIGS)
 
@@ -366,8 +336,7 @@ def int4_mma_matmul(
     _check_config(cfg, m, group)
     rows = MMA_COLUMNS // cfg["STEP_GROUPS"]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1), triton.cdiv(m, rows))
-    tiles = dict(BLOCK_N=cfg["BLOCK_N"], STEP_GROUPS=cfg["STEP_GROUPS"], SPLIT_K=cfg.get("SPLIT_K", 1),
-                 PREFETCH=bool(cfg.get("PREFETCH", False)))
+    tiles = dict(BLOCK_N=cfg["BLOCK_N"], STEP_GROUPS=cfg["STEP_GROUPS"], SPLIT_K=cfg.get("SPLIT_K", 1))
     even = _even(dict(tiles, N=n, K=k, GROUP=group))
     _int4_mma_kernel[grid](
         *args, **common, **tiles, EVEN=even, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1)

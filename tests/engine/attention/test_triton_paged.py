@@ -185,8 +185,9 @@ def test_decode_num_splits_heuristic(tp):
     # One long sequence: many splits, but capped.
     assert 16 <= tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=4096, num_sms=132) <= 64
     assert tp.decode_num_splits(batch=1, num_kv_heads=1, max_seq_len=1 << 20, num_sms=132) == 64
-    # Short contexts are not split below ~128 tokens a split.
-    assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=256, num_sms=132) == 2
+    # Short contexts are not split below one tile (64 tokens) a split.
+    assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=256, num_sms=132) == 4
+    assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=100, num_sms=132) == 1
     assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=16, num_sms=132) == 1
 
 
