@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import statistics
 
 import torch
 
@@ -22,3 +23,24 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def graph_seconds_per_call(calls, replays: int = 10) -> float:
+    """Median seconds per call of `calls` (thunks, run in order) captured once in a CUDA graph and
+    replayed `replays` times: no launch overhead. Each call runs once first (compiles, warm-up)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return statistics.median(times)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
 import torch
 
-from bench.device import device_name
+from bench.device import device_name, graph_seconds_per_call
 from bench.quant import _preset_shapes
 
 COLD_BYTES = 256 << 20  # copies of a weight per timed pass: past the H100/H200 L2 (50 MB)
@@ -48,24 +47,8 @@ def cfg_dict(c: tuple) -> dict:
     return {"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
 
 
-def graph_us(calls, replays: int = 10) -> float:
-    """Median microseconds per call of `calls` (a list of thunks) replayed from one CUDA graph."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
+def graph_us(calls) -> float:
+    return graph_seconds_per_call(calls) * 1e6
 
 
 def sweep_shape(name: str, k: int, n: int, configs: list[tuple], device: torch.device) -> dict:

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from bench.device import device_name, free_memory
+from bench.device import device_name, free_memory, graph_seconds_per_call
 
 from bench.ceiling import measure_device_rates
 from bench.step_profile import print_profile, profile_decode
@@ -272,23 +272,8 @@ def _graph_replays(call, times: int = 3) -> list[torch.Tensor]:
 
 
 def _graph_time(fn, repeats: int = 20) -> float:
-    """Median seconds of one call, replayed from a CUDA graph (no launch overhead), after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 10)
-    return statistics.median(times)
+    """Median seconds of one call, replayed from a CUDA graph of ten calls (no launch overhead)."""
+    return graph_seconds_per_call([fn] * 10, repeats)
 
 
 # ----- 2. speed -----------------------------------------------------------------------------
