@@ -39,6 +39,20 @@ import torch
 from bench.process_cpu import SERVE_ROLES, cpu_seconds_by_role, per_request_ms
 from bench.stream_levels import LevelResult, client_procs_for, client_share, merge_shares, record_request, run_level
 from deployments.ray_env import missing_serve_settings
+from engine.cpu_affinity import CpuPlan, pin_process, visible_gpu_index
+
+
+def client_pool(procs: int) -> ProcessPoolExecutor:
+    """The Serve path's client processes (spawn, not fork: this process runs Ray's threads by then).
+    On a GPU node they keep off the engine cores' CPUs in every variant: the clients stand for
+    other machines, and that CPU is the engine's in both paths."""
+    return ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"), initializer=_clients_off_engine_cpus)
+
+
+def _clients_off_engine_cpus() -> None:
+    plan = CpuPlan.for_node()
+    if plan is not None:
+        pin_process(plan.others)
 
 
 def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -149,11 +163,16 @@ class DirectEngine:
         from engine.core_process import EngineCoreClient
 
         app = parse_app_config(app_args)
+        # As in an LLM replica: the core on its CPU of the node's plan, this process (the replica's
+        # counterpart) off those CPUs while it drives a level, and back on every CPU between levels,
+        # so Ray's processes, started from here, never inherit it (engine/cpu_affinity.py).
+        self._plan = app.cpu_plan() if loop == "process" else None
         if loop == "process":
+            core_cpu = None if self._plan is None else self._plan.core_cpu(visible_gpu_index())
             # The thread count Ray gives a replica of this many CPUs; on a busy CPU more torch
             # threads would spin against the client's.
             with environment({"OMP_NUM_THREADS": str(max(1, int(app.llm_server.ray_actor_options.num_cpus)))}):
-                self._engine = EngineCoreClient(app.to_engine_config())
+                self._engine = EngineCoreClient(app.to_engine_config(core_cpu))
         else:
             self._engine = AsyncLLMEngine(app.to_engine_config())
         self._params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -172,7 +191,14 @@ class DirectEngine:
         record_request(result, start, arrivals, tokens)
 
     def run_levels(self, label: str, levels: list[int], prompts_for) -> list[dict]:
-        return self._loop.run_until_complete(run_levels(label, levels, prompts_for, self._one))
+        if self._plan is None:
+            return self._loop.run_until_complete(run_levels(label, levels, prompts_for, self._one))
+        every = os.sched_getaffinity(0)
+        pin_process(self._plan.others)
+        try:
+            return self._loop.run_until_complete(run_levels(label, levels, prompts_for, self._one))
+        finally:
+            pin_process(every)
 
     def close(self) -> None:
         self._engine.shutdown()
@@ -392,8 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
     procs = args.client_procs or client_procs_for(max(levels))
     variants = []
     env_now: dict[str, str] | None = None
-    # spawn, not fork: this process runs Ray's threads by now.
-    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with client_pool(procs) as pool:
         for sets in args.serve_set or [""]:
             variant_app_args, env = variant_args(app_args, sets)
             if env != env_now:  # Ray's own settings: a fresh Ray for this variant
@@ -451,7 +476,7 @@ def interleaved(args: argparse.Namespace, app_args: dict, levels: list[int], pro
     direct_engine = DirectEngine(app_args, args.output_len, args.direct_loop)
     direct_levels, serve_levels = [], []
     try:
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with client_pool(procs) as pool:
             base_url = start_serve(1 if cuda else 0, env)
             run_app(variant_app_args)
             direct_http = variant_app_args.get("ingress_direct_http")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfig, SpeculativeConfig
+from engine.cpu_affinity import CpuPlan
 from engine.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +243,15 @@ class AppConfig(_Strict):
             "to let go. null: Python's own 5 ms."
         ),
     )
+    cpu_pinning: bool = Field(
+        True,
+        description=(
+            "On a GPU node with the engine in its own process: each engine core on a CPU of its own (the "
+            "node's highest-numbered CPUs, one per GPU) and the ingress and LLM replicas kept off those CPUs, "
+            "so their wake-ups never preempt a step (engine/cpu_affinity.py). Ignored on the CPU, with "
+            "engine_loop 'thread', and on nodes with fewer than 4 CPUs per GPU."
+        ),
+    )
     handle_transport: Literal["grpc", "ray"] = Field(
         "grpc",
         description=(
@@ -320,7 +330,13 @@ class AppConfig(_Strict):
             return self.model.removeprefix("preset:")
         return Path(self.model).name or self.model
 
-    def to_engine_config(self) -> EngineConfig:
+    def cpu_plan(self) -> CpuPlan | None:
+        """This node's CPU plan when cpu_pinning applies here; call it before pinning anything."""
+        if not self.cpu_pinning or not self.engine_in_process or self.device == "cpu":
+            return None
+        return CpuPlan.for_node()
+
+    def to_engine_config(self, core_cpu: int | None = None) -> EngineConfig:
         return EngineConfig(
             model=self.model,
             tokenizer=self.tokenizer,
@@ -331,6 +347,7 @@ class AppConfig(_Strict):
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
             fused_norm_linear=self.fused_norm_linear,
+            core_cpu=core_cpu,
             # Copies: the engine may adjust its config; the app's stays as validated.
             cache=dataclasses.replace(self.cache),
             scheduler=dataclasses.replace(self.scheduler),

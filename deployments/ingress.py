@@ -42,6 +42,7 @@ from deployments.protocol import ChatCompletionRequest, CompletionRequest, Model
 from deployments.ray_env import set_switch_interval
 from deployments.serving import ChatShaper, CompletionShaper, Prompts, load_ingress_tokenizer, sampling_params
 from deployments.server_timing import add_handler_time, format_server_timing
+from engine.cpu_affinity import pin_process
 from engine.errors import InvalidRequestError, RequestAbortedError
 
 logger = logging.getLogger("ray.serve")
@@ -120,6 +121,9 @@ class OpenAIIngress:
         self._llm_stream = self._llm.options(stream=True)
         self._config = config
         set_switch_interval(config.gil_switch_interval_s)
+        plan = config.cpu_plan()
+        if plan is not None:  # off the engine cores' CPUs (engine/cpu_affinity.py)
+            pin_process(plan.others)
         self._prompts = Prompts(load_ingress_tokenizer(config))
         # The wait a request sees on this replica's loop before any code of ours runs (/metrics).
         self._loop_lag = LoopLag()

@@ -30,6 +30,7 @@ from deployments.config import AppConfig, RouterOptions
 from deployments.loop_lag import LoopLag
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
 from deployments.ray_env import set_switch_interval
+from engine.cpu_affinity import pin_process, visible_gpu_index
 from engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ class LLMServer:
         set_switch_interval(config.gil_switch_interval_s)
         # Looked up first: nothing that can raise comes after the engine (a child process) has started.
         self._index: ActorHandle = serve.get_deployment_actor(PREFIX_INDEX_ACTOR)
-        self.engine = _start_engine(config, draft)
+        plan = config.cpu_plan()
+        if plan is not None:
+            pin_process(plan.others)
+        self.engine = _start_engine(config, draft, None if plan is None else plan.core_cpu(visible_gpu_index()))
         self._ongoing = 0
         # Arrival here -> first token, summed over requests: set against the clients' TTFT it
         # tells waiting inside the replica from waiting before it (proxy, ingress, routing).
@@ -212,13 +216,16 @@ def chunk_interval_s(open_streams: int, min_interval_s: float, max_chunks_per_s:
     return max(min_interval_s, open_streams / max_chunks_per_s)
 
 
-def _start_engine(config: AppConfig, draft: DeploymentHandle | None) -> EngineCoreClient | AsyncLLMEngine:
-    """The replica's engine: in a child process, or (remote draft) stepping in a thread here."""
+def _start_engine(
+    config: AppConfig, draft: DeploymentHandle | None, core_cpu: int | None
+) -> EngineCoreClient | AsyncLLMEngine:
+    """The replica's engine: in a child process (on core_cpu, if any), or (remote draft) stepping
+    in a thread here."""
     # torch and the model code are imported by replicas only, never by the app builder.
     if config.engine_in_process:
         from engine.core_process import EngineCoreClient
 
-        return EngineCoreClient(config.to_engine_config())
+        return EngineCoreClient(config.to_engine_config(core_cpu))
     from engine.async_engine import AsyncLLMEngine
     from engine.engine import LLMEngine
 

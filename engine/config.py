@@ -140,6 +140,9 @@ class EngineConfig:
     # demo pair's chained draft:2 went from 4,309 to 4,855 tok/s at batch 1. Plain decoding measured
     # 3-20% slower with it in W4's timed runs, so it stays off there (BENCHMARKS.md, W4).
     fused_norm_linear: bool | Literal["auto"] = "auto"
+    # The CPU the engine core's process runs on when it has one (engine/core_process.py), None: any.
+    # A serving replica picks it from the node's plan (engine/cpu_affinity.py).
+    core_cpu: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quantization: QuantConfig = field(default_factory=QuantConfig)
@@ -156,3 +159,5 @@ class EngineConfig:
             raise ConfigError(f"async_scheduling must be true, false or auto, got {self.async_scheduling!r}")
         if self.fused_norm_linear not in (True, False, "auto"):
             raise ConfigError(f"fused_norm_linear must be true, false or auto, got {self.fused_norm_linear!r}")
+        if self.core_cpu is not None and self.core_cpu < 0:
+            raise ConfigError(f"core_cpu must be a CPU number >= 0 or null, got {self.core_cpu}")

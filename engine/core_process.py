@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.cpu_affinity import pin_process
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
 from engine.outputs import CompletionOutput, EngineStats, RequestDelta, RequestMetrics, RequestOutput, TokenLogprob
@@ -129,6 +130,9 @@ def core_main(fd: int) -> int:
     conn = Connection(fd)
     config: EngineConfig = conn.recv()
     try:
+        if config.core_cpu is not None:
+            # Before torch starts its threads: they inherit it (engine/cpu_affinity.py says why).
+            pin_process({config.core_cpu})
         from engine.engine import LLMEngine  # torch and the model load here, not in the client
 
         engine = LLMEngine(config)

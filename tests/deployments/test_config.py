@@ -115,3 +115,20 @@ def test_bad_config_names_the_field(patch: dict[str, Any], message: str) -> None
         parse_app_config(args)
     assert message in str(err.value)
     assert str(err.value).startswith("invalid app config")
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [{"device": "cpu"}, {"cpu_pinning": False}, {"engine_loop": "thread", "speculative": {"method": "ngram"}}],
+)
+def test_no_cpu_plan_where_pinning_does_not_apply(patch: dict[str, Any]) -> None:
+    assert AppConfig(model="models/demo-target", **patch).cpu_plan() is None
+
+
+def test_cpu_plan_on_a_gpu_setup_is_the_nodes() -> None:
+    from engine.cpu_affinity import CpuPlan
+
+    config = AppConfig(model="models/demo-target", device="cuda", llm_server={"ray_actor_options": {"num_gpus": 1}})
+    # None on a host without NVIDIA GPUs (CI); the node's plan on a GPU node.
+    assert config.cpu_plan() == CpuPlan.for_node()
+    assert config.to_engine_config(core_cpu=3).core_cpu == 3 and config.to_engine_config().core_cpu is None
