@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.serve_throughput import DirectEngine, make_prompts
+from engine.cpu_affinity import pin_process
 
 
 def _spin(seconds: float) -> int:
@@ -70,21 +71,25 @@ def _ping_pong(conn: socket.socket, first: bool, cpus: set[int] | None, stop) ->
 
 
 def sibling_probe(target: int, seconds: float = 0.3) -> dict[int, float]:
-    """Spin rate on `target` beside a spinner on each other CPU, relative to alone."""
+    """Spin rate on `target` beside a spinner on each other CPU, relative to alone. Each spinner
+    starts while this process may run anywhere (a child inherits its parent's CPUs until it pins
+    itself), and the timing starts once it spins."""
+    every = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {target})
     alone = _spin(seconds)
     ctx = multiprocessing.get_context("spawn")
     out = {}
-    for cpu in sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))):
-        if cpu == target:
-            continue
+    for cpu in sorted(every - {target}):
+        os.sched_setaffinity(0, every)
         stop = ctx.Event()
         p = ctx.Process(target=_spinner, args=(cpu, stop))
         p.start()
-        time.sleep(0.1)
+        time.sleep(0.5)
+        os.sched_setaffinity(0, {target})
         out[cpu] = _spin(seconds) / alone
         stop.set()
         p.join()
+    os.sched_setaffinity(0, every)
     return out
 
 
@@ -114,11 +119,6 @@ class Load:
                 p.kill()
 
 
-def pin_all_threads(pid: int, cpus: set[int]) -> None:
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), cpus)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/demo-target")
@@ -133,11 +133,11 @@ def main() -> None:
     last = every[-1]
     sib = Path(f"/sys/devices/system/cpu/cpu{last}/topology/thread_siblings_list")
     print(f"cpu{last} thread_siblings_list: {sib.read_text().strip() if sib.exists() else '?'}")
-    os.sched_setaffinity(0, {last})
-    _spin_alone = _spin(0.3)
     probe = sibling_probe(last)
     print("spin rate on cpu", last, "beside a spinner on cpu k (1.0: no effect):",
           " ".join(f"{k}:{v:.2f}" for k, v in probe.items()), flush=True)
+    os.sched_setaffinity(0, {last})
+    spin_alone = _spin(0.3)
     os.sched_setaffinity(0, set(every))
     ctx = multiprocessing.get_context("spawn")
     for count in (1, 2, 4, 8, 14):
@@ -147,7 +147,7 @@ def main() -> None:
             q.start()
         time.sleep(0.5)
         os.sched_setaffinity(0, {last})
-        rate = _spin(0.3) / _spin_alone
+        rate = _spin(0.3) / spin_alone
         os.sched_setaffinity(0, set(every))
         stop.set()
         for q in procs:
@@ -181,7 +181,7 @@ def main() -> None:
     print(f"\n{'condition':<22}" + "".join(f"{'c=' + str(c) + ' tok/s':>14}{'ITL p50':>9}" for c in levels), flush=True)
     try:
         for name, load_where, pinned in conditions:
-            pin_all_threads(core_pid, {last} if pinned else set(every))
+            pin_process({last} if pinned else set(every), core_pid)
             os.sched_setaffinity(0, others if pinned else set(every))
             load = None if load_where is None else Load(args.pairs, args.spinners, others if load_where == "others" else None)
             try:

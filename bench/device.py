@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -44,3 +47,15 @@ def graph_seconds_per_call(calls, replays: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / len(calls))
     return statistics.median(times)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run: `python -m <module> <its arguments>`."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def write_json(results: dict, path: str | Path | None) -> None:
+    """results as JSON at path (its folder made first); nothing without a path."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=1))

@@ -16,14 +16,12 @@ and greedy argmax over the vocabulary (one reduction against a two-stage one).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import time
 
 import torch
 
-from bench.device import device_name, graph_seconds_per_call
+from bench.device import command_line, device_name, graph_seconds_per_call, write_json
 from bench.quant import _preset_shapes
 
 COLD_BYTES = 256 << 20  # copies of a weight per timed pass: past the H100/H200 L2 (50 MB)
@@ -190,10 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     for a in results["argmax"]:
         print(f"argmax {a['variant']}: {a['us']:.2f} us")
     results["seconds"] = time.perf_counter() - t0
-    results["command"] = "python -m bench.int4_mma_sweep " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results["command"] = command_line("bench.int4_mma_sweep", argv)
+    write_json(results, args.json)
     return results
 
 

@@ -44,15 +44,13 @@ Prints a table and the W3 report line; --json writes every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.device import device_name, free_memory, graph_seconds_per_call
+from bench.device import command_line, device_name, free_memory, graph_seconds_per_call, write_json
 
 from bench.ceiling import measure_device_rates
 from bench.step_profile import print_profile, profile_decode
@@ -438,11 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
         if windows is not None:
             results["ppl_tokens"] = int(windows[:, 1:].numel())
     results["seconds"] = time.perf_counter() - t_start
-    results["command"] = "python -m bench.quant " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = command_line("bench.quant", argv)
     report(results, args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return results
 
 

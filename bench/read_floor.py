@@ -13,14 +13,12 @@ the gap and only fewer, larger kernels (fusing layers) would.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from bench.device import device_name, graph_seconds_per_call
+from bench.device import command_line, device_name, graph_seconds_per_call, write_json
 from bench.int4_mma_sweep import COLD_BYTES
 from bench.quant import _preset_shapes
 
@@ -90,10 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     floor = {s["shape"]: s["best"]["us"] for s in results["shapes"]}
     results["step_read_us"] = 32 * sum(floor[s] for s in ("qkv", "o", "gate_up", "down")) + floor["lm_head"]
     print(f"reading every int4 code of one step, one kernel per layer: {results['step_read_us']:.0f} us")
-    results["command"] = "python -m bench.read_floor " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results["command"] = command_line("bench.read_floor", argv)
+    write_json(results, args.json)
     return results
 
 
