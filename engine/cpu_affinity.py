@@ -6,7 +6,8 @@ replicas, their gRPC threads and Ray's processes; each wake-up of theirs that th
 the core's CPU preempts the step. On the H200 host, the engine driven directly beside a synthetic
 load of that kind (bench/core_contention.py: six socket ping-pong pairs and two spinners) gave
 15.4k tok/s at 16 streams unpinned and 22.2k with its core pinned and the load kept off that CPU
-(21.0k on the quiet host): BENCHMARKS.md, W2.
+(21.0k on the quiet host). Through Serve on one machine, pinned against unpinned: 90/102/107%
+against 85/86/85% of the direct engine at 16/64/256 streams (BENCHMARKS.md, W2).
 
 The plan: the highest-numbered CPUs of the node, one per GPU (GPU i gets the i-th from the top),
 are the engine cores'; the replicas and the ingress run on the rest. Nodes with fewer than
