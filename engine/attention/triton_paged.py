@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enter as pdl_enter
+from engine.pdl import launch_options
+
 _LOG2E = 1.4426950408889634
 
 # Tile sizes. Decode is bound by K/V reads; prefill by the two matmuls.
@@ -69,7 +72,9 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     QUERY_LEN: tl.constexpr,  # new tokens per sequence, the last at position seq_len - 1
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0)  # the query token
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,7 +149,9 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     splits = tl.arange(0, SPLITS_POW2)
@@ -354,6 +361,7 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
         num_stages=3,
+        **launch_options(q.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -367,6 +375,7 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             SPLITS_POW2=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **launch_options(q.device),
         )
     return out
 

@@ -6,14 +6,18 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enter as pdl_enter
+from engine.pdl import launch_options
+
 
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_res, stride_out, stride_res_out,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -44,7 +48,7 @@ def add_rmsnorm(
         x, res_in, weight, out, res_out,
         x.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
         n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4, **launch_options(x.device),
     )
     return out, res_out
 
@@ -142,9 +146,11 @@ def _rope_and_cache_kernel(
     stride_table,
     num_heads, num_kv_heads, block_size, eps,
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # One program per token, all of its heads: one launch replaces the q and k
     # rotary launches and the two index_copy_ of write_kv.
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
     pos = tl.load(pos_ptr + t)
@@ -231,13 +237,14 @@ def rope_and_cache(
         heads, kv_heads, k_cache.shape[1], eps,
         HAS_NORM=q_weight is not None, HALF=d // 2,
         BLOCK_H=triton.next_power_of_2(heads), BLOCK_KVH=triton.next_power_of_2(kv_heads),
-        num_warps=4,
+        num_warps=4, **launch_options(q.device),
     )
     return q_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -252,5 +259,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = two_n // 2
     out = torch.empty((rows, n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
+    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](
+        gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, **launch_options(gate_up.device)
+    )
     return out

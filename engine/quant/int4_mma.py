@@ -50,6 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enter as pdl_enter
+from engine.pdl import pdl_enabled, prefetch_l2
+
 # The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
 OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
 MAGIC = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}
@@ -58,7 +61,9 @@ _MAGIC_ORDER = (torch.bfloat16, torch.float16)  # the order of MmaWorkspace.magi
 MMA_COLUMNS = 16  # the N side of every dot: tl.dot's smallest
 MMA_MIN_BLOCK_N = 16  # tl.dot's smallest M; the workspace has a split-K counter per 16 rows
 CHUNK_K = 512  # codes of a row per weight load (64 int32 registers per thread at most, see _chunk)
-SUPPORTED_GROUPS = (32, 64, 128, 256)  # 512 and up: a step of 8 groups would not fit shared memory
+SUPPORTED_GROUPS = (32, 64, 128, 256)
+# Groups of each row that a program asks the L2 for before it waits for the kernel ahead (PDL only).
+PREFETCH_GROUPS = 8  # 512 and up: a step of 8 groups would not fit shared memory
 
 
 # ----- layout ----------------------------------------------------------------------------
@@ -117,6 +122,7 @@ def _int4_mma_kernel(
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0,
 ):
     """y = x W^T for int4 W in pack_mma's layout; program (row block, k split, block of x rows).
 
@@ -147,6 +153,13 @@ def _int4_mma_kernel(
     per_split = tl.cdiv(tl.cdiv(num_groups, SPLIT_K), STEP_GROUPS) * STEP_GROUPS
     g_start = pid_k * per_split
     g_end = tl.minimum(num_groups, g_start + per_split)
+    if PDL:
+        if PREFETCH_GROUPS > 0:
+            # The weights are no kernel's output: ask the L2 for this program's first groups while
+            # the kernel ahead finishes (engine/pdl.py).
+            first = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
+            prefetch_l2(first, (tl.minimum(g_end, g_start + PREFETCH_GROUPS) - g_start) * (WPG * 4))
+    pdl_enter(PDL)
 
     j = tl.arange(0, CW)
     cp = tl.arange(0, CP)
@@ -307,6 +320,8 @@ def int4_mma_matmul(
     group: int,
     workspace: MmaWorkspace | None = None,
     config: dict | None = None,
+    pdl: bool | None = None,
+    prefetch_groups: int = PREFETCH_GROUPS,
 ) -> torch.Tensor:
     """x @ W^T (+ bias) in x's dtype. `config` pins the tile sizes (tests, self-check); otherwise
     batch 1 is autotuned and more rows take rows_config. A layer passes its own workspace,
@@ -327,7 +342,9 @@ def int4_mma_matmul(
     b = bias if bias is not None else scales  # an unused pointer without bias
     args = (x, words, scales, zeros, b, y, ws.partials, ws.counters, ws.magic[i : i + 1],
             m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0))
-    common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None)
+    on = pdl_enabled(x.device) if pdl is None else pdl
+    common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
+                  PREFETCH_GROUPS=prefetch_groups if on else 0)
     if config is None and m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
         _int4_mma_tuned[grid](*args, **common)
