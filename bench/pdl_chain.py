@@ -6,7 +6,7 @@ programmatic dependent launch (engine/pdl.py) a product's programs are placed wh
 ahead still runs, ask the L2 for their first weights, and wait for it only before reading x. This
 times pairs (add_rmsnorm, then the int4 product on its output) per 8B layer shape, each pair on
 another input and another copy of the weight (cold in L2), replayed from a CUDA graph, in four
-variants: no PDL; PDL without the prefetch; PDL with PREFETCH_GROUPS 8 and 32. Every variant's
+variants: no PDL; PDL without the prefetch; PDL with PREFETCH_GROUPS 8 and 16. Every variant's
 outputs must equal the eager, PDL-free ones bit for bit: a missing wait would read the previous
 pair's x.
 
@@ -30,7 +30,7 @@ from bench.quant import _preset_shapes
 TILES = {"qkv": (64, 4, 4, 4, 2), "o": (64, 4, 4, 4, 3), "gate_up": (64, 4, 1, 4, 2), "down": (64, 4, 4, 4, 3),
          "lm_head": (64, 4, 1, 4, 2)}
 VARIANTS = [("no PDL", False, 0), ("PDL", True, 0), ("PDL, prefetch 8 groups", True, 8),
-            ("PDL, prefetch 32 groups", True, 32)]
+            ("PDL, prefetch 16 groups", True, 16)]
 
 
 def _graph_replay_us(calls, replays: int = 10) -> tuple[float, list[torch.Tensor]]:

@@ -97,7 +97,7 @@ def mma_counts(group: int = 128, configs: list[tuple] | None = None) -> list[Loo
     out = []
     for n, step, split, warps, stages in configs or int4_mma._MMA_CONFIGS:
         consts = {"GROUP": group, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": n, "STEP_GROUPS": step,
-                  "SPLIT_K": split, "EVEN": True}
+                  "SPLIT_K": split, "EVEN": True, "PDL": False, "PREFETCH_GROUPS": 0}
         weights = n * step * group // (32 * warps)  # per thread per step
         label = f"triton-mma BLOCK_N {n} STEP_GROUPS {step} SPLIT_K {split} warps {warps} stages {stages}"
         out.append(_count(label, int4_mma._int4_mma_kernel, sig, consts, warps, stages, weights))

@@ -5,12 +5,12 @@ tail leave the memory idle: an empty kernel costs 0.9 us in a CUDA graph, and th
 the small projections run at a third of the copy rate. With PDL (compute capability 9.0 and up) a
 kernel launched with it may start before the kernel ahead of it has finished: its programs are
 placed once every program of that kernel has called `gdc_launch_dependents` (or exited), do the part
-that needs nothing from it (the int4 kernel: ask the L2 for its weights), then `gdc_wait` until it
-has completed and its writes are visible.
+that needs nothing from it (the int4 kernel: ask the L2 for its first weights), then `gdc_wait`
+until it has completed and its writes are visible.
 
 The rule for every kernel launched with PDL: `gdc_wait` comes before its first access to memory that
-an earlier kernel writes or reads (so before every store too). `enter` is that wait, then the
-signal that lets the next kernel be placed. Waits chain: a kernel's wait returns after the kernel
+an earlier kernel writes or reads (so before every store too). `enter` is the signal that lets the
+next kernel be placed, then that wait. Waits chain: a kernel's wait returns after the kernel
 ahead completed, and that one completed only after its own wait returned. Kernels launched without
 PDL (torch's, cuBLAS) are ordered as always; the instructions are no-ops without it.
 
@@ -49,22 +49,21 @@ def launch_options(device: torch.device) -> dict:
 
 @triton.jit
 def enter(PDL: tl.constexpr):
-    """Waits for the kernel ahead (its writes visible), then lets the next kernel be placed."""
+    """Lets the next kernel be placed, then waits for the kernel ahead (its writes visible).
+
+    Signalling first lets the kernel after this one ask for its weights while the kernel ahead of
+    this one still runs (W3 in BENCHMARKS.md: 412 against 406 tok/s with the wait first); it is safe
+    because every kernel waits before it touches what another writes, and a wait returns only
+    after the kernel ahead, whose own wait came first, has completed."""
     if PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """Asks the L2 for `nbytes` (a multiple of 16, > 0) from each 16-byte aligned address of `ptrs`
-    (Hopper's bulk prefetch: one instruction a row, no registers tied up). Read-only data only:
-    it may run before `enter`."""
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2; // $0 unused",
-        "=r,l,r",
-        [ptrs.to(tl.int64, bitcast=True), nbytes + tl.zeros(ptrs.shape, tl.int32)],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+def prefetch_l2(ptrs):
+    """One L2 prefetch per address of `ptrs` (the 128-byte line that holds it). Read-only data
+    only: it runs before `enter`. Plain per-line prefetches, not Hopper's bulk prefetch of a
+    whole row, which ptxas issues one address at a time per warp and was no faster."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0 unused", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

@@ -61,9 +61,10 @@ _MAGIC_ORDER = (torch.bfloat16, torch.float16)  # the order of MmaWorkspace.magi
 MMA_COLUMNS = 16  # the N side of every dot: tl.dot's smallest
 MMA_MIN_BLOCK_N = 16  # tl.dot's smallest M; the workspace has a split-K counter per 16 rows
 CHUNK_K = 512  # codes of a row per weight load (64 int32 registers per thread at most, see _chunk)
-SUPPORTED_GROUPS = (32, 64, 128, 256)
-# Groups of each row that a program asks the L2 for before it waits for the kernel ahead (PDL only).
-PREFETCH_GROUPS = 8  # 512 and up: a step of 8 groups would not fit shared memory
+SUPPORTED_GROUPS = (32, 64, 128, 256)  # 512 and up: a step of 8 groups would not fit shared memory
+# Groups of each row that a program asks the L2 for before it waits for the kernel ahead (PDL only;
+# a power of two). W3 on the H200: 417.5 tok/s with 8, 412.1 with none, 402.0 with 16 (BENCHMARKS.md).
+PREFETCH_GROUPS = 8
 
 
 # ----- layout ----------------------------------------------------------------------------
@@ -155,10 +156,12 @@ def _int4_mma_kernel(
     g_end = tl.minimum(num_groups, g_start + per_split)
     if PDL:
         if PREFETCH_GROUPS > 0:
-            # The weights are no kernel's output: ask the L2 for this program's first groups while
-            # the kernel ahead finishes (engine/pdl.py).
-            first = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
-            prefetch_l2(first, (tl.minimum(g_end, g_start + PREFETCH_GROUPS) - g_start) * (WPG * 4))
+            # The weights are no kernel's output: ask the L2 for the 128-byte lines (32 words) of this
+            # program's first groups while the kernels ahead finish (engine/pdl.py).
+            LINES: tl.constexpr = (PREFETCH_GROUPS * WPG + 31) // 32
+            line = tl.minimum(tl.arange(0, LINES), ((g_end - g_start) * WPG - 1) // 32)
+            row = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
+            prefetch_l2(row[:, None] + line[None, :] * 32)
     pdl_enter(PDL)
 
     j = tl.arange(0, CW)

@@ -1,0 +1,80 @@
+"""engine/pdl.py: when the decode kernels launch with PDL, and the order their PTX keeps.
+
+The order is the safety rule of PDL: a kernel launched with it may run while the kernel ahead is
+still writing, so nothing but the read-only weight prefetch may touch memory before its
+`griddepcontrol.wait`. The kernels are compiled for sm_90 offline (Triton's own ptxas, no GPU), in a
+fresh process: the interpreter tests of this session switch TRITON_INTERPRET on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import sass_count
+from engine.pdl import launch_options, pdl_enabled
+
+
+def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_when_switched_off(monkeypatch):
+    assert not pdl_enabled(torch.device("cpu"))
+    assert launch_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    # Neither of these asks the (absent) GPU for its capability.
+    monkeypatch.setenv("ENGINE_PDL", "0")
+    assert not pdl_enabled(torch.device("cuda", 0))
+    monkeypatch.delenv("ENGINE_PDL")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl_enabled(torch.device("cuda", 0))
+
+
+_PTX = """
+import json
+import re
+from bench.sass_count import compile_sm90
+from engine.model import triton_ops
+from engine.quant import int4_mma
+
+def order(ptx):
+    lines = [re.sub(r"^@!?%p\\d+\\s+", "", l.strip()) for l in ptx.splitlines()]  # predicates dropped
+    def first(*ops):
+        return next((i for i, l in enumerate(lines) if l.startswith(ops)), None)
+    return {"signal": first("griddepcontrol.launch_dependents"), "wait": first("griddepcontrol.wait"),
+            "prefetch": first("prefetch.global.L2"), "memory": first("ld.global", "st.global", "cp.async", "atom.")}
+
+mma_sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+out = {}
+for pdl in (True, False):
+    consts = {"GROUP": 128, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": 64, "STEP_GROUPS": 4, "SPLIT_K": 4,
+              "EVEN": True, "PDL": pdl, "PREFETCH_GROUPS": int4_mma.PREFETCH_GROUPS}
+    out[f"mma {pdl}"] = order(compile_sm90(int4_mma._int4_mma_kernel, mma_sig, consts, 4, 2).asm["ptx"])
+norm_sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
+            "stride_x": "i32", "stride_res": "i32", "stride_out": "i32", "stride_res_out": "i32", "n_cols": "i32",
+            "eps": "fp32"}
+out["norm True"] = order(compile_sm90(triton_ops._add_rmsnorm_kernel, norm_sig,
+                                      {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True}, 4, 1).asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas in the triton wheel")
+def test_kernels_signal_then_wait_before_any_memory_access_but_the_weight_prefetch():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _PTX], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("mma True", "norm True"):
+        o = found[name]
+        assert o["memory"] is not None and o["signal"] < o["wait"] < o["memory"], (name, o)
+    mma = found["mma True"]
+    assert mma["prefetch"] is not None and mma["prefetch"] < mma["wait"]
+    assert found["norm True"]["prefetch"] is None
+    off = found["mma False"]
+    assert off["signal"] is None and off["wait"] is None and off["prefetch"] is None
