@@ -80,7 +80,8 @@ def chain_shape(name: str, k: int, n: int, device: torch.device) -> dict:
 
     os.environ["ENGINE_PDL"] = "0"
     reference = [pair(i, False, 0) for i in range(calls_per_pass)]
-    norm_us, _ = _graph_replay_us([lambda i=i: add_rmsnorm(xs[i], None, norm_w, 1e-5)[0] for i in range(calls_per_pass)])
+    norm_us, _ = _graph_replay_us([lambda i=i: add_rmsnorm(xs[i], None, norm_w, 1e-5)[0]
+                                   for i in range(calls_per_pass)])
     rows = []
     for label, pdl, prefetch in VARIANTS:
         os.environ["ENGINE_PDL"] = "1" if pdl else "0"  # the norm's launch follows it (engine/pdl.py)

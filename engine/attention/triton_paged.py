@@ -361,7 +361,7 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
         num_stages=3,
-        **launch_options(q.device),
+        **launch_options(q.device, batch),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -375,7 +375,7 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             SPLITS_POW2=triton.next_power_of_2(num_splits),
             num_warps=4,
-            **launch_options(q.device),
+            **launch_options(q.device, batch),
         )
     return out
 

@@ -48,7 +48,8 @@ def add_rmsnorm(
         x, res_in, weight, out, res_out,
         x.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
         n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4, **launch_options(x.device),
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4,
+        **launch_options(x.device, rows),
     )
     return out, res_out
 
@@ -237,7 +238,7 @@ def rope_and_cache(
         heads, kv_heads, k_cache.shape[1], eps,
         HAS_NORM=q_weight is not None, HALF=d // 2,
         BLOCK_H=triton.next_power_of_2(heads), BLOCK_KVH=triton.next_power_of_2(kv_heads),
-        num_warps=4, **launch_options(q.device),
+        num_warps=4, **launch_options(q.device, t),
     )
     return q_out
 
@@ -260,6 +261,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, **launch_options(gate_up.device)
+        gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, **launch_options(gate_up.device, rows)
     )
     return out

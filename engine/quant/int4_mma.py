@@ -38,6 +38,10 @@ Split-K (batch 1 only) is deterministic as in kernels.py: each slice stores its 
 the last program of a row block to arrive (a counter) adds them in slice order and resets the
 counter, so a CUDA graph replays the same bits.
 
+PDL (engine/pdl.py, Hopper, launches of at most 8 rows): each program first asks the L2 for the
+lines of its first PREFETCH_GROUPS groups of every row (the weights are no kernel's output), lets
+the next kernel be placed, and only then waits for the kernel ahead, whose output is x.
+
 Everything here also runs under the Triton interpreter (TRITON_INTERPRET=1; tests/engine/quant/
 test_int4_mma.py): the numbers are checked there; the register layouts and the speed only on a GPU.
 """
@@ -51,7 +55,7 @@ import triton
 import triton.language as tl
 
 from engine.pdl import enter as pdl_enter
-from engine.pdl import pdl_enabled, prefetch_l2
+from engine.pdl import prefetch_l2, use_pdl
 
 # The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
 OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
@@ -328,7 +332,9 @@ def int4_mma_matmul(
 ) -> torch.Tensor:
     """x @ W^T (+ bias) in x's dtype. `config` pins the tile sizes (tests, self-check); otherwise
     batch 1 is autotuned and more rows take rows_config. A layer passes its own workspace,
-    allocated once, so a captured CUDA graph owns no allocation and layers share no counters."""
+    allocated once, so a captured CUDA graph owns no allocation and layers share no counters.
+    `pdl` (None: engine/pdl.py's choice for m rows) launches it with programmatic dependent launch,
+    its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait."""
     if x.dtype not in OFFSET:
         raise ValueError(f"the int4 mma kernel takes bf16 or fp16 activations, not {x.dtype}")
     if group not in SUPPORTED_GROUPS:
@@ -345,7 +351,7 @@ def int4_mma_matmul(
     b = bias if bias is not None else scales  # an unused pointer without bias
     args = (x, words, scales, zeros, b, y, ws.partials, ws.counters, ws.magic[i : i + 1],
             m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0))
-    on = pdl_enabled(x.device) if pdl is None else pdl
+    on = use_pdl(x.device, m) if pdl is None else pdl
     common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
                   PREFETCH_GROUPS=prefetch_groups if on else 0)
     if config is None and m == 1:

@@ -18,18 +18,28 @@ import pytest
 import torch
 
 from bench import sass_count
-from engine.pdl import launch_options, pdl_enabled
+from engine import pdl
+from engine.pdl import launch_options, pdl_enabled, use_pdl
 
 
 def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_when_switched_off(monkeypatch):
     assert not pdl_enabled(torch.device("cpu"))
-    assert launch_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    assert launch_options(torch.device("cpu"), 1) == {"PDL": False, "launch_pdl": False}
     # Neither of these asks the (absent) GPU for its capability.
     monkeypatch.setenv("ENGINE_PDL", "0")
     assert not pdl_enabled(torch.device("cuda", 0))
     monkeypatch.delenv("ENGINE_PDL")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl_enabled(torch.device("cuda", 0))
+
+
+def test_only_launches_of_few_tokens_use_pdl(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(pdl, "pdl_enabled", lambda device: device == gpu)  # a Hopper GPU, without one
+    assert use_pdl(gpu, 1) and use_pdl(gpu, pdl.PDL_MAX_ROWS)
+    assert not use_pdl(gpu, pdl.PDL_MAX_ROWS + 1)
+    assert launch_options(gpu, 1) == {"PDL": True, "launch_pdl": True}
+    assert launch_options(gpu, 256) == {"PDL": False, "launch_pdl": False}
 
 
 _PTX = """
