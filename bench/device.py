@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import statistics
@@ -33,11 +34,16 @@ def graph_seconds_per_call(calls, replays: int = 10) -> float:
     replayed `replays` times: no launch overhead. Each call runs once first (compiles, warm-up)."""
     for call in calls:
         call()
+    return graph_replay(calls, replays)[0]
+
+
+def graph_replay(calls, replays: int = 10) -> tuple[float, list]:
+    """(median seconds per call, what each call returned in the last replay) of `calls` captured
+    once in a CUDA graph and replayed `replays` times. The calls must have run before (compiles)."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+        outs = [call() for call in calls]
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,7 +52,15 @@ def graph_seconds_per_call(calls, replays: int = 10) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return statistics.median(times)
+    return statistics.median(times), outs
+
+
+def shapes_cli(doc: str, argv: list[str] | None):
+    """(args, cuda device) for the bench scripts that walk one preset's layer shapes: --preset, --json."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--json", default=None)
+    return ap.parse_args(argv), torch.device("cuda")
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

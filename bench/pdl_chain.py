@@ -15,14 +15,13 @@ pair's x.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import statistics
 
 import torch
 
-from bench.device import command_line, device_name, write_json
+from bench.device import command_line, device_name, graph_replay, graph_seconds_per_call, shapes_cli
+from bench.device import write_json
 from bench.int4_mma_sweep import COLD_BYTES, GROUP
 from bench.quant import _preset_shapes
 
@@ -31,23 +30,6 @@ TILES = {"qkv": (64, 4, 4, 4, 2), "o": (64, 4, 4, 4, 3), "gate_up": (64, 4, 1, 4
          "lm_head": (64, 4, 1, 4, 2)}
 VARIANTS = [("no PDL", False, 0), ("PDL", True, 0), ("PDL, prefetch 8 groups", True, 8),
             ("PDL, prefetch 16 groups", True, 16)]
-
-
-def _graph_replay_us(calls, replays: int = 10) -> tuple[float, list[torch.Tensor]]:
-    """(median us per call, the outputs of the last replay) of `calls` captured in one graph."""
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [call() for call in calls]
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times), [o.clone() for o in outs]
 
 
 def chain_shape(name: str, k: int, n: int, device: torch.device) -> dict:
@@ -80,17 +62,17 @@ def chain_shape(name: str, k: int, n: int, device: torch.device) -> dict:
 
     os.environ["ENGINE_PDL"] = "0"
     reference = [pair(i, False, 0) for i in range(calls_per_pass)]
-    norm_us, _ = _graph_replay_us([lambda i=i: add_rmsnorm(xs[i], None, norm_w, 1e-5)[0]
-                                   for i in range(calls_per_pass)])
+    norm_us = graph_seconds_per_call([lambda i=i: add_rmsnorm(xs[i], None, norm_w, 1e-5)[0]
+                                      for i in range(calls_per_pass)]) * 1e6
     rows = []
     for label, pdl, prefetch in VARIANTS:
         os.environ["ENGINE_PDL"] = "1" if pdl else "0"  # the norm's launch follows it (engine/pdl.py)
         calls = [lambda i=i, p=pdl, f=prefetch: pair(i, p, f) for i in range(calls_per_pass)]
         for call in calls[:2]:
             call()  # compiles
-        us, outs = _graph_replay_us(calls)
+        seconds, outs = graph_replay(calls)
         same = all(torch.equal(a, b) for a, b in zip(outs, reference))
-        rows.append({"variant": label, "pdl": pdl, "prefetch_groups": prefetch, "pair_us": us,
+        rows.append({"variant": label, "pdl": pdl, "prefetch_groups": prefetch, "pair_us": seconds * 1e6,
                      "bit_identical": same})
     os.environ.pop("ENGINE_PDL", None)
     return {"shape": name, "K": k, "N": n, "bytes": nbytes, "copies": copies, "tile": cfg, "norm_alone_us": norm_us,
@@ -98,11 +80,7 @@ def chain_shape(name: str, k: int, n: int, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama3-8b")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    device = torch.device("cuda")
+    args, device = shapes_cli(__doc__, argv)
     results = {"device": device_name(device), "shapes": []}
     for name, (k, n) in _preset_shapes(args.preset).items():
         r = chain_shape(name, k, n, device)

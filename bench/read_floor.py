@@ -12,13 +12,12 @@ the gap and only fewer, larger kernels (fusing layers) would.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import triton
 import triton.language as tl
 
-from bench.device import command_line, device_name, graph_seconds_per_call, write_json
+from bench.device import command_line, device_name, graph_seconds_per_call, shapes_cli, write_json
 from bench.int4_mma_sweep import COLD_BYTES
 from bench.quant import _preset_shapes
 
@@ -70,11 +69,7 @@ def floor_shape(name: str, k: int, n: int, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama3-8b")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    device = torch.device("cuda")
+    args, device = shapes_cli(__doc__, argv)
     out = torch.empty(1024, dtype=torch.int32, device=device)
     empty_us = graph_seconds_per_call([lambda: _empty_kernel[(132,)](out)] * 50) * 1e6
     results = {"device": device_name(device), "empty_kernel_us": empty_us, "shapes": []}

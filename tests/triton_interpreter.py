@@ -45,3 +45,19 @@ def exact_bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
         return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot)
+
+
+def fresh_process_json(code: str) -> dict:
+    """Runs `code` in a fresh Python without TRITON_INTERPRET (kernels decorated under the
+    interpreter cannot be compiled for a GPU) from the repo root; its last stdout line as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

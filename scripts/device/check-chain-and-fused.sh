@@ -4,17 +4,7 @@
 # norm-linear kernel, checked and then timed beside what they replace. Logs go to $OUT.
 #   run: PYTHONPATH=$PWD bash scripts/device/check-chain-and-fused.sh
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: runs it bounded in time, its log in $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "=== $name: exit $?"
-  tail -n 30 "$OUT/$name.log"
-}
+source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 step chain-check 150 python bench/spec_chain_check.py
 step norm-linear 120 python bench/norm_linear.py --sweep

@@ -4,17 +4,7 @@
 # run), and Nsight Compute's view of the int4 kernel on two 8B shapes. Logs and JSON go to $OUT.
 #   run: bash scripts/device/w3-check-ncu.sh
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: runs it bounded in time, its log in $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "=== $name: exit $?"
-  grep -v "Warning\|warn(" "$OUT/$name.log" | tail -n "${TAIL:-12}"
-}
+source scripts/device/steps.sh
 step engine-check 150 python bench/engine_check.py
 step pdl-chain 150 python -m bench.pdl_chain --json "$OUT/pdl-chain.json"
 TAIL=8 step w3 170 python -m bench.quant --modes bf16,int4-torch,int4-triton-mma,int8 --async-scheduling on \

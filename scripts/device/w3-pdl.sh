@@ -4,18 +4,8 @@
 # the same modes, one after the other on this machine. Logs and JSON go to $OUT.
 #   run: bash scripts/device/w3-pdl.sh [MODES]
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
+source scripts/device/steps.sh
 modes="${1:-bf16,int4-torch,int4-triton-mma,int8}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: runs it bounded in time, its log in $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "=== $name: exit $?"
-  grep -v "Warning\|warn(" "$OUT/$name.log" | tail -n "${TAIL:-40}"
-}
 python -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__, torch.version.cuda)"
 step pdl-chain 200 python -m bench.pdl_chain --json "$OUT/pdl-chain.json"
 w3="--modes $modes --async-scheduling on --ppl-modes none --repeats 2 --profile"

@@ -11,15 +11,10 @@ TRITON_INTERPRET on, and kernels decorated under it cannot be compiled.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from bench import sass_count
+from tests.triton_interpreter import fresh_process_json
 
 pytestmark = pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas / cuobjdump in the triton wheel")
 
@@ -33,11 +28,7 @@ print(json.dumps({"mma": mma.__dict__, "matvec": matvec.__dict__}))
 
 
 def test_the_mma_kernel_issues_far_fewer_instructions_per_weight():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", _COUNT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = fresh_process_json(_COUNT)
     mma, matvec = counts["mma"], counts["matvec"]
     assert mma["top"].get("HGMMA", 0) > 0  # wgmma: the weights' tile stays in registers
     # 7 logic / shift instructions per 8 weights plus one wgmma per 8 (per thread) are the floor

@@ -8,18 +8,13 @@ fresh process: the interpreter tests of this session switch TRITON_INTERPRET on.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from bench import sass_count
 from engine import pdl
 from engine.pdl import launch_options, pdl_enabled, use_pdl
+from tests.triton_interpreter import fresh_process_json
 
 
 def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_when_switched_off(monkeypatch):
@@ -75,11 +70,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas in the triton wheel")
 def test_kernels_signal_then_wait_before_any_memory_access_but_the_weight_prefetch():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", _PTX], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = fresh_process_json(_PTX)
     for name in ("mma True", "norm True"):
         o = found[name]
         assert o["memory"] is not None and o["signal"] < o["wait"] < o["memory"], (name, o)
