@@ -33,11 +33,24 @@ import triton
 import triton.language as tl
 
 
+MIN_CUDA = (12, 3)  # the runtime that captures programmatic launches into CUDA graphs as such
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether this process launches the decode kernels on `device` with PDL."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ENGINE_PDL") == "0":
         return False
+    if not cuda_runtime_supports_pdl(torch.version.cuda):
+        return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+def cuda_runtime_supports_pdl(version: str | None) -> bool:
+    """Whether torch's CUDA runtime ("12.8", "13.0"; None for a CPU build) is MIN_CUDA or newer."""
+    if not version:
+        return False
+    parts = [int(part) for part in version.split(".")] + [0]
+    return (parts[0], parts[1]) >= MIN_CUDA
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ import torch
 
 from bench import sass_count
 from engine import pdl
-from engine.pdl import launch_options, pdl_enabled, use_pdl
+from engine.pdl import cuda_runtime_supports_pdl, launch_options, pdl_enabled, use_pdl
 from tests.triton_interpreter import fresh_process_json
 
 
@@ -26,6 +26,12 @@ def test_pdl_is_off_on_the_cpu_under_the_interpreter_and_when_switched_off(monke
     monkeypatch.delenv("ENGINE_PDL")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl_enabled(torch.device("cuda", 0))
+
+
+def test_pdl_needs_a_cuda_runtime_that_captures_it_in_graphs():
+    assert cuda_runtime_supports_pdl("12.3") and cuda_runtime_supports_pdl("12.8") and cuda_runtime_supports_pdl("13.0")
+    assert not cuda_runtime_supports_pdl("12.2") and not cuda_runtime_supports_pdl("11.8")
+    assert not cuda_runtime_supports_pdl(None)  # a CPU build of torch
 
 
 def test_only_launches_of_few_tokens_use_pdl(monkeypatch):
