@@ -12,7 +12,6 @@ the gap and only fewer, larger kernels (fusing layers) would.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -40,9 +40,7 @@ def pdl_enabled(device: torch.device) -> bool:
     """Whether this process launches the decode kernels on `device` with PDL."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ENGINE_PDL") == "0":
         return False
-    if not cuda_runtime_supports_pdl(torch.version.cuda):
-        return False
-    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def cuda_runtime_supports_pdl(version: str | None) -> bool:
@@ -54,8 +52,10 @@ def cuda_runtime_supports_pdl(version: str | None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _device_supports_pdl(index: int) -> bool:
+    """Hopper or newer, under a CUDA runtime that captures PDL: fixed for the process, so asked once
+    per device rather than on every launch."""
+    return cuda_runtime_supports_pdl(torch.version.cuda) and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 PDL_MAX_ROWS = 8  # tokens of a launch; measured at 1 (gain) and up to 256 (loss), not between

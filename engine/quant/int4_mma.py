@@ -158,14 +158,13 @@ def _int4_mma_kernel(
     per_split = tl.cdiv(tl.cdiv(num_groups, SPLIT_K), STEP_GROUPS) * STEP_GROUPS
     g_start = pid_k * per_split
     g_end = tl.minimum(num_groups, g_start + per_split)
-    if PDL:
-        if PREFETCH_GROUPS > 0:
-            # The weights are no kernel's output: ask the L2 for the 128-byte lines (32 words) of this
-            # program's first groups while the kernels ahead finish (engine/pdl.py).
-            LINES: tl.constexpr = (PREFETCH_GROUPS * WPG + 31) // 32
-            line = tl.minimum(tl.arange(0, LINES), ((g_end - g_start) * WPG - 1) // 32)
-            row = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
-            prefetch_l2(row[:, None] + line[None, :] * 32)
+    if PDL and PREFETCH_GROUPS > 0:
+        # The weights are no kernel's output: ask the L2 for the 128-byte lines (32 words) of this
+        # program's first groups while the kernels ahead finish (engine/pdl.py).
+        LINES: tl.constexpr = (PREFETCH_GROUPS * WPG + 31) // 32
+        line = tl.minimum(tl.arange(0, LINES), ((g_end - g_start) * WPG - 1) // 32)
+        row = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
+        prefetch_l2(row[:, None] + line[None, :] * 32)
     pdl_enter(PDL)
 
     j = tl.arange(0, CW)
