@@ -16,20 +16,14 @@ and greedy argmax over the vocabulary (one reduction against a two-stage one).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from bench.device import command_line, device_name, graph_seconds_per_call, write_json
 from bench.quant import _preset_shapes
 
-CONFIRM_TOP = 4  # leaders of the one-pass ranking timed again
-CONFIRM_PASSES = 3
 COLD_BYTES = 256 << 20  # copies of a weight per timed pass: past the H100/H200 L2 (50 MB)
 GROUP = 128
 
@@ -46,32 +40,9 @@ def sweep_configs() -> list[tuple[int, int, int, int, int]]:
     return configs
 
 
-# (BLOCK_N, STEP_GROUPS, COLUMNS, SPLIT_K, warps, stages): the one-row kernel (_int4_mma_row_kernel)
-def row_sweep_configs() -> list[tuple[int, int, int, int, int, int]]:
-    configs = []
-    for stages in (2, 3, 4):
-        configs += [(64, sg, 16, s, 4, stages) for sg in (2, 4) for s in (2, 4, 7, 8)]
-        configs += [(64, 4, 32, s, 4, stages) for s in (1, 2, 4)]
-        configs += [(128, 4, 16, s, 8, stages) for s in (2, 7)]
-    return configs
-
-
 def cfg_dict(c: tuple) -> dict:
-    if len(c) == 6:
-        n, sg, cols, sk, w, st = c
-        return {"BLOCK_N": n, "STEP_GROUPS": sg, "COLUMNS": cols, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
     n, sg, sk, w, st = c
     return {"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
-
-
-def config_fits(cfg: dict, k: int, n: int) -> bool:
-    from engine.quant import int4_mma
-
-    if n % cfg["BLOCK_N"]:
-        return False
-    if "COLUMNS" in cfg:
-        return int4_mma._row_fits(cfg["STEP_GROUPS"], cfg["COLUMNS"], cfg["SPLIT_K"], GROUP, k // GROUP)
-    return int4_mma._fits(cfg["STEP_GROUPS"], cfg["SPLIT_K"], GROUP, k // GROUP)
 
 
 def graph_us(calls) -> float:
@@ -98,65 +69,37 @@ def sweep_shape(name: str, k: int, n: int, configs: list[tuple], device: torch.d
     reps = max(1, math.ceil(20 / copies))
     ws = int4_mma.MmaWorkspace.for_rows(n, device)
     bound = 2.0**-8 * ref.abs() + 1e-4 * ref.abs().max()
-    def call(w, cfg):
-        return int4_mma.int4_mma_matmul(x, w[0], w[1], w[2], None, GROUP, ws, cfg)
-
     rows = []
     for c in configs:
         cfg = cfg_dict(c)
-        if not config_fits(cfg, k, n):
+        if not int4_mma._fits(cfg["STEP_GROUPS"], cfg["SPLIT_K"], GROUP, k // GROUP) or n % cfg["BLOCK_N"]:
             continue
         row = {"config": cfg}
         try:
-            y = call(weights[0], cfg).float()
+            def call(w, cfg=cfg):
+                return int4_mma.int4_mma_matmul(x, w[0], w[1], w[2], None, GROUP, ws, cfg)
+
+            y = call(weights[0]).float()
             row["excess"] = float((((y - ref).abs() - bound) / bound).max())
-            us = graph_us([lambda w=w, cfg=cfg: call(w, cfg) for w in weights] * reps)
+            us = graph_us([lambda w=w: call(w) for w in weights] * reps)
             row.update(us=us, GBps=nbytes / us / 1e3)
         except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {exc}"[:200]
         rows.append(row)
-    # What the engine's autotuner picks without a measured table (its own timing), timed the same way.
+    # What the engine's autotuner picks (on its own, L2-warm timing), timed the same way.
     auto = {}
-    os.environ["ENGINE_INT4_TUNED"] = "0"
-    try:
-        int4_mma.int4_mma_matmul(x, weights[0][0], weights[0][1], weights[0][2], None, GROUP, ws)
-        best = next((c for key, c in int4_mma._int4_mma_tuned.cache.items() if tuple(key[:3]) == (n, k, GROUP)), None)
-        if best is not None:
-            auto["config"] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-        auto["us"] = graph_us([lambda w=w: int4_mma.int4_mma_matmul(x, w[0], w[1], w[2], None, GROUP, ws)
-                               for w in weights] * reps)
-    finally:
-        del os.environ["ENGINE_INT4_TUNED"]
+    int4_mma.int4_mma_matmul(x, weights[0][0], weights[0][1], weights[0][2], None, GROUP, ws)
+    best = next((c for key, c in int4_mma._int4_mma_tuned.cache.items() if tuple(key[:3]) == (n, k, GROUP)), None)
+    if best is not None:
+        auto["config"] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+    auto["us"] = graph_us([lambda w=w: int4_mma.int4_mma_matmul(x, w[0], w[1], w[2], None, GROUP, ws)
+                           for w in weights] * reps)
     auto["GBps"] = nbytes / auto["us"] / 1e3
     bf16 = bf16_us(k, n, device)
     ok = [r for r in rows if "us" in r and r["excess"] <= 0]
     ok.sort(key=lambda r: r["us"])
-    # One timing a config ranks the field; the table's pick is the best median of the leaders, re-timed
-    # in turn (the spread between passes of one config is several percent at 7-25 us).
-    leaders = ok[:CONFIRM_TOP]
-    passes = {i: [] for i in range(len(leaders))}
-    for _ in range(CONFIRM_PASSES):
-        for i, r in enumerate(leaders):
-            passes[i].append(graph_us([lambda w=w, cfg=r["config"]: call(w, cfg) for w in weights] * reps))
-    for i, r in enumerate(leaders):
-        r["confirm_us"] = passes[i]
-    confirmed = sorted(leaders, key=lambda r: statistics.median(r["confirm_us"]))
-    return {"shape": name, "K": k, "N": n, "bytes": nbytes, "copies": copies, "rows": rows, "best": confirmed[:1],
+    return {"shape": name, "K": k, "N": n, "bytes": nbytes, "copies": copies, "rows": rows, "best": ok[:1],
             "autotuned": auto, "bf16_us": bf16, "bad": [r for r in rows if r.get("excess", 0) > 0 or "error" in r]}
-
-
-def write_table(shapes: list[dict], device: torch.device) -> Path:
-    """Each shape's confirmed best into this GPU's table, keeping the entries of other shapes."""
-    from engine.quant.int4_tuned import shape_key, table_path
-
-    path = table_path(torch.cuda.get_device_name(device))
-    table = json.loads(path.read_text()) if path.exists() else {}
-    for s in shapes:
-        if s["best"]:
-            table.setdefault(str(GROUP), {})[shape_key(s["N"], s["K"])] = s["best"][0]["config"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    return path
 
 
 def bf16_us(k: int, n: int, device: torch.device) -> float:
@@ -214,19 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--top", type=int, default=6)
-    ap.add_argument("--write-table", action="store_true",
-                    help="write each shape's confirmed best into engine/quant/tuned/<this GPU>.json (int4_tuned.py)")
-    ap.add_argument("--kernel", choices=("row", "steps", "both"), default="row",
-                    help="row: the one-row kernel the engine runs at batch 1; steps: the kernel for more rows")
-    ap.add_argument("--steps-configs", default=None,
-                    help="with --kernel both: only these step-kernel configs, 'n,sg,split,warps,stages;...'")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     t0 = time.perf_counter()
-    steps = sweep_configs()
-    if args.steps_configs:
-        steps = [tuple(int(v) for v in c.split(",")) for c in args.steps_configs.split(";")]
-    configs = {"row": row_sweep_configs(), "steps": steps, "both": row_sweep_configs() + steps}[args.kernel]
+    configs = sweep_configs()
     results = {"device": device_name(device), "configs": len(configs), "shapes": []}
     for name, (k, n) in _preset_shapes(args.preset).items():
         r = sweep_shape(name, k, n, configs, device)
@@ -237,16 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
         ok = sorted((x for x in r["rows"] if "us" in x and x["excess"] <= 0), key=lambda x: x["us"])
         for x in ok[: args.top]:
             print(f"    {x['us']:7.1f} us {x['GBps']:6.0f} GB/s  {x['config']}", flush=True)
-        if r["best"]:
-            b = r["best"][0]
-            print(f"    confirmed best: {' '.join(f'{u:.1f}' for u in b['confirm_us'])} us  {b['config']}", flush=True)
         for x in r["bad"]:
             print(f"    BAD {x}", flush=True)
-    if args.write_table:
-        results["table"] = str(write_table(results["shapes"], device))
-        print(f"table: {results['table']}")
-    per_layer = {s["shape"]: (statistics.median(s["best"][0]["confirm_us"]) if s["best"] else None)
-                 for s in results["shapes"]}
+    per_layer = {s["shape"]: (s["best"][0]["us"] if s["best"] else None) for s in results["shapes"]}
     auto_layer = {s["shape"]: s["autotuned"]["us"] for s in results["shapes"]}
     layers = 32
     def step(d):

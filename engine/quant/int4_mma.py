@@ -55,7 +55,6 @@ import triton
 import triton.language as tl
 
 from engine.pdl import enter as pdl_enter
-from engine.quant.int4_tuned import tuned_config
 from engine.pdl import prefetch_l2, use_pdl
 
 # The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
@@ -232,76 +231,6 @@ def _finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, 
         tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
-def _int4_mma_row_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr,
-    N, K, stride_wn, stride_sn,
-    GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, COLUMNS: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0,
-):
-    """y = x W^T for one x row; program (row block, k split). Accumulator column c holds the dot of
-    the program's group c (x restricted to it), so the loop only loads weights and x and runs dots:
-    the scales, zeros and x sums of the program's at most COLUMNS groups are applied once, after it.
-    The scales and zeros are no kernel's output, so they are loaded before the PDL wait."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    CHUNK: tl.constexpr = STEP_GROUPS // (STEP_GROUPS * GROUP // 512 + (STEP_GROUPS * GROUP < 512))
-    WPG: tl.constexpr = GROUP // 8
-    PLANE: tl.constexpr = GROUP // 4
-    CW: tl.constexpr = CHUNK * WPG
-    CP: tl.constexpr = CHUNK * PLANE
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    num_groups = K // GROUP
-    per_split = tl.cdiv(tl.cdiv(num_groups, SPLIT_K), STEP_GROUPS) * STEP_GROUPS  # <= COLUMNS (host)
-    g_start = pid_k * per_split
-    g_end = tl.minimum(num_groups, g_start + per_split)
-    col = tl.arange(0, COLUMNS)
-    grp = g_start + col
-    g_ok = grp < g_end
-    sz = offs_n[:, None] * stride_sn + grp[None, :]
-    sz_mask = n_mask[:, None] & g_ok[None, :]
-    s = tl.load(s_ptr + sz, mask=sz_mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz, mask=sz_mask, other=0).to(tl.float32)
-    if PDL and PREFETCH_GROUPS > 0:
-        LINES: tl.constexpr = (PREFETCH_GROUPS * WPG + 31) // 32
-        line = tl.minimum(tl.arange(0, LINES), tl.maximum(((g_end - g_start) * WPG - 1) // 32, 0))
-        row = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
-        prefetch_l2(row[:, None] + line[None, :] * 32)
-    pdl_enter(PDL)
-
-    j = tl.arange(0, CW)
-    cp = tl.arange(0, CP)
-    cp_grp = cp // PLANE
-    b_off = (cp_grp * GROUP + cp % PLANE)[:, None] + col[None, :] * 0
-    w_rows = w_ptr + offs_n[:, None] * stride_wn
-    magic = tl.load(magic_ptr + tl.zeros([1, 1], dtype=tl.int32))
-    acc = tl.zeros([BLOCK_N, COLUMNS], dtype=tl.float32)
-    for g0 in range(g_start, g_end, STEP_GROUPS):
-        for ch in tl.static_range(STEP_GROUPS // CHUNK):
-            gc = g0 + ch * CHUNK
-            b_mask = (gc - g_start + cp_grp)[:, None] == col[None, :]
-            if EVEN:
-                w = tl.load(w_rows + gc * WPG + j[None, :])
-            else:
-                w_mask = n_mask[:, None] & (gc + j // WPG < g_end)[None, :]
-                w = tl.load(w_rows + gc * WPG + j[None, :], mask=w_mask, other=0)
-                b_mask = b_mask & (gc + cp_grp < g_end)[:, None]
-            acc = _chunk_dots(acc, w, x_ptr, b_off, b_mask, magic, gc, GROUP, BLOCK_N, CW, DT)
-    xg = tl.load(x_ptr + grp[None, :] * GROUP + tl.arange(0, GROUP)[:, None], mask=g_ok[None, :], other=0.0)
-    xsum = tl.sum(xg.to(tl.float32), axis=0)  # [COLUMNS]: x summed over each column's group
-    out = tl.sum(s * (acc - (OFFSET + z) * xsum[None, :]), axis=1)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        _finish_split(out, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr, HAS_BIAS, SPLIT_K)
-
-
 # ----- autotuning ------------------------------------------------------------------------
 
 # Batch 1: (BLOCK_N, STEP_GROUPS, SPLIT_K, warps, stages) as read for group 128. wgmma wants 64
@@ -357,24 +286,6 @@ _int4_mma_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench,
 )(triton.heuristics({"EVEN": _even})(_int4_mma_kernel))
-
-
-def _row_split_groups(num_groups: int, split: int, step_groups: int) -> int:
-    """Groups of each k slice of _int4_mma_row_kernel (a whole number of steps; the last may have fewer)."""
-    return triton.cdiv(triton.cdiv(num_groups, split), step_groups) * step_groups
-
-
-def _row_fits(step_groups: int, columns: int, split: int, group: int, num_groups: int) -> bool:
-    """A slice's groups fit the accumulator's columns; every slice has a group; a plane spans >= 16 k."""
-    per_split = _row_split_groups(num_groups, split, step_groups)
-    return per_split <= columns and (split - 1) * per_split < num_groups and _fits(step_groups, 1, group, num_groups)
-
-
-def _row_even(args: dict) -> bool:
-    """Whole row blocks, whole steps and whole slices: no masks on the weight loads."""
-    num_groups = args["K"] // args["GROUP"]
-    per_split = _row_split_groups(num_groups, args["SPLIT_K"], args["STEP_GROUPS"])
-    return args["N"] % args["BLOCK_N"] == 0 and num_groups % per_split == 0 and per_split % args["STEP_GROUPS"] == 0
 
 
 def rows_config(m: int, group: int) -> dict:
@@ -443,13 +354,8 @@ def int4_mma_matmul(
     common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
                   PREFETCH_GROUPS=prefetch_groups if on else 0)
     if config is None and m == 1:
-        config = tuned_config(x.device, n, k, group)
-        if config is None:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
-            _int4_mma_tuned[grid](*args, **common)
-            return y
-    if m == 1 and "COLUMNS" in config:
-        _row_matmul(args, common, n, k, group, config)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
+        _int4_mma_tuned[grid](*args, **common)
         return y
     cfg = dict(config) if config is not None else rows_config(m, group)
     _check_config(cfg, m, group)
@@ -463,23 +369,9 @@ def int4_mma_matmul(
     return y
 
 
-def _row_matmul(args: tuple, common: dict, n: int, k: int, group: int, config: dict) -> None:
-    """One x row through _int4_mma_row_kernel with `config` (a measured table's entry, or a test's)."""
-    x, words, scales, zeros, b, y, partials, counters, magic = args[:9]
-    row_args = (x, words, scales, zeros, b, y, partials, counters, magic, n, k, words.stride(0), scales.stride(0))
-    cfg = dict(config)
-    if not _row_fits(cfg["STEP_GROUPS"], cfg["COLUMNS"], cfg["SPLIT_K"], group, k // group) or cfg["SPLIT_K"] > MMA_MAX_SPLIT:
-        raise ValueError(f"int4 mma row config {cfg} does not fit K {k} in groups of {group}")
-    tiles = {key: cfg[key] for key in ("BLOCK_N", "STEP_GROUPS", "COLUMNS", "SPLIT_K")}
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-    _int4_mma_row_kernel[grid](*row_args, **common, **tiles, EVEN=_row_even(dict(tiles, N=n, K=k, GROUP=group)),
-                               num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-
-
 def _check_config(cfg: dict, m: int, group: int) -> None:
     split, step = cfg.get("SPLIT_K", 1), cfg["STEP_GROUPS"]
     if split > 1 and (m != 1 or split > MMA_MAX_SPLIT):
         raise ValueError(f"int4 mma config {cfg}: a split needs one x row and at most {MMA_MAX_SPLIT} slices")
     if cfg["BLOCK_N"] < MMA_MIN_BLOCK_N or MMA_COLUMNS % step or not _fits(step, 1, group, 1):
         raise ValueError(f"int4 mma config {cfg} does not fit group {group}")
-
