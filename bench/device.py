@@ -55,6 +55,18 @@ def graph_replay(calls, replays: int = 10) -> tuple[float, list]:
     return statistics.median(times), outs
 
 
+def back_to_back_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Milliseconds per replay of a captured `graph` replayed `replays` times back to back, between
+    one pair of events: the GPU's time with no host work or sync between replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def shapes_cli(doc: str, argv: list[str] | None):
     """(args, cuda device) for the bench scripts that walk one preset's layer shapes: --preset, --json."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

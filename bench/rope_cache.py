@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from bench.device import back_to_back_ms  # noqa: E402
 from engine.attention.backend import write_kv  # noqa: E402
 from engine.model import fused_ops, triton_ops  # noqa: E402
 
@@ -173,13 +174,8 @@ def time_paths(layers: int = 32, iters: int = 200) -> None:
                     fn(a, kc, vc, slots)
             for _ in range(10):
                 graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            print(f"batch 1, qk_norm={norm}, {name}: {start.elapsed_time(end) / iters * 1000:.1f} us per {layers} layers")
+            us = back_to_back_ms(graph, iters) * 1000
+            print(f"batch 1, qk_norm={norm}, {name}: {us:.1f} us per {layers} layers")
 
 
 def profile_kernels() -> None:

@@ -11,6 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.device import back_to_back_ms
 from engine import SamplingParams
 from engine.engine import LLMEngine
 
@@ -76,13 +77,7 @@ def decode_graph_ms(engine: LLMEngine, batch: int, replays: int = 20) -> float |
     graph = graphs.graphs[next(b for b in graphs.buckets if b >= batch)]
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
+    return back_to_back_ms(graph, replays)
 
 
 def host_profile(engine: LLMEngine, steps: int, top: int) -> list[dict]:

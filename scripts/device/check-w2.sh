@@ -3,15 +3,12 @@
 # W2 report run through Ray Serve. Needs .raybundle carried. Logs and JSON go to $OUT.
 #   run: bash scripts/device/check-w2.sh
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT" /tmp/site
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+source scripts/device/steps.sh
 t0=$(date +%s)
 timeout 300 python bench/engine_check.py >"$OUT/engine-check.log" 2>&1
 echo "engine-check: exit $? after $(( $(date +%s) - t0 )) s"
 grep "equal to HF\|differ\|Error" "$OUT/engine-check.log" | tail -n 20
-tar -xJf .raybundle/ray-serve-py312.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
+with_ray || exit 1
 timeout 270 python bench/serve_throughput.py --concurrency 1,16,64,256 --interleave --rounds 3 \
   --serve-set ingress_direct_http.port=18000 --json "$OUT/w2.json" >"$OUT/w2.log" 2>&1
 echo "w2: exit $?"

@@ -3,12 +3,10 @@
 # so one machine gives both ratios. Needs .raybundle carried. Log and JSON go to $OUT.
 #   run: bash scripts/device/w2-ab.sh gil_switch_interval_s=0.0005 [CONCURRENCY]
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
+source scripts/device/steps.sh
 variant="${1:?app args for the second Serve pass, e.g. gil_switch_interval_s=0.0005}"
 levels="${2:-16,64,256}"
-mkdir -p "$OUT" /tmp/site
-tar -xJf .raybundle/ray-serve-py312.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+with_ray || exit 1
 timeout 540 python bench/serve_throughput.py --concurrency "$levels" --direct-twice \
   --serve-set ingress_direct_http.port=18000 --serve-set "ingress_direct_http.port=18000,$variant" \
   --json "$OUT/w2-ab.json" >"$OUT/w2-ab.log" 2>&1

@@ -4,12 +4,10 @@
 # machine. Needs .raybundle carried. Logs and JSON go to $OUT.
 #   run: bash scripts/device/w2-pair.sh env.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 [CONCURRENCY]
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
+source scripts/device/steps.sh
 variant="${1:?app args for the second run, e.g. gil_switch_interval_s=0.001}"
 levels="${2:-1,16,64,256}"
-mkdir -p "$OUT" /tmp/site
-tar -xJf .raybundle/ray-serve-py312.tar.xz -C /tmp/site || exit 1
-export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+with_ray || exit 1
 run() {
   local name=$1 set=$2
   timeout 290 python bench/serve_throughput.py --concurrency "$levels" --interleave --rounds 3 \

@@ -4,19 +4,10 @@
 # py-spy of both. Needs .raybundle and .whl (py-spy) carried. Logs and JSON go to $OUT.
 #   run: bash scripts/device/w4-w2-lag.sh   (SKIP_W4=1: W2 only; W2_SET=k=v,...: more --serve-set items)
 set -uo pipefail
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT" /tmp/site
-tar -xJf .raybundle/ray-serve-py312.tar.xz -C /tmp/site || exit 1
+source scripts/device/steps.sh
+with_ray || exit 1
 pip install -q --no-index --no-deps --target /tmp/spy .whl/py_spy-*.whl 2>&1 | grep -v WARNING; ls /tmp/spy/bin
-export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:/tmp/spy/bin:$PATH" PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: bounded in time, its log in $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "=== $name: exit $?"
-  tail -n "${TAIL:-40}" "$OUT/$name.log"
-}
+export PATH="/tmp/spy/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 [ -n "${SKIP_W4:-}" ] || TAIL=30 step w4 300 python bench/speculative.py \
   --variants none,none-sync,none+fused,draft:2,draft-sync:2,draft:2+unfused,remote:2 --runs 3 --json "$OUT/w4.json"

@@ -22,6 +22,7 @@ def test_throughput_runs_ours_and_the_padded_peer():
     assert results["ceiling"]["floor_seconds"] > 0
     assert results["ours_graphs"]["profile"]["batch"] == 3
     assert 0.0 <= results["ours_graphs"]["profile"]["kv_waste_fraction"] < 1.0
+    assert results["ours_graphs"]["profile"]["graph_replay_ms_per_step"] is None  # CUDA graphs only
 
 
 def test_scale_runs_every_config_and_plots(tmp_path):
