@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from bench.kept import kept_ratio
 from bench.process_cpu import SERVE_ROLES, cpu_seconds_by_role, per_request_ms
 from bench.stream_levels import LevelResult, client_procs_for, client_share, merge_shares, record_request, run_level
 from deployments.ray_env import missing_serve_settings
@@ -526,8 +527,13 @@ def report(results: dict, argv: list[str] | None) -> None:
     for d in results["direct"]:
         if len(d.get("tok_s_runs", [])) > 1:
             line = f"  c={d['concurrency']}: direct passes " + ", ".join(f"{t:.0f}" for t in d["tok_s_runs"]) + " tok/s"
-            if serve_runs.get(d["concurrency"]):
-                line += "; Serve passes between them " + ", ".join(f"{t:.0f}" for t in serve_runs[d["concurrency"]])
+            between = serve_runs.get(d["concurrency"])
+            if between:
+                line += "; Serve passes between them " + ", ".join(f"{t:.0f}" for t in between)
+            if between and len(d["tok_s_runs"]) == len(between) + 1:
+                kept = kept_ratio(d["tok_s_runs"], between)
+                line += (f"; each Serve pass against the direct ones around it: {kept.paired_mean:.0%} kept "
+                         f"(95% interval {kept.low:.0%}-{kept.high:.0%})")
             print(line)
     for variant in results["serve_variants"]:
         if variant["sets"]:

@@ -99,6 +99,7 @@ def test_serve_throughput_interleaves_direct_and_serve_per_level(tmp_path):
     # the progress shows the order
     order = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ") and " c=" in line]
     assert order[:5] == ["direct", "serve", "direct", "serve", "direct"]
+    assert "each Serve pass against the direct ones around it: " in done.stdout
     assert "W2: " in done.stdout
 
 
