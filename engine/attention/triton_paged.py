@@ -41,6 +41,37 @@ _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
 
 
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, visible, pos, pos_ok, bt_row, k_ptr, v_ptr, kvh, dims, qk_scale,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One tile of cached positions `pos` (those with pos_ok exist) for the rows of q: their scores
+    where `visible` [rows, tile], folded into the running max m_i, sum l_i and output acc (online
+    softmax, base 2). Returns the new (m_i, l_i, acc)."""
+    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    k = tl.load(
+        k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
+        mask=pos_ok[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
+        mask=pos_ok[:, None],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["stride_btb"])  # the table's width moves with the batch
 def _decode_kernel(
     q_ptr,  # [T, H, D], T = B * QUERY_LEN
@@ -105,26 +136,10 @@ def _decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
-        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        k = tl.load(
-            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
-            mask=pos_ok[:, None],
-            other=0.0,
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, pos_ok[None, :], pos, pos_ok, bt_row, k_ptr, v_ptr, kvh, dims, qk_scale,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, DOT_PRECISION,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
-            mask=pos_ok[:, None],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -233,26 +248,11 @@ def _prefill_kernel(
     for start_n in range(0, kv_end, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)
         pos_ok = pos < kv_end
-        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        k = tl.load(
-            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
-            mask=pos_ok[:, None],
-            other=0.0,
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, visible, pos, pos_ok, bt_row, k_ptr, v_ptr, kvh, dims, qk_scale,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, DOT_PRECISION,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
-            mask=pos_ok[:, None],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]

@@ -34,7 +34,7 @@ to group c % STEP_GROUPS of the step (zero elsewhere: block diagonal), so one st
 sums of STEP_GROUPS groups for 16 / STEP_GROUPS rows, and the scales and zeros are applied once
 per step. Batch 1 uses STEP_GROUPS = 4..16; larger batches use fewer groups and more rows.
 
-Split-K (batch 1 only) is deterministic as in kernels.py: each slice stores its fp32 partials,
+Split-K (batch 1 only) is deterministic (engine/quant/split_k.py): each slice stores its fp32 partials,
 the last program of a row block to arrive (a counter) adds them in slice order and resets the
 counter, so a CUDA graph replays the same bits.
 
@@ -56,6 +56,7 @@ import triton.language as tl
 
 from engine.pdl import enter as pdl_enter
 from engine.pdl import prefetch_l2, use_pdl
+from engine.quant.split_k import finish_split
 
 # The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
 OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
@@ -206,29 +207,8 @@ def _int4_mma_kernel(
         tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
     else:
         # One x row (the host allows a split only then): the other rows' columns are zero.
-        _finish_split(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
-                      HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
-                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Stores this slice's partials; the last slice of the row block to arrive adds all of them in
-    slice order (so the sum does not depend on arrival order), writes y and resets the counter."""
-    tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
-    # Every thread's partials are written before one thread bumps the counter; acq_rel makes
-    # them visible to whichever program reads them after the last bump.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:
-        total = tl.zeros_like(acc)
-        for k in tl.static_range(SPLIT_K):
-            # .cg: read from L2, never from a stale line of this SM's L1
-            total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
-        tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        finish_split(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
+                     HAS_BIAS, SPLIT_K)
 
 
 # ----- autotuning ------------------------------------------------------------------------

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.quant.split_k import finish_split, store_row
+
 FMT_INT8, FMT_INT4, FMT_FP8 = 0, 1, 2
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -221,27 +223,9 @@ def _int4_matvec_kernel(
         # sum (q - z) x = 16 (qx - X) - z X
         acc += tl.sum(s * (16.0 * qx - (16.0 + z) * xg[None, :]), axis=1)
     if SPLIT_K == 1:
-        _store_row(acc, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
+        store_row(acc, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
     else:
-        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
-        # Every thread's partial is written before one thread bumps the counter; acq_rel makes
-        # them visible to whichever program reads them after the last bump.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k in tl.static_range(SPLIT_K):
-                # .cg: read from L2, never from a stale line of this SM's L1
-                total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
-            _store_row(total, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
-            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _store_row(acc, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -1,0 +1,41 @@
+"""The deterministic split-K ending shared by the batch-1 int4 kernels (kernels.py, int4_mma.py).
+
+Why. At batch 1 a layer with few output rows (N = 4096: 64 row blocks for 132 SMs) leaves SMs
+idle unless each row block's K is split over several programs. Atomically adding the slices
+into y would make the sum depend on which slice arrives first, and a CUDA graph would replay
+other bits each time. Instead each slice stores its fp32 partials; the last slice of the row
+block to arrive (an arrival counter) adds them all in slice order, writes y, and resets the
+counter to zero for the next call, so the workspace needs no clearing between replays.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def store_row(acc, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
+    """y[offs_n] = acc (+ bias), in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Stores slice pid_k's partials acc [BLOCK_N] of row block pid_n; the last slice to arrive
+    adds all of them in slice order, writes y and resets the block's counter."""
+    tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+    # Every thread's partials are written before one thread bumps the counter; acq_rel makes
+    # them visible to whichever program reads them after the last bump.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        total = tl.zeros_like(acc)
+        for k in tl.static_range(SPLIT_K):
+            # .cg: read from L2, never from a stale line of this SM's L1
+            total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        store_row(total, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
+        tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
