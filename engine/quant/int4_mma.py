@@ -56,7 +56,7 @@ import triton.language as tl
 
 from engine.pdl import enter as pdl_enter
 from engine.pdl import prefetch_l2, use_pdl
-from engine.quant.split_k import finish_split
+from engine.quant.split_k import finish_split, split_k_buffers
 
 # The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
 OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
@@ -290,11 +290,8 @@ class MmaWorkspace:
 
     @classmethod
     def for_rows(cls, n: int, device: torch.device) -> "MmaWorkspace":
-        return cls(
-            torch.empty(MMA_MAX_SPLIT, n, dtype=torch.float32, device=device),
-            torch.zeros(triton.cdiv(n, MMA_MIN_BLOCK_N), dtype=torch.int32, device=device),
-            torch.tensor([MAGIC[dt] for dt in _MAGIC_ORDER], dtype=torch.int32, device=device),
-        )
+        magic = torch.tensor([MAGIC[dt] for dt in _MAGIC_ORDER], dtype=torch.int32, device=device)
+        return cls(*split_k_buffers(n, MMA_MAX_SPLIT, MMA_MIN_BLOCK_N, device), magic)
 
 
 def int4_mma_matmul(

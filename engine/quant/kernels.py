@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.quant.split_k import finish_split, store_row
+from engine.quant.split_k import finish_split, split_k_buffers, store_row
 
 FMT_INT8, FMT_INT4, FMT_FP8 = 0, 1, 2
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -459,10 +459,7 @@ class Int4Workspace:
 
     @classmethod
     def for_rows(cls, n: int, device: torch.device) -> "Int4Workspace":
-        return cls(
-            torch.empty(INT4_MAX_SPLIT, n, dtype=torch.float32, device=device),
-            torch.zeros(triton.cdiv(n, INT4_MIN_BLOCK_N), dtype=torch.int32, device=device),
-        )
+        return cls(*split_k_buffers(n, INT4_MAX_SPLIT, INT4_MIN_BLOCK_N, device))
 
 
 def _int4_matvec(x, qweight, scales, zeros, bias, group, y, ws: Int4Workspace, config: dict | None) -> None:

@@ -10,8 +10,18 @@ counter to zero for the next call, so the workspace needs no clearing between re
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def split_k_buffers(n: int, max_split: int, rows_per_counter: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials [max_split, n], int32 arrival counters, zero, one per rows_per_counter rows) of
+    one weight: its kernel's smallest split row block must be a multiple of rows_per_counter."""
+    return (
+        torch.empty(max_split, n, dtype=torch.float32, device=device),
+        torch.zeros(triton.cdiv(n, rows_per_counter), dtype=torch.int32, device=device),
+    )
 
 
 @triton.jit
