@@ -548,12 +548,14 @@ def report(results: dict, argv: list[str] | None) -> None:
         print("  where the Serve TTFT went (means, ms; Server-Timing): client | ingress handler "
               "[= body read and checks + call -> first output [= routing + replica -> first token]] | the rest")
         for s in variant["levels"]:
-            handler, ingress, route, replica, router = (
-                s.get(f"server_{k}_mean_ms", float("nan")) for k in ("handler", "ingress", "route", "replica", "router")
+            handler, ingress, route, replica, router, accepted = (
+                s.get(f"server_{k}_mean_ms", float("nan"))
+                for k in ("handler", "ingress", "route", "replica", "router", "accepted")
             )
             print(f"  c={s['concurrency']:<5} {s['ttft_mean_ms']:8.1f} | {handler:8.1f} [= {handler - ingress:6.1f} + {ingress:7.1f}"
                   f" [= {route:6.1f} + {replica:6.1f}]] | {s['ttft_mean_ms'] - handler:8.1f}"
-                  f"   routing = {router:.1f} until the request router ran + {route - router:.1f} after")
+                  f"   routing = {router:.1f} until the request router ran + {route - router:.1f} after;"
+                  f" the replica's acceptance back in the ingress at {accepted:.1f}")
         print("  the rest: before the ingress handler ran (HTTP proxy, routing to the ingress, its queue) and the way back out")
         print("  event-loop lag, mean ms (the wait a ready callback sees): LLM replica | one ingress replica")
         for s in variant["levels"]:

@@ -295,7 +295,7 @@ class OpenAIIngress:
             yield "".join(pending) + _sse("[DONE]")
 
         headers = {"x-replica-id": first.replica_id, "cache-control": "no-cache"}
-        headers["server-timing"] = format_server_timing(first, sent_unix_s, time.time())
+        headers["server-timing"] = format_server_timing(first, sent_unix_s, time.time(), call.accepted_unix_s)
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     # ----- helpers ---------------------------------------------------------------------------

@@ -22,6 +22,9 @@ class GenerateRequest:
     # Wall clock when the ingress's request router first took this request up (set there, read by
     # the replica for Server-Timing): splits routing into the wait for the router and what follows.
     router_unix_s: float | None = None
+    # Wall clock when the ingress learned that its LLM replica accepted the request (set by the router
+    # in the ingress process once Serve's admission answer is back; only the ingress reads it).
+    accepted_unix_s: float | None = None
 
 
 @dataclass

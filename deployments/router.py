@@ -119,6 +119,13 @@ def stamp_router_time(pending_request: PendingRequest | None, now_unix_s: float)
         request.router_unix_s = now_unix_s
 
 
+def stamp_accepted_time(pending_request: PendingRequest, now_unix_s: float) -> None:
+    """Marks when the replica's acceptance reached the ingress (Serve calls on_request_routed then)."""
+    request = generate_request(pending_request)
+    if request is not None:
+        request.accepted_unix_s = now_unix_s
+
+
 class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(
         self,
@@ -162,6 +169,7 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         return [[by_id[r] for r in preferred], *fallback]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        stamp_accepted_time(pending_request, time.time())
         hashes = self._pending_hashes.pop(pending_request.metadata.internal_request_id, None)
         if hashes:
             self._recent.add(replica_id.to_full_id_str(), hashes)

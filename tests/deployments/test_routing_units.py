@@ -105,6 +105,15 @@ def test_router_stamps_the_first_time_it_takes_a_request_up() -> None:
     stamp_router_time(SimpleNamespace(args=["other"], kwargs={}), 1.0)
 
 
+def test_router_stamps_the_replicas_acceptance_on_the_ingress_side() -> None:
+    from deployments.router import stamp_accepted_time
+
+    req = GenerateRequest("r", [1, 2, 3], SamplingParams())
+    stamp_accepted_time(SimpleNamespace(args=[[req]], kwargs={}), 100.5)  # a batch: its first request
+    assert req.accepted_unix_s == 100.5 and req.router_unix_s is None
+    stamp_accepted_time(SimpleNamespace(args=["other"], kwargs={}), 1.0)  # not ours: nothing to stamp
+
+
 class FakeIndex:
     """Stands in for the PrefixIndex actor handle: `update.remote(...)` is awaitable."""
 

@@ -125,10 +125,12 @@ def test_completion_stream_equals_unary(client: httpx.Client, reference) -> None
     # Where the time to first token went: routing to the replica plus the replica's own
     # wait make up the ingress's wait, which the handler's time contains (clocks of one
     # machine; 1 ms of rounding room).
-    # router: the part of routing before our request router took the request up.
-    assert set(timing) == {"ingress", "route", "router", "replica", "handler"}
+    # router: the part of routing before our request router took the request up; accepted: when
+    # the replica's admission answer was back in the ingress, which is before the first output.
+    assert set(timing) == {"ingress", "route", "router", "accepted", "replica", "handler"}
     assert min(timing.values()) >= 0 and timing["route"] + timing["replica"] <= timing["ingress"] + 1.0
     assert timing["router"] <= timing["route"] + 1.0
+    assert timing["router"] <= timing["accepted"] + 1.0 and timing["accepted"] <= timing["ingress"] + 1.0
     assert timing["ingress"] <= timing["handler"] + 1.0
     assert events[-1] == "[DONE]"
     chunks = events[:-1]

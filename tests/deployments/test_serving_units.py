@@ -145,3 +145,6 @@ def test_server_timing_header_round_trip():
     assert parse_server_timing(add_handler_time(header, 0.0625))["handler"] == 62.5
     first.timing = RequestTiming(time_to_first_token_s=0.03, arrived_unix_s=100.012, router_unix_s=100.004)
     assert format_server_timing(first, 100.0, 100.05) == "ingress;dur=50.0, route;dur=12.0, router;dur=4.0, replica;dur=30.0"
+    assert format_server_timing(first, 100.0, 100.05, accepted_unix_s=100.014) == (
+        "ingress;dur=50.0, route;dur=12.0, router;dur=4.0, accepted;dur=14.0, replica;dur=30.0"
+    )
