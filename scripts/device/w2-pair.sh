@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One device call: the W2 report run (4 levels, 3 rounds, interleaved with the direct engine) as
-# shipped, then the same run with extra app args, each against its own direct passes on this
-# machine. Needs .raybundle carried. Logs and JSON go to $OUT.
-#   run: bash scripts/device/w2-pair.sh env.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 [CONCURRENCY]
+# One device call: the W2 report run (levels interleaved with the direct engine, 3 rounds) as
+# shipped, then the same run once per variant of app args, each against its own direct passes on
+# this machine. Needs .raybundle carried. Logs and JSON go to $OUT. About 200 s a run at 4 levels:
+# with two variants, keep LEVELS to three (the call's limit is 600 s).
+#   run: bash scripts/device/w2-pair.sh env.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 [ingress.num_replicas=2 ...]
+#        LEVELS=16,64,256 bash scripts/device/w2-pair.sh ...
 set -uo pipefail
 source scripts/device/steps.sh
-variant="${1:?app args for the second run, e.g. gil_switch_interval_s=0.001}"
-levels="${2:-1,16,64,256}"
+[ $# -ge 1 ] || { echo "app args for at least one variant, e.g. gil_switch_interval_s=0.001"; exit 2; }
+levels="${LEVELS:-1,16,64,256}"
 with_ray || exit 1
 run() {
   local name=$1 set=$2
@@ -16,4 +18,8 @@ run() {
   grep -v "INFO\|WARNING\|raylet\|^\s*$" "$OUT/$name.log" | tail -n 22
 }
 run shipped ingress_direct_http.port=18000
-run variant "ingress_direct_http.port=18000,$variant"
+i=0
+for variant in "$@"; do
+  i=$((i + 1))
+  run "variant$i" "ingress_direct_http.port=18000,$variant"
+done
