@@ -74,7 +74,7 @@ def decode_graph_ms(engine: LLMEngine, batch: int, replays: int = 20) -> float |
     graphs = engine.runner.graphs
     if graphs is None or not graphs.fits(batch):
         return None
-    graph = graphs.graphs[next(b for b in graphs.buckets if b >= batch)]
+    graph = graphs.graphs[graphs.bucket_for(batch)]
     graph.replay()
     torch.cuda.synchronize()
     return back_to_back_ms(graph, replays)

@@ -38,6 +38,10 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.buckets[-1]
 
+    def bucket_for(self, batch: int) -> int:
+        """The smallest captured batch size that holds `batch` rows (which must fit)."""
+        return next(s for s in self.buckets if s >= batch)
+
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b],
@@ -68,7 +72,7 @@ class DecodeGraphs:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         b = meta.num_seqs
-        bucket = next(s for s in self.buckets if s >= b)
+        bucket = self.bucket_for(b)
         width = meta.block_tables.shape[1]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)

@@ -3,7 +3,7 @@
 # its exit status and the log's last ${TAIL:-30} lines (Triton's warnings left out).
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() {
   local name=$1 limit=$2
   shift 2
