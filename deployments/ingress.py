@@ -206,10 +206,7 @@ class OpenAIIngress:
             raise errors.bad_request("stream: true takes one prompt per request", param="prompt")
         token_ids = [await self._encode(p, info) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
-        calls = [
-            GenerateRequest(f"{rid}-{i}", ids, sampling_params(body, len(ids), info, self._config))
-            for i, ids in enumerate(token_ids)
-        ]
+        calls = [self._request(f"{rid}-{i}", ids, body, info) for i, ids in enumerate(token_ids)]
         shaper = CompletionShaper(body, self._prompts, rid, self._config.model_name)
         if body.stream:
             return await self._stream(calls[0], shaper.chunk, shaper.usage_chunk, body.include_usage_in_stream)
@@ -225,7 +222,7 @@ class OpenAIIngress:
         info = await self._model_info()
         ids = await asyncio.to_thread(self._prompts.chat, body, info) if self._is_long(body) else self._prompts.chat(body, info)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        call = GenerateRequest(rid, ids, sampling_params(body, len(ids), info, self._config))
+        call = self._request(rid, ids, body, info)
         shaper = ChatShaper(body, self._prompts, rid, self._config.model_name)
         if body.stream:
             return await self._stream(call, shaper.chunks, shaper.usage_chunk, body.include_usage_in_stream)
@@ -233,6 +230,12 @@ class OpenAIIngress:
         (out,) = await self._generate_all([call])
         self._metrics.observe_finished(out, time.monotonic() - start)
         return JSONResponse(shaper.response(out).model_dump(), headers=_replica_header([out]))
+
+    def _request(
+        self, request_id: str, token_ids: list[int], body: CompletionRequest | ChatCompletionRequest, info: ModelInfo
+    ) -> GenerateRequest:
+        params = sampling_params(body, len(token_ids), info, self._config)
+        return GenerateRequest(request_id, token_ids, params, detokenize=not self._prompts.makes_text(params))
 
     async def _generate_all(self, calls: list[GenerateRequest]) -> list[GenerateOutput]:
         response = self._llm.generate.remote(calls[0]) if len(calls) == 1 else self._llm.generate_many.remote(calls)
@@ -243,7 +246,11 @@ class OpenAIIngress:
             # (the gRPC proxy's, or a departed client's) does not: cancel it by hand.
             response.cancel()
             raise
-        return [result] if len(calls) == 1 else result
+        outputs = [result] if len(calls) == 1 else result
+        for call, out in zip(calls, outputs):
+            if (text := self._prompts.text_maker(call)) is not None:
+                text.fill(out)
+        return outputs
 
     async def _stream(
         self,
@@ -253,6 +260,7 @@ class OpenAIIngress:
         include_usage: bool,
     ) -> Response:
         start, sent_unix_s = time.monotonic(), time.time()
+        text = self._prompts.text_maker(call)
         gen: DeploymentResponseGenerator = self._llm_stream.generate_stream.remote(call)
         try:
             # Wait for the first output before answering 200, so a request the engine
@@ -261,6 +269,8 @@ class OpenAIIngress:
         except BaseException:
             gen.cancel()
             raise
+        if text is not None:
+            text.fill(first)
 
         async def events() -> AsyncIterator[str]:
             # One write per engine output, not per SSE event: each write is a message
@@ -280,6 +290,8 @@ class OpenAIIngress:
                         pending = []
                     out = await anext(gen, None)
                     if out is not None and out is not first:
+                        if text is not None:
+                            text.fill(out)
                         total.merge(out)
                 finished = True
                 self._metrics.observe_finished(total, time.monotonic() - start)

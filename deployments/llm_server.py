@@ -31,6 +31,7 @@ from deployments.loop_lag import LoopLag
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
 from deployments.ray_env import set_switch_interval
 from engine.cpu_affinity import pin_process, visible_gpu_index
+from engine.kv_cache.hash_log import CacheChanges
 from engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -152,7 +153,9 @@ class LLMServer:
         try:
             # aclosing: when our caller stops early, the engine's stream is closed right
             # away (which aborts the request), not whenever it is garbage-collected.
-            stream = self.engine.generate(request.prompt_token_ids, request.params, request.request_id, pace)
+            stream = self.engine.generate(
+                request.prompt_token_ids, request.params, request.request_id, pace, detokenize=request.detokenize
+            )
             async with aclosing(stream):
                 async for out in stream:
                     now = time.monotonic()
@@ -201,7 +204,7 @@ class LLMServer:
                 replica_id=self.replica_id,
                 index=self._index,
                 resolve_index=lambda: serve.get_deployment_actor(PREFIX_INDEX_ACTOR),
-                cached_hashes=self.engine.cached_block_hashes,
+                cache_changes=self.engine.cached_block_changes,
                 stats=self._published_stats,
                 load=lambda: self._ongoing,
                 options=self._config.router,
@@ -241,7 +244,9 @@ class CachePublisher:
     """Keeps the prefix index's view of one replica fresh, sending only what changed.
 
     Busy or changed: every publish_interval_s. Idle: a heartbeat every
-    heartbeat_s, so the index knows the replica is alive.
+    heartbeat_s, so the index knows the replica is alive. The engine itself
+    keeps the log of what its cache gained and lost (engine/kv_cache/hash_log.py),
+    so a round here costs what changed, not a pass over every cached hash.
     """
 
     def __init__(
@@ -249,18 +254,18 @@ class CachePublisher:
         replica_id: str,
         index: ActorHandle,
         resolve_index: Callable[[], ActorHandle],
-        cached_hashes: Callable[[], Awaitable[list[int]]],
+        cache_changes: Callable[[bool], Awaitable[CacheChanges]],
         stats: Callable[[], dict[str, Any]],
         load: Callable[[], int],
         options: RouterOptions,
     ) -> None:
         self._replica_id = replica_id
         self._index = index
-        self._cached_hashes = cached_hashes
+        self._resolve_index = resolve_index
+        self._cache_changes = cache_changes
         self._stats = stats
         self._load = load
         self._options = options
-        self._published: set[int] = set()
         self._index_token: str | None = None  # None: send everything next time
         self._last_stats: dict[str, Any] = {}
         self._last_publish = -math.inf
@@ -292,16 +297,14 @@ class CachePublisher:
                     pass
 
     async def publish(self, stats: dict[str, Any]) -> None:
-        # Without prefix routing nobody reads the hashes: publish stats only.
-        current = set(await self._cached_hashes()) if self._options.prefix_aware else set()
         reset = self._index_token is None
-        added = current if reset else current - self._published
-        removed = set() if reset else self._published - current
+        # Without prefix routing nobody reads the hashes: publish stats only.
+        changes = await self._cache_changes(reset) if self._options.prefix_aware else CacheChanges(full=reset)
+        reset = changes.full  # also when the engine's log overflowed: a whole set, which replaces the old
         token = await self._index.update.remote(
-            self._replica_id, list(added), list(removed), reset=reset, load=self._load(), stats=stats
+            self._replica_id, changes.added, changes.removed, reset=reset, load=self._load(), stats=stats
         )
         # A new token after a diff: the index restarted and never saw our earlier sets.
         self._index_token = token if reset or token == self._index_token else None
-        self._published = current
         self._last_stats = stats
         self._last_publish = time.monotonic()

@@ -25,6 +25,9 @@ class GenerateRequest:
     # Wall clock when the ingress learned that its LLM replica accepted the request (set by the router
     # in the ingress process once Serve's admission answer is back; only the ingress reads it).
     accepted_unix_s: float | None = None
+    # False: the replica sends token ids without text and the ingress makes it (TextMaker), off the
+    # replica's event loop; requests with stop strings get their text where the stops are checked.
+    detokenize: bool = True
 
 
 @dataclass

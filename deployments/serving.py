@@ -14,7 +14,7 @@ from typing import Any
 
 from deployments.config import AppConfig
 from deployments.errors import bad_request
-from deployments.messages import ChoiceDelta, GenerateOutput, ModelInfo
+from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo
 from deployments.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -33,6 +33,7 @@ from deployments.protocol import (
     TopLogprob,
     Usage,
 )
+from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -92,6 +93,15 @@ class Prompts:
         # The template writes any BOS itself; adding special tokens again would double it.
         return self.encode(text, info, param="messages")
 
+    def makes_text(self, params: SamplingParams) -> bool:
+        """Whether the ingress turns this request's tokens into text (GenerateRequest.detokenize off):
+        with a tokenizer here and no stop strings, which only the engine, matching text as it goes, checks."""
+        return self.tokenizer is not None and not params.stop
+
+    def text_maker(self, request: GenerateRequest) -> TextMaker | None:
+        """The decoder of a request whose replica sends no text; None when it does."""
+        return None if request.detokenize else TextMaker(self.tokenizer)
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
@@ -99,6 +109,31 @@ class Prompts:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id])
+
+
+class TextMaker:
+    """The text of one request's outputs, from their token ids, for a replica that sent none.
+
+    Each LLM replica's event loop admits every request it serves, one at a time (gRPC's
+    server takes new calls one by one): turning tokens into text there made that loop, the
+    shared bottleneck, slower for everyone (BENCHMARKS.md, W2). The ingress replicas are
+    many and each has time to spare, so they do it, with the same incremental decoding the
+    engine uses, one decoder per choice.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._decoders: dict[int, IncrementalDetokenizer] = {}
+
+    def fill(self, output: GenerateOutput) -> GenerateOutput:
+        """Sets the text of each choice of `output` (a delta, or a whole answer) from its new tokens."""
+        for choice in output.choices:
+            if choice.token_ids:
+                decoder = self._decoders.get(choice.index)
+                if decoder is None:
+                    decoder = self._decoders[choice.index] = IncrementalDetokenizer(self._tokenizer, [])
+                choice.text = decoder.add(choice.token_ids)[0]
+        return output
 
 
 def sampling_params(

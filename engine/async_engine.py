@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.config import EngineConfig
 from engine.engine import LLMEngine, Prompt
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
+from engine.kv_cache.hash_log import CacheChanges
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.streams import ChunkInterval, ChunkPacer, OutputStream
@@ -34,7 +35,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._lock = threading.Lock()
-        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_adds: list[tuple[str, list[int], SamplingParams, bool]] = []
         self._pending_aborts: list[str] = []
         self._streams: dict[str, OutputStream] = {}
         self._wakeup: asyncio.Event | None = None
@@ -59,18 +60,28 @@ class AsyncLLMEngine:
         # The worker thread may be mid-step; the hash list is copied in one C call.
         return self.engine.cached_block_hashes()
 
+    async def cached_block_changes(self, full: bool = False) -> CacheChanges:
+        """Hashes cached and evicted since the last call (the log takes its own lock against the worker)."""
+        return self.engine.cached_block_changes(full)
+
     def stats(self) -> EngineStats:
         """Numbers as of the last step boundary (read without touching the worker thread)."""
         return self._stats
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams, request_id: str, chunk_interval_s: ChunkInterval | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str,
+        chunk_interval_s: ChunkInterval | None = None,
+        detokenize: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs; leaving early (cancel, break) aborts it.
 
         Outputs the consumer has not taken yet are merged into one. With
         chunk_interval_s, the consumer is also woken at most once per
-        chunk_interval_s() (first tokens and the end at once).
+        chunk_interval_s() (first tokens and the end at once). detokenize=False:
+        no text unless the request has stop strings; the caller makes it.
         """
         token_ids = self.engine.tokenize(prompt)
         with self._lock:
@@ -83,7 +94,7 @@ class AsyncLLMEngine:
         stream = OutputStream(ChunkPacer(chunk_interval_s))
         with self._lock:
             self._streams[request_id] = stream
-            self._pending_adds.append((request_id, token_ids, params))
+            self._pending_adds.append((request_id, token_ids, params, detokenize))
         self._wakeup.set()
         finished = False
         try:
@@ -143,9 +154,9 @@ class AsyncLLMEngine:
             adds, self._pending_adds = self._pending_adds, []
             aborts, self._pending_aborts = self._pending_aborts, []
         failed: list[tuple[str, EngineError]] = []
-        for request_id, token_ids, params in adds:
+        for request_id, token_ids, params, detokenize in adds:
             try:
-                self.engine.add_request(request_id, token_ids, params)
+                self.engine.add_request(request_id, token_ids, params, detokenize=detokenize)
             except EngineError as exc:  # e.g. the same id sent twice at once
                 failed.append((request_id, exc))
             except Exception as exc:  # one request's surprise must not stop the loop for everyone

@@ -14,7 +14,7 @@ its own interpreter and the serving process only moves messages.
 socket pair (multiprocessing.connection framing, pickled tuples):
 
     client -> core   ("add", request_id, token_ids, params) | ("abort", request_id)
-                     ("call", call_id, method_name) | ("stop",)
+                     ("call", call_id, method_name, args) | ("stop",)
     core -> client   ("ready", CoreInfo) | ("step", deltas, failed, stats)
                      ("reply", call_id, value, error) | ("fatal", exception)
 
@@ -45,6 +45,7 @@ from engine.config import EngineConfig
 from engine.cpu_affinity import pin_process
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineError, InvalidRequestError, RequestAbortedError
+from engine.kv_cache.hash_log import CacheChanges
 from engine.outputs import CompletionOutput, EngineStats, RequestDelta, RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.streams import ChunkInterval, ChunkPacer, PacedWake
@@ -117,9 +118,9 @@ class EngineCore:
         elif kind == "abort":
             self._engine.abort_request(message[1])
         elif kind == "call":
-            _, call_id, name = message
+            _, call_id, name, args = message
             try:
-                reply = ("reply", call_id, getattr(self._engine, name)(), None)
+                reply = ("reply", call_id, getattr(self._engine, name)(*args), None)
             except Exception as exc:  # a failed query fails its caller, not the core
                 reply = ("reply", call_id, None, EngineError(f"{name} failed in the engine core: {exc!r}"))
             self._conn.send(reply)
@@ -311,13 +312,19 @@ class EngineCoreClient:
         return self._stats
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, chunk_interval_s: ChunkInterval | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        chunk_interval_s: ChunkInterval | None = None,
+        detokenize: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs; leaving early (cancel, break) aborts it.
 
         Steps the consumer has not taken yet are merged into one output. With
         chunk_interval_s, the consumer is also woken at most once per
-        chunk_interval_s() (first tokens and the end at once).
+        chunk_interval_s() (first tokens and the end at once). detokenize=False:
+        no text unless the request has stop strings (the core makes that); the caller makes it.
         """
         self._check_alive()
         token_ids = self._tokenize(prompt)
@@ -326,7 +333,7 @@ class EngineCoreClient:
         validate_request(token_ids, params, self.vocab_size, self.max_model_len)
         self._bind_loop()
         detokenizers = None
-        if self._tokenizer is not None and not params.stop:
+        if detokenize and self._tokenizer is not None and not params.stop:
             detokenizers = [IncrementalDetokenizer(self._tokenizer, []) for _ in range(params.n)]
         stream = _Stream(request_id, token_ids, params.n, ChunkPacer(chunk_interval_s), detokenizers)
         core_id = f"{request_id}#{next(self._add_ids)}"
@@ -351,6 +358,10 @@ class EngineCoreClient:
     async def cached_block_hashes(self) -> list[int]:
         """Hashes of the blocks the core can serve from its prefix cache (for the router)."""
         return await self._call("cached_block_hashes")
+
+    async def cached_block_changes(self, full: bool = False) -> CacheChanges:
+        """Hashes cached and evicted since the last call: the core sends what changed, not its whole set."""
+        return await self._call("cached_block_changes", full)
 
     def shutdown(self) -> None:
         """Stops the core. Called on an event loop it returns at once and the core is reaped on a thread."""
@@ -407,14 +418,14 @@ class EngineCoreClient:
             except (OSError, ValueError):  # the core is gone; the reader reports why
                 return
 
-    async def _call(self, name: str) -> Any:
+    async def _call(self, name: str, *args: Any) -> Any:
         self._check_alive()
         self._bind_loop()
         call_id = next(self._call_ids)
         future = self._loop.create_future()
         self._calls[call_id] = future
         try:
-            self._send(("call", call_id, name))
+            self._send(("call", call_id, name, args))
             return await future
         finally:
             self._calls.pop(call_id, None)

@@ -18,6 +18,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache.allocator import PagedKVAllocator
+from engine.kv_cache.hash_log import CacheChanges
 from engine.model.loader import load_model
 from engine.outputs import ChoiceDelta, CompletionOutput, EngineStats, RequestDelta, RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import apply_quantization
@@ -680,6 +681,10 @@ class LLMEngine:
     def cached_block_hashes(self) -> list[int]:
         """Hashes of the blocks this engine can serve from its prefix cache (for the router)."""
         return self.allocator.pool.cached_hashes()
+
+    def cached_block_changes(self, full: bool = False) -> CacheChanges:
+        """What cached_block_hashes gained and lost since the last call (one caller: the router's feed)."""
+        return self.allocator.pool.cached_hash_changes(full)
 
     # ----- sizing ---------------------------------------------------------------------
 

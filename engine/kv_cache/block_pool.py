@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.kv_cache.hash_log import CachedHashLog, CacheChanges
+
 NULL_BLOCK_ID = 0
 
 
@@ -29,6 +31,8 @@ class BlockPool:
         # Head = evicted first. Insertion order is the order blocks became free.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self._cached: dict[int, KVBlock] = {}
+        # Twice the pool: room for every hash it can hold plus as many evictions before a snapshot.
+        self._log = CachedHashLog(limit=2 * num_blocks)
 
     @property
     def num_usable_blocks(self) -> int:
@@ -50,6 +54,7 @@ class BlockPool:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) is block:
                 del self._cached[block.block_hash]
+                self._log.evicted(block.block_hash)
             block.block_hash = None
             block.token_ids = None
         block.ref_cnt = 1
@@ -76,7 +81,13 @@ class BlockPool:
         """Marks a full block reusable under `block_hash` (first writer wins on duplicates)."""
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
-        self._cached.setdefault(block_hash, block)
+        if self._cached.setdefault(block_hash, block) is block:
+            self._log.cached(block_hash)
 
     def cached_hashes(self) -> list[int]:
         return list(self._cached)
+
+    def cached_hash_changes(self, full: bool = False) -> CacheChanges:
+        """Hashes cached and evicted since the last call (its only caller: the router's feed);
+        everything cached now on the first call, with `full`, or after too many changes."""
+        return self._log.take(self.cached_hashes, full)

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 from deployments.messages import GenerateRequest
 from deployments.prefix_index import PrefixIndexState
 from deployments.router import RecentRoutes, prefer_cached, prompt_token_ids
+from engine.kv_cache.block_pool import BlockPool
+from engine.kv_cache.hash_log import CacheChanges
 from engine.kv_cache.hashing import iter_block_hashes
 from engine.sampling_params import SamplingParams
 
@@ -127,32 +129,78 @@ class FakeIndex:
         return self.state.update(replica_id, added, removed, reset=reset, load=load, stats=stats)
 
 
-def test_publisher_sends_diffs_and_resends_all_after_an_index_restart() -> None:
-    import asyncio
+def _cache(pool: BlockPool, hashes: list[int]) -> None:
+    """Makes `pool` cache exactly `hashes` (one block each), evicting the others."""
+    for h in sorted(set(pool.cached_hashes()) - set(hashes)):
+        block = next(b for b in pool.blocks if b.block_hash == h)
+        pool.release(block)
+        while block.block_hash is not None:  # take blocks off the free list's head until it is evicted
+            pool.release(pool.allocate())
+    for h in hashes:
+        if h not in pool.cached_hashes():
+            pool.register(pool.allocate(), h, [h])
 
+
+def _publisher(index, pool: BlockPool, resolve_index=None):
     from deployments.config import RouterOptions
     from deployments.llm_server import CachePublisher
 
-    cached = [1, 2, 3]
-    index = FakeIndex()
+    async def cache_changes(full: bool) -> CacheChanges:
+        return pool.cached_hash_changes(full)
 
-    async def cached_hashes() -> list[int]:
-        return list(cached)
-
-    publisher = CachePublisher(
-        "r", index, resolve_index=lambda: index, cached_hashes=cached_hashes,
-        stats=lambda: {}, load=lambda: 0, options=RouterOptions(),
+    return CachePublisher(
+        "r", index, resolve_index=resolve_index or (lambda: index), cache_changes=cache_changes,
+        stats=lambda: {"num_running": 1, "num_waiting": 0}, load=lambda: 1,
+        options=RouterOptions(publish_interval_s=0.01),
     )
 
+
+def test_publisher_sends_diffs_and_resends_all_after_an_index_restart() -> None:
+    import asyncio
+
+    pool = BlockPool(64)
+    index = FakeIndex()
+    publisher = _publisher(index, pool)
+
     async def run() -> None:
+        _cache(pool, [1, 2, 3])
         await publisher.publish({})
-        cached[:] = [2, 3, 4]
+        _cache(pool, [2, 3, 4])
         await publisher.publish({})
         index.state = PrefixIndexState()  # the index restarted: a new token
-        cached[:] = [2, 3, 4, 5]
+        _cache(pool, [2, 3, 4, 5])
         await publisher.publish({})  # a diff the new index cannot apply...
         await publisher.publish({})  # ...so the next publish resends everything
 
     asyncio.run(run())
     assert index.calls == [([1, 2, 3], [], True), ([4], [1], False), ([5], [], False), ([2, 3, 4, 5], [], True)]
-    assert index.state.match([2, 3, 4, 5], ["r"]) == {"r": (4, 0)}
+    assert index.state.match([2, 3, 4, 5], ["r"]) == {"r": (4, 1)}
+
+
+def test_publisher_finds_a_replaced_index_and_resends_everything() -> None:
+    import asyncio
+
+    pool = BlockPool(64)
+    dead, fresh = FakeIndex(), FakeIndex()
+
+    async def gone(*args, **kwargs):
+        raise RuntimeError("actor died")
+
+    publisher = _publisher(dead, pool, resolve_index=lambda: fresh)
+
+    async def run() -> None:
+        _cache(pool, [1, 2])
+        await publisher.publish({})
+        dead.update = SimpleNamespace(remote=gone)
+        _cache(pool, [2, 3])
+        publisher.start()
+        for _ in range(500):  # 5 s at most
+            if fresh.calls:
+                break
+            await asyncio.sleep(0.01)
+        publisher.stop()
+
+    asyncio.run(run())
+    assert dead.calls == [([1, 2], [], True)]
+    assert fresh.calls[0] == ([2, 3], [], True)
+    assert fresh.state.match([2, 3], ["r"]) == {"r": (2, 1)}

@@ -181,6 +181,24 @@ def test_cached_block_hashes_come_from_the_core(client, llama_ckpt, make_engine)
     assert sorted(hashes) == sorted(engine.cached_block_hashes())
 
 
+def test_cached_block_changes_come_from_the_core_as_diffs(client, llama_ckpt, make_engine):
+    engine = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS)
+    engine.generate([PROMPTS[3]], GREEDY)
+    engine.generate([PROMPTS[0]], GREEDY)
+
+    async def main():
+        await collect(client, PROMPTS[3], GREEDY, "cache-me")
+        whole = await client.cached_block_changes(True)
+        await collect(client, PROMPTS[0], GREEDY, "cache-me-too")
+        return whole, await client.cached_block_changes(), await client.cached_block_changes()
+
+    whole, diff, none = asyncio.run(main())
+    assert whole.full and len(whole.added) >= len(PROMPTS[3]) // 4
+    assert not diff.full and diff.added and not set(diff.added) & set(whole.added)
+    assert sorted(set(whole.added) - set(diff.removed) | set(diff.added)) == sorted(engine.cached_block_hashes())
+    assert none.added == [] and none.removed == [] and not none.full
+
+
 def test_a_dead_core_fails_open_streams_and_later_requests(client):
     async def main():
         agen = client.generate(PROMPTS[2], LONG, "victim")
