@@ -37,6 +37,15 @@ def test_shipped_yaml_is_valid_and_maps_onto_the_engine() -> None:
     assert llm["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert "num_replicas" not in llm
     assert (llm["graceful_shutdown_timeout_s"], llm["graceful_shutdown_wait_loop_s"]) == (20.0, 2.0)
+    assert "logging_config" not in llm  # the application's own logging config applies
+
+
+def test_access_log_off_is_serves_logging_config() -> None:
+    args = shipped_args()
+    args["llm_server"]["access_log"] = False
+    config = parse_app_config(args)
+    assert config.llm_server.serve_options()["logging_config"] == {"enable_access_log": False}
+    assert "logging_config" not in config.ingress.serve_options()
 
 
 def test_gpu_edit_of_the_yaml() -> None:
