@@ -48,6 +48,8 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     from triton.compiler import ASTSource, compile as triton_compile
 
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE if a in signature}
+    # Constexprs left out take their defaults, as a launch that does not pass them would.
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs, attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)

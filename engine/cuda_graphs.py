@@ -32,6 +32,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        # The decode attention's arrival counters (AttentionMetadata.split_counters): zero between
+        # replays, each layer's kernel leaves them so for the next.
+        self.split_counters = torch.zeros(n * kv_cache.shape[-2], dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -52,6 +55,7 @@ class DecodeGraphs:
             max_seq_len=self.block_tables.shape[1],
             query_lens_cpu=[1] * b,
             seq_lens_cpu=[1] * b,
+            split_counters=self.split_counters,
         )
 
     def _forward(self, b: int) -> torch.Tensor:

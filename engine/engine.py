@@ -144,7 +144,7 @@ class LLMEngine:
             config.scheduler.max_num_seqs, use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens, fuse_speculative=fuse_speculative,
         )
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, self.arch.vocab_size)
         if draft is not None:
             # The draft's own cache, with the target's block geometry: one block table indexes both.
             draft_kv = torch.zeros(

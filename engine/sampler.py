@@ -82,8 +82,14 @@ class PendingSample:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int) -> None:
+    def __init__(self, device: torch.device, seed: int, vocab_size: int | None = None) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # On CUDA, greedy tokens of a few rows in one kernel (engine/greedy_argmax.py).
+        self._argmax = None
+        if device.type == "cuda" and vocab_size:
+            from engine.greedy_argmax import GreedyArgmax
+
+            self._argmax = GreedyArgmax(vocab_size, device)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -97,7 +103,7 @@ class Sampler:
         return PendingSample(tokens, self._logprob_tensors(logits, tokens, batch), batch.num_logprobs)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy = greedy_tokens(logits)
+        greedy = self.greedy_tokens(logits)
         if batch.all_greedy:
             return greedy
         scaled = logits / batch.temperatures.clamp_min(1e-5).unsqueeze(1)
@@ -110,6 +116,12 @@ class Sampler:
                 noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(batch.temperatures == 0.0, greedy, sampled)
+
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits.argmax(dim=-1) [N], the first index on ties."""
+        if self._argmax is not None and self._argmax.fits(logits):
+            return self._argmax(logits)
+        return logits.argmax(dim=-1)
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprob | None]:
         return _host_output(tokens, self._logprob_tensors(logits, tokens, batch), batch.num_logprobs).logprobs
@@ -126,32 +138,6 @@ class Sampler:
         k = max(wanted)
         top_vals, top_ids = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0]))
         return chosen, top_vals, top_ids
-
-
-# Two-stage argmax for a few rows of a large vocabulary: one row of 128256 fp32 logits is one
-# block's reduction for torch.argmax, 26.8 us on the H200, against 15.2 us as maxima of chunks of
-# 1024, then the argmax of those (bench/int4_mma_sweep.py, docs/bench/w3-h200-int4-sweep.json).
-ARGMAX_CHUNK = 1024
-ARGMAX_MAX_ROWS = 8
-
-
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(dim=-1), the same index on ties (the first maximum; both stages keep the first)."""
-    rows, vocab = logits.shape
-    if not logits.is_cuda or rows > ARGMAX_MAX_ROWS or vocab < 4 * ARGMAX_CHUNK:
-        return logits.argmax(dim=-1)
-    return two_stage_argmax(logits, ARGMAX_CHUNK)
-
-
-def two_stage_argmax(logits: torch.Tensor, chunk: int) -> torch.Tensor:
-    """argmax of each row [R, V] as the maximum of chunks of `chunk` entries, then the first chunk
-    holding the largest of them (torch's max and argmax both return the first maximum)."""
-    rows, vocab = logits.shape
-    pad = -vocab % chunk
-    padded = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")) if pad else logits
-    chunk_max, chunk_idx = padded.view(rows, -1, chunk).max(dim=-1)
-    best = chunk_max.argmax(dim=-1, keepdim=True)
-    return (best * chunk + chunk_idx.gather(1, best)).squeeze(1)
 
 
 def _host_output(tokens: torch.Tensor, logprob_tensors: tuple | None, num_logprobs: list[int | None]) -> SamplerOutput:

@@ -45,7 +45,8 @@ def paged_attention(
             out=out,
         )
     result = triton_paged.paged_decode_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, query_len=query_len
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, query_len=query_len,
+        split_counters=meta.split_counters,
     )
     return result if out is None else out.copy_(result)
 

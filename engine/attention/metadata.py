@@ -34,6 +34,10 @@ class AttentionMetadata:
     # Set by fixed-shape passes in which every sequence feeds exactly this many new tokens (the
     # speculative verify pass, the draft's catch-up): the kernels may treat each as a decode query.
     uniform_query_len: int | None = None
+    # int32 zeros, one per (new token, KV head) at least, that the decode kernel's splits count their
+    # arrivals on, so that the last one combines them (engine/attention/triton_paged.py); held by a
+    # decode graph, whose replays then launch one attention kernel a layer. None: a second kernel combines.
+    split_counters: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

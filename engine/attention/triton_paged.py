@@ -10,7 +10,9 @@ Softmax is online (running max and sum, in base 2), accumulation in fp32.
 
 Decode splits long contexts over several programs (flash-decoding): each
 writes a partial output and its log-sum-exp, and a small kernel combines
-them. It also serves passes where every sequence feeds the same few tokens
+them; or, given arrival counters (a decode graph's, see split_counters), the
+last split of each (token, KV head) to finish combines its heads itself, so
+a layer's attention is one kernel, not two. It also serves passes where every sequence feeds the same few tokens
 (speculative verify, the draft's catch-up): each token is then a decode
 query of its own, whose context ends at its position. The prefill kernel
 would give such a pass one program per (sequence, KV head), walking the
@@ -104,6 +106,8 @@ def _decode_kernel(
     QUERY_LEN: tl.constexpr,  # new tokens per sequence, the last at position seq_len - 1
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr = False,
+    count_ptr=None,  # [T * KVH] int32 arrival counters, zero between calls: the last split combines
+    SPLITS_POW2: tl.constexpr = 1,
 ):
     pdl_enter(PDL)
     t = tl.program_id(0)  # the query token
@@ -151,6 +155,38 @@ def _decode_kernel(
         tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # -inf: an empty split, weight 0
         tl.store(mid_lse_ptr + mid, lse, mask=row_ok)
+        if count_ptr is not None:
+            # As engine/quant/split_k.py: every thread's stores land before the one bump; acq_rel
+            # makes all splits' partials visible to the last to arrive, which resets the counter.
+            tl.debug_barrier()
+            counter = count_ptr + t * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                for g in tl.static_range(GROUP):
+                    _combine_head(mid_o_ptr, mid_lse_ptr, out_ptr, t, kvh * GROUP + g, num_heads, stride_ob, stride_oh,
+                                  HEAD_DIM, NUM_SPLITS, SPLITS_POW2)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _combine_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, h, num_heads, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """out[b, h] = the splits' partial outputs of token b, head h, weighted by their log-sum-exps."""
+    splits = tl.arange(0, SPLITS_POW2)
+    dims = tl.arange(0, HEAD_DIM)
+    split_ok = splits < NUM_SPLITS
+    base = (b * num_heads + h).to(tl.int64) * NUM_SPLITS
+    # .cg: from the L2, where the other splits' stores are; never a stale line of this SM's L1.
+    lse = tl.load(mid_lse_ptr + base + splits, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty context: every weight 0, output 0
+    w = tl.exp2(lse - m)
+    # An empty split's partials are never read (weight 0): at batch 1 most splits of a graph are.
+    o = tl.load(mid_o_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
+                mask=(split_ok & (lse > float("-inf")))[:, None], other=0.0, cache_modifier=".cg")
+    num = tl.sum(w[:, None] * o, 0)
+    den = tl.sum(w, 0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -167,21 +203,8 @@ def _decode_reduce_kernel(
     PDL: tl.constexpr = False,
 ):
     pdl_enter(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_POW2)
-    dims = tl.arange(0, HEAD_DIM)
-    split_ok = splits < NUM_SPLITS
-    base = (b * num_heads + h).to(tl.int64) * NUM_SPLITS
-    lse = tl.load(mid_lse_ptr + base + splits, mask=split_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # empty context: every weight 0, output 0
-    w = tl.exp2(lse - m)
-    o = tl.load(mid_o_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
-    num = tl.sum(w[:, None] * o, 0)
-    den = tl.sum(w, 0)
-    out = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+    _combine_head(mid_o_ptr, mid_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_heads, stride_ob, stride_oh,
+                  HEAD_DIM, NUM_SPLITS, SPLITS_POW2)
 
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the table's width moves with the batch
@@ -318,8 +341,12 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,  # None: chosen from the shapes
     query_len: int = 1,  # new tokens per sequence, all in the cache already
+    split_counters: torch.Tensor | None = None,  # int32 zeros, >= tokens x KV heads: one kernel (see above)
 ) -> torch.Tensor:
-    """The new tokens of each sequence (one, or query_len each) attend causally to its cached context."""
+    """The new tokens of each sequence (one, or query_len each) attend causally to its cached context.
+
+    split_counters: the last split of each (token, KV head) combines the partial outputs, no second
+    kernel; it resets its counter, so the buffer stays zero between calls (and graph replays)."""
     group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
     batch, num_heads = q.shape[0], q.shape[1]  # batch: query tokens, one program row each
     if query_len < 1 or batch != seq_lens.shape[0] * query_len:
@@ -334,6 +361,9 @@ def paged_decode_attention(
         num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _num_sms(q.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    combine = num_splits > 1 and split_counters is not None
+    if combine and split_counters.numel() < batch * num_kv_heads:
+        raise ValueError(f"split_counters holds {split_counters.numel()}, not the {batch * num_kv_heads} this call needs")
     if num_splits > 1:
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -359,11 +389,13 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         QUERY_LEN=query_len,
         DOT_PRECISION=_dot_precision(q.dtype),
+        count_ptr=split_counters if combine else None,
+        SPLITS_POW2=triton.next_power_of_2(num_splits),
         num_warps=4,
         num_stages=3,
         **launch_options(q.device, batch),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not combine:
         _decode_reduce_kernel[(batch, num_heads)](
             mid_o,
             mid_lse,

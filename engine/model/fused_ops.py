@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.backend import write_kv
+from engine.quant.base import QuantLinear
 
 
 # ----- torch reference ---------------------------------------------------------------
@@ -137,6 +138,8 @@ def norm_linear(
 
         return kernel.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, gated)
     h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+    if gated and isinstance(linear, QuantLinear):  # its kernel may apply silu-and-mul itself
+        return linear.forward_gated(h), residual
     out = linear(h)
     return (silu_and_mul(out) if gated else out), residual
 

@@ -40,6 +40,13 @@ class QuantLinear(nn.Module):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_reference(x)
 
+    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this layer's output [gate | up] (an MLP's gate_up): a layer whose
+        kernel can apply it in its own epilogue overrides this."""
+        from engine.model.fused_ops import silu_and_mul
+
+        return silu_and_mul(self(x))
+
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then a plain matrix product in x's dtype: the CPU path and the oracle."""
         return F.linear(x, self.dequantize(x.dtype), self.bias_as(x.dtype))

@@ -90,6 +90,9 @@ class Int4Linear(QuantLinear):
         self.register_buffer("zeros", zeros)  # uint8 [N, K/group]
         self.tinygemm = False
         self.mma = False  # codes repacked for the tensor-core kernel (to_mma_, int4_mma.py)
+        # In the mma form of a gated layer (gate_up): its rows in int4_mma.pair_gate_up_rows's order,
+        # and the checkpoint's order of them back (None: rows as in the checkpoint).
+        self._checkpoint_rows: torch.Tensor | None = None
         self._workspace = None  # the Triton matvec's split-K buffers, made on first use (kernels.py)
         self._mma_workspace = None  # the same for the tensor-core kernel (int4_mma.MmaWorkspace)
 
@@ -119,10 +122,11 @@ class Int4Linear(QuantLinear):
             raise RuntimeError("an Int4Linear in tinygemm form cannot be dequantized")
         n, k, g = self.out_features, self.in_features, self.group_size
         q = unpack_int4(self.packed_codes()).reshape(n, k // g, g)
+        scales, zeros = self._in_checkpoint_order(self.scales), self._in_checkpoint_order(self.zeros)
         if dtype == torch.float32:
-            w = (q.float() - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+            w = (q.float() - zeros.float()[..., None]) * scales.float()[..., None]
         else:  # integers up to 15 are exact in any float type: only the product rounds
-            w = (q.to(dtype) - self.zeros.to(dtype)[..., None]) * self.scales.to(dtype)[..., None]
+            w = (q.to(dtype) - zeros.to(dtype)[..., None]) * scales.to(dtype)[..., None]
         return w.reshape(n, k)
 
     def packed_codes(self) -> torch.Tensor:
@@ -130,8 +134,16 @@ class Int4Linear(QuantLinear):
         if self.mma:
             from engine.quant.int4_mma import unpack_mma
 
-            return unpack_mma(self.mma_qweight, self.group_size)
+            return self._in_checkpoint_order(unpack_mma(self.mma_qweight, self.group_size))
         return self.qweight
+
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self._in_checkpoint_order(self.bias).to(dtype)
+
+    def _in_checkpoint_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """A per-row tensor of this layer (codes, scales, zeros, bias) with its rows as the checkpoint has them."""
+        order = self._checkpoint_rows
+        return rows if order is None else rows.index_select(0, order.to(rows.device))
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         if self.tinygemm:
@@ -178,21 +190,35 @@ class Int4Linear(QuantLinear):
         )
 
     @torch.no_grad()
-    def to_mma_(self, rows_per_chunk: int = 8192) -> None:
+    def to_mma_(self, rows_per_chunk: int = 8192, gated: bool = False) -> None:
         """Repacks the codes for int4_mma's kernel (a permutation of the nibbles within each group:
         same bytes) and frees the checkpoint layout. dequantize() still works (it unpacks), but
         the state_dict now holds mma_qweight, not qweight: do not save the layer afterwards.
-        Rows go a chunk at a time, so the repacking's temporaries stay small (lm_head)."""
-        from engine.quant.int4_mma import pack_mma
+        Rows go a chunk at a time, so the repacking's temporaries stay small (lm_head).
+
+        gated (an MLP's gate_up, [gate | up] rows): the rows are also paired for the kernel's
+        SiLU epilogue (forward_gated); forward() and dequantize() still answer in the checkpoint's
+        row order. Layers whose halves do not fit the pairing stay unpaired."""
+        from engine.quant.int4_mma import GATE_PAIR_ROWS, pack_mma, pair_gate_up_rows
 
         if self.tinygemm or self.mma:
             raise RuntimeError(f"this Int4Linear is already repacked ({self.extra_repr()})")
+        order = None
+        if gated and self.out_features % (2 * GATE_PAIR_ROWS) == 0:
+            order = pair_gate_up_rows(self.out_features).to(self.qweight.device)
+            self.scales = self.scales.index_select(0, order)
+            self.zeros = self.zeros.index_select(0, order)
+            if self.bias is not None:
+                self.bias = self.bias.index_select(0, order)
         words = torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32, device=self.qweight.device)
         for r in range(0, self.out_features, rows_per_chunk):
-            words[r : r + rows_per_chunk] = pack_mma(self.qweight[r : r + rows_per_chunk], self.group_size)
+            rows = self.qweight[r : r + rows_per_chunk] if order is None else self.qweight.index_select(0, order[r : r + rows_per_chunk])
+            words[r : r + rows_per_chunk] = pack_mma(rows, self.group_size)
         self.qweight = None
         self.register_buffer("mma_qweight", words)
         self.mma = True
+        if order is not None:
+            self._checkpoint_rows = torch.argsort(order)
 
     def mma_workspace(self):
         """int4_mma.MmaWorkspace on the weights' device: made at load (swap.set_backend_), before
@@ -209,9 +235,23 @@ class Int4Linear(QuantLinear):
 
         if x.shape[0] > KERNEL_MAX_ROWS or x.dtype not in OFFSET:
             return self.forward_reference(x)
-        return int4_mma_matmul(
-            x, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace()
+        y = int4_mma_matmul(x, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace())
+        order = self._checkpoint_rows
+        return y if order is None else y.index_select(1, order.to(y.device))
+
+    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this gate_up layer's output: on CUDA, paired rows and few enough of
+        them, in the mma kernel's epilogue (no SiLU kernel of its own); otherwise as any layer."""
+        from engine.quant.int4_mma import OFFSET, int4_mma_matmul
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self._checkpoint_rows is None or not x2.is_cuda or x2.shape[0] > KERNEL_MAX_ROWS or x2.dtype not in OFFSET:
+            return super().forward_gated(x)
+        y = int4_mma_matmul(
+            x2, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace(), gated=True
         )
+        return y.reshape(*lead, self.out_features // 2)
 
     # ----- PyTorch's own int4 kernel (tinygemm), a runtime-only form --------------------
 
@@ -245,4 +285,5 @@ class Int4Linear(QuantLinear):
 
     def extra_repr(self) -> str:
         form = ", tinygemm" if self.tinygemm else ", mma" if self.mma else ""
+        form += ", gated rows paired" if self._checkpoint_rows is not None else ""
         return super().extra_repr() + f", group_size={self.group_size}" + form

@@ -42,6 +42,12 @@ PDL (engine/pdl.py, Hopper, launches of at most 8 rows): each program first asks
 lines of its first PREFETCH_GROUPS groups of every row (the weights are no kernel's output), lets
 the next kernel be placed, and only then waits for the kernel ahead, whose output is x.
 
+Gated (gate_up of an MLP): silu(gate) * up in the kernel's epilogue, so the step has no SiLU kernel of its
+own. The layer's rows are paired at load (pair_gate_up_rows): each block of BLOCK_N = 2 * GATE_PAIR_ROWS
+rows holds GATE_PAIR_ROWS gate rows and the up rows of the same outputs, so one program has both sums
+of each of its outputs. Roundings as the unfused path (gate_up's output in x's dtype, then
+silu_and_mul). Whole sums only (no split): gate_up has rows enough to fill the SMs without one.
+
 Everything here also runs under the Triton interpreter (TRITON_INTERPRET=1; tests/engine/quant/
 test_int4_mma.py): the numbers are checked there; the register layouts and the speed only on a GPU.
 """
@@ -70,6 +76,8 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)  # 512 and up: a step of 8 groups would no
 # Groups of each row that a program asks the L2 for before it waits for the kernel ahead (PDL only;
 # a power of two). W3 on the H200: 417.5 tok/s with 8, 412.1 with none, 402.0 with 16 (BENCHMARKS.md).
 PREFETCH_GROUPS = 8
+# Gated layers: gate rows (and as many up rows) per block of 2 * GATE_PAIR_ROWS rows (BLOCK_N).
+GATE_PAIR_ROWS = 32
 
 
 # ----- layout ----------------------------------------------------------------------------
@@ -95,6 +103,17 @@ def unpack_mma(words: torch.Tensor, group: int) -> torch.Tensor:
     nib = torch.stack([byte & 0xF, byte >> 4], dim=-1).reshape(n, k // group, group // 8, 2, 4)  # [n, g, w, h, p]
     q = nib.permute(0, 1, 4, 2, 3).reshape(n, k)  # k = p * group/4 + 2w + h
     return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def pair_gate_up_rows(n: int) -> torch.Tensor:
+    """The row order of a gated layer [gate (n/2 rows) | up (n/2 rows)] for the gated kernel:
+    new row r is old row order[r]; each block of 2 * GATE_PAIR_ROWS holds GATE_PAIR_ROWS gate rows,
+    then the up rows of the same outputs. None fits unless n/2 is a multiple of GATE_PAIR_ROWS."""
+    half = n // 2
+    if n % 2 or half % GATE_PAIR_ROWS:
+        raise ValueError(f"a gated layer needs 2 x a multiple of {GATE_PAIR_ROWS} rows, not {n}")
+    gate = torch.arange(half).view(-1, GATE_PAIR_ROWS)
+    return torch.stack([gate, gate + half], dim=1).reshape(n)
 
 
 # ----- kernel ----------------------------------------------------------------------------
@@ -123,14 +142,30 @@ def _chunk_dots(d, w, x_ptr, b_off, b_mask, magic, gc,
 
 
 @triton.jit
+def _store_gated(out, y_ptr, rows, pid_n, M, N_OUT, stride_ym, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    """y[rows, outputs of row block pid_n] = silu(gate) * up from out [BLOCK_N, ROWS]: its first half
+    of rows the gate sums, its second half the up sums of the same outputs (pair_gate_up_rows)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    dt = y_ptr.dtype.element_ty
+    # As the unfused path: gate_up's output rounded to y's dtype, then silu_and_mul's own roundings.
+    pair = tl.permute(tl.reshape(out.to(dt).to(tl.float32), [2, HALF, ROWS]), (1, 2, 0))
+    gate, up = tl.split(pair)  # [HALF, ROWS] each
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    offs = pid_n * HALF + tl.arange(0, HALF)
+    y_off = rows[None, :] * stride_ym + offs[:, None]
+    tl.store(y_ptr + y_off, (act * up).to(dt), mask=(offs < N_OUT)[:, None] & (rows < M)[None, :])
+
+
+@triton.jit
 def _int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0, GATED: tl.constexpr = False,
 ):
     """y = x W^T for int4 W in pack_mma's layout; program (row block, k split, block of x rows).
+    GATED: W's rows paired as pair_gate_up_rows makes them, y = silu(gate) * up [M, N / 2].
 
     A step covers STEP_GROUPS groups, loaded in chunks of CHUNK codes a row (registers); its dots
     fill the 16 accumulator columns, then the scales and zeros of its groups are applied.
@@ -203,8 +238,11 @@ def _int4_mma_kernel(
         rows = pid_m * ROWS + tl.arange(0, ROWS)
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        y_off = rows[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
+        if GATED:
+            _store_gated(out, y_ptr, rows, pid_n, M, N // 2, stride_ym, BLOCK_N, ROWS)
+        else:
+            y_off = rows[None, :] * stride_ym + offs_n[:, None]
+            tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
     else:
         # One x row (the host allows a split only then): the other rows' columns are zero.
         finish_split(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
@@ -257,15 +295,21 @@ def _even(args: dict) -> bool:
     return args["N"] % args["BLOCK_N"] == 0 and (args["K"] // args["GROUP"]) % args["STEP_GROUPS"] == 0
 
 
-_int4_mma_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-        for n, sg, sk, w, st in _MMA_CONFIGS
-    ],
-    key=["N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune},
-    do_bench=_bench,
-)(triton.heuristics({"EVEN": _even})(_int4_mma_kernel))
+def _autotuned(configs: list[tuple[int, int, int, int, int]]):
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": n, "STEP_GROUPS": sg, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+            for n, sg, sk, w, st in configs
+        ],
+        key=["N", "K", "GROUP"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=_bench,
+    )(triton.heuristics({"EVEN": _even})(_int4_mma_kernel))
+
+
+_int4_mma_tuned = _autotuned(_MMA_CONFIGS)
+# Gated layers: whole sums (no split) in row blocks of one gate / up pair (gate_up's own winners).
+_int4_mma_tuned_gated = _autotuned([c for c in _MMA_CONFIGS if c[0] == 2 * GATE_PAIR_ROWS and c[2] == 1])
 
 
 def rows_config(m: int, group: int) -> dict:
@@ -305,21 +349,25 @@ def int4_mma_matmul(
     config: dict | None = None,
     pdl: bool | None = None,
     prefetch_groups: int = PREFETCH_GROUPS,
+    gated: bool = False,
 ) -> torch.Tensor:
     """x @ W^T (+ bias) in x's dtype. `config` pins the tile sizes (tests, self-check); otherwise
     batch 1 is autotuned and more rows take rows_config. A layer passes its own workspace,
     allocated once, so a captured CUDA graph owns no allocation and layers share no counters.
     `pdl` (None: engine/pdl.py's choice for m rows) launches it with programmatic dependent launch,
-    its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait."""
+    its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait.
+    `gated`: W's rows are paired (pair_gate_up_rows); returns silu(gate) * up, [M, N / 2]."""
     if x.dtype not in OFFSET:
         raise ValueError(f"the int4 mma kernel takes bf16 or fp16 activations, not {x.dtype}")
     if group not in SUPPORTED_GROUPS:
         raise ValueError(f"the int4 mma kernel takes group sizes {SUPPORTED_GROUPS}, not {group}")
     m, k = x.shape
     n = words.shape[0]
+    if gated and n % (2 * GATE_PAIR_ROWS):
+        raise ValueError(f"a gated int4 mma layer needs a multiple of {2 * GATE_PAIR_ROWS} rows, not {n}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
     ws = workspace if workspace is not None else MmaWorkspace.for_rows(n, x.device)
@@ -329,13 +377,13 @@ def int4_mma_matmul(
             m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0))
     on = use_pdl(x.device, m) if pdl is None else pdl
     common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
-                  PREFETCH_GROUPS=prefetch_groups if on else 0)
+                  PREFETCH_GROUPS=prefetch_groups if on else 0, GATED=gated)
     if config is None and m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
-        _int4_mma_tuned[grid](*args, **common)
+        (_int4_mma_tuned_gated if gated else _int4_mma_tuned)[grid](*args, **common)
         return y
     cfg = dict(config) if config is not None else rows_config(m, group)
-    _check_config(cfg, m, group)
+    _check_config(cfg, m, group, gated)
     rows = MMA_COLUMNS // cfg["STEP_GROUPS"]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1), triton.cdiv(m, rows))
     tiles = dict(BLOCK_N=cfg["BLOCK_N"], STEP_GROUPS=cfg["STEP_GROUPS"], SPLIT_K=cfg.get("SPLIT_K", 1))
@@ -346,8 +394,10 @@ def int4_mma_matmul(
     return y
 
 
-def _check_config(cfg: dict, m: int, group: int) -> None:
+def _check_config(cfg: dict, m: int, group: int, gated: bool = False) -> None:
     split, step = cfg.get("SPLIT_K", 1), cfg["STEP_GROUPS"]
+    if gated and (split != 1 or cfg["BLOCK_N"] != 2 * GATE_PAIR_ROWS):
+        raise ValueError(f"int4 mma config {cfg}: a gated layer takes row blocks of {2 * GATE_PAIR_ROWS}, no split")
     if split > 1 and (m != 1 or split > MMA_MAX_SPLIT):
         raise ValueError(f"int4 mma config {cfg}: a split needs one x row and at most {MMA_MAX_SPLIT} slices")
     if cfg["BLOCK_N"] < MMA_MIN_BLOCK_N or MMA_COLUMNS % step or not _fits(step, 1, group, 1):

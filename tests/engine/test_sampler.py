@@ -42,18 +42,6 @@ def test_greedy_is_argmax():
     assert out.logprobs == [None] * 8
 
 
-def test_two_stage_argmax_is_argmax_with_its_ties():
-    # The CUDA path for a few rows of a big vocabulary; on the CPU it is called directly.
-    from engine.sampler import two_stage_argmax
-
-    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float()
-    logits[1, 4999] = 100.0  # the maximum in the padded last chunk
-    logits[2, [1500, 2047, 4000]] = 50.0  # ties within a chunk and across chunks: the first wins
-    assert two_stage_argmax(logits, 1024).tolist() == logits.argmax(-1).tolist()
-    assert two_stage_argmax(logits, 1024)[1:].tolist() == [4999, 1500]
-    assert torch.equal(two_stage_argmax(logits[:, :4096], 1024), logits[:, :4096].argmax(-1))  # no padding
-
-
 def test_greedy_rows_stay_argmax_in_a_sampled_batch():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5)] * 3

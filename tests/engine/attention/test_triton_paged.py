@@ -128,6 +128,24 @@ def test_decode_matches_reference(tp, num_heads, num_kv_heads, head_dim, block_s
     assert_close(out, reference(q, k_cache, v_cache, meta, scale))
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
+@pytest.mark.parametrize("num_splits", [3, 8])
+def test_decode_combined_by_its_last_split_equals_the_combine_kernel(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits):
+    # With arrival counters the last split of each (token, KV head) combines; same math, same bits,
+    # and every counter back at zero for the next call (a graph's next replay, the next layer).
+    seq_lens = [1, 17, 70, 64, 5]
+    q, k_cache, v_cache, meta = make_batch(seq_lens, [1] * 5, num_heads, num_kv_heads, head_dim, block_size)
+    scale = head_dim**-0.5
+    args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits)
+    counters = torch.zeros(5 * num_kv_heads + 3, dtype=torch.int32)
+    fused = tp.paged_decode_attention(*args, split_counters=counters)
+    assert torch.equal(fused, tp.paged_decode_attention(*args))
+    assert not counters.any()
+    assert torch.equal(tp.paged_decode_attention(*args, split_counters=counters), fused)
+    with pytest.raises(ValueError, match="split_counters"):
+        tp.paged_decode_attention(*args, split_counters=counters[: 5 * num_kv_heads - 1])
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_model_head_dims(tp, head_dim):
     q, k_cache, v_cache, meta = make_batch([200, 3], [1, 1], 4, 2, head_dim, 16, seed=3)
