@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, HostDecodeInputs
 from engine.kv_cache.block_table import BlockTable
 from engine.mixed_graphs import MIXED_GRAPH_MAX_TOKENS, MixedStepGraphs
 from engine.model.llama import LlamaForCausalLM
@@ -38,6 +38,26 @@ class DeviceTokens:
 
     token_ids: torch.Tensor  # [N] int64
     row_of: dict[Sequence, int]  # a sequence -> its row in token_ids
+
+
+@dataclass
+class HostInputs:
+    """A step's inputs as numpy arrays, before any of them reaches the device."""
+
+    ids: list[int]  # the tokens fed, a 0 where the token is still on the device
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+    logits_indices: np.ndarray  # [N] rows whose next token is sampled
+    spec_indices: np.ndarray | None  # [S, k + 1]
+    gather: tuple[np.ndarray, np.ndarray] | None  # (rows of ids, rows of the pending tokens) or None
+    query_start: np.ndarray  # [B + 1] int64
+    query_lens: np.ndarray  # [B] int64
+    seq_lens: np.ndarray  # [B] int64
+    table: np.ndarray  # [B, width] int32
+
+    @property
+    def decode_only(self) -> bool:
+        return bool(self.query_lens.max() == 1)
 
 
 @dataclass
@@ -99,6 +119,11 @@ class ModelRunner:
         Per sequence only scalars are read in Python; positions, slots and the block table are
         built with whole-batch numpy ops, and everything reaches the device in two copies.
         """
+        return self._to_device(self._host_inputs(sched, proposals, k, pending), pending)
+
+    def _host_inputs(
+        self, sched: SchedulerOutput, proposals: dict[int, list[int]] | None, k: int, pending: DeviceTokens | None
+    ) -> HostInputs:
         items = sched.scheduled
         seqs = [item.seq for item in items]
         n = len(items)
@@ -132,12 +157,15 @@ class ModelRunner:
             spec = num_extra > 0
             first = query_start[1:][spec] - num_extra[spec] - 1
             spec_indices = first[:, None] + np.minimum(np.arange(k + 1), num_extra[spec][:, None])
+        return HostInputs(ids, positions, slots, logits_indices, spec_indices, gather, query_start, query_lens, seq_lens, table)
+
+    def _to_device(self, host: HostInputs, pending: DeviceTokens | None) -> StepInputs:
         i64, i32 = self._upload(
-            [ids, positions, slots, logits_indices, spec_indices, *(gather or (None, None))],
-            [query_start.astype(np.int32), seq_lens, table],
+            [host.ids, host.positions, host.slots, host.logits_indices, host.spec_indices, *(host.gather or (None, None))],
+            [host.query_start.astype(np.int32), host.seq_lens, host.table],
         )
         ids_d, positions_d, slots_d, logits_d, spec_d, dst_d, src_d = i64
-        if gather is not None:
+        if host.gather is not None:
             # Stream order makes this wait for the step that sampled them; the host does not.
             ids_d.index_copy_(0, dst_d, pending.token_ids.index_select(0, src_d))
         query_start_d, seq_lens_d, table_d = i32
@@ -145,13 +173,13 @@ class ModelRunner:
             slot_mapping=slots_d,
             query_start_loc=query_start_d,
             seq_lens=seq_lens_d,
-            block_tables=table_d.view(n, width),
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_lens_cpu=query_lens.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            block_tables=table_d.view(*host.table.shape),
+            max_query_len=int(host.query_lens.max()),
+            max_seq_len=int(host.seq_lens.max()),
+            query_lens_cpu=host.query_lens.tolist(),
+            seq_lens_cpu=host.seq_lens.tolist(),
         )
-        return StepInputs(ids_d, positions_d, meta, logits_d, len(logits_indices), spec_d)
+        return StepInputs(ids_d, positions_d, meta, logits_d, len(host.logits_indices), spec_d)
 
     @staticmethod
     def _input_ids(sched: SchedulerOutput, proposals: dict[int, list[int]] | None, decode_only: bool) -> list[int]:
@@ -220,10 +248,15 @@ class ModelRunner:
 
         `pending`: the tokens of the step still in flight (async scheduling), fed on the device.
         """
-        inputs = self.prepare(sched, pending=pending)
-        meta = inputs.meta
-        if inputs.num_sampled and self.graphs is not None and meta.is_decode_only and self.graphs.fits(meta.num_seqs):
-            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        host = self._host_inputs(sched, None, 0, pending)
+        n = len(host.seq_lens)
+        if self.graphs is not None and host.decode_only and len(host.logits_indices) == n and self.graphs.fits(n):
+            # Every row decodes one token and is sampled: the graph's inputs go up in one copy.
+            gather = host.gather or (None, None)
+            staged = HostDecodeInputs(np.asarray(host.ids, np.int64), host.positions, host.slots, host.seq_lens,
+                                      host.table, *gather)
+            return self.graphs.run_staged(staged, None if pending is None else pending.token_ids)
+        inputs = self._to_device(host, pending)
         hidden = self._hidden(inputs)
         if inputs.num_sampled == 0:  # only partial prompt chunks: the cache is filled, no logits needed
             return None
