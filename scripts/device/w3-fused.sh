@@ -7,12 +7,12 @@
 #   run: bash scripts/device/w3-fused.sh [MODES]
 set -uo pipefail
 source scripts/device/steps.sh
-modes="${1:-bf16,int4-triton-mma}"
+modes="${1:-bf16,int4-triton-mma,int8,fp8}"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 # The host's CPUs (for W2's CPU plan): SMT siblings, sockets, model.
 lscpu | grep -i "model name\|thread(s) per core\|core(s) per socket\|socket(s)\|^CPU(s)\|MHz"
 for c in 0 7 8 15; do echo "cpu$c siblings $(cat /sys/devices/system/cpu/cpu$c/topology/thread_siblings_list 2>/dev/null)"; done
-TAIL=24 step w3 300 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
+TAIL=24 step w3 330 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
   --profile --json "$OUT/w3.json"
 grep -h "self-check\|kernel gate_up\|first tokens\|^speed" "$OUT/w3.log"
 python - "$OUT/w3.json" <<'PY'
@@ -22,4 +22,4 @@ for k, v in d["speed"].items():
     print(k, round(v["tok_s"], 1), "step", round(v["profile"]["wall_ms_per_step"], 3), "graph",
           round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
 PY
-TAIL=16 step engine-check 170 python bench/engine_check.py
+TAIL=16 step engine-check 150 python bench/engine_check.py
