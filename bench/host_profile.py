@@ -135,13 +135,15 @@ def phase_split(engine: LLMEngine, steps: int, only_finished: bool) -> dict[str,
     timer = PhaseTimer()
     runner, scheduler, sampler = engine.runner, engine.scheduler, engine.sampler
     scheduler.schedule = timer.wrap("schedule", scheduler.schedule)
-    runner.prepare = timer.wrap("prepare", runner.prepare)
+    # The step's arrays on the host, then on the device (runner.prepare is the two in a row).
+    runner._host_inputs = timer.wrap("prepare", runner._host_inputs)
+    runner._to_device = timer.wrap("prepare", runner._to_device)
     runner.execute = timer.wrap("execute", runner.execute)
     engine.sampler = _TimedSampler(sampler, timer)
     try:
         total = timed_steps(engine, steps, only_finished)
     finally:
-        del scheduler.schedule, runner.prepare, runner.execute
+        del scheduler.schedule, runner._host_inputs, runner._to_device, runner.execute
         engine.sampler = sampler
     ms = {k: v / steps * 1e3 for k, v in timer.seconds.items()}
     forward = ms.pop("execute") - ms["prepare"]
