@@ -6,7 +6,7 @@ torch's argmax of one 128,256-entry row is one block's reduction (26.8 us on the
 two-stage version that replaced it (maxima of chunks, then the argmax of those, then a gather
 and the index arithmetic) is faster but six operations. Here it is one: each program takes one
 chunk of a row and stores its maximum and where it is; the last program of the row to arrive
-(an arrival counter, as engine/quant/split_k.py) picks the first chunk holding the largest
+(engine/arrivals.py) picks the first chunk holding the largest
 maximum, writes the token id and resets the counter, so the buffers need no clearing between
 calls.
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.arrivals import last_to_arrive, reset_arrivals
 
 CHUNK = 4096  # logits a program reads: 32 programs a row for a 128,256-entry vocabulary
 MAX_ROWS = 8  # more rows: torch's argmax, whose one block a row is then no longer alone on the GPU
@@ -35,17 +37,14 @@ def _argmax_kernel(logits_ptr, out_ptr, part_val_ptr, part_idx_ptr, count_ptr, v
     part = row * NUM_CHUNKS + chunk
     tl.store(part_val_ptr + part, best)
     tl.store(part_idx_ptr + part, chunk * CHUNK + where)
-    # Every thread's stores land before the one bump; acq_rel shows them to the last to arrive.
-    tl.debug_barrier()
-    if tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu") == NUM_CHUNKS - 1:
+    if last_to_arrive(count_ptr + row, NUM_CHUNKS):  # engine/arrivals.py
         chunks = tl.arange(0, CHUNKS_POW2)
-        # .cg: from the L2, never a stale line of this SM's L1
         maxima = tl.load(part_val_ptr + row * NUM_CHUNKS + chunks, mask=chunks < NUM_CHUNKS, other=float("-inf"),
                          cache_modifier=".cg")
         _, first = tl.max(maxima, axis=0, return_indices=True, return_indices_tie_break_left=True)
         token = tl.load(part_idx_ptr + row * NUM_CHUNKS + first, cache_modifier=".cg")
         tl.store(out_ptr + row, token.to(tl.int64))
-        tl.atomic_xchg(count_ptr + row, 0, sem="relaxed", scope="gpu")
+        reset_arrivals(count_ptr + row)
 
 
 class GreedyArgmax:

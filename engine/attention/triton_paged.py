@@ -12,7 +12,8 @@ Decode splits long contexts over several programs (flash-decoding): each
 writes a partial output and its log-sum-exp, and a small kernel combines
 them; or, given arrival counters (a decode graph's, see split_counters), the
 last split of each (token, KV head) to finish combines its heads itself, so
-a layer's attention is one kernel, not two. It also serves passes where every sequence feeds the same few tokens
+a layer's attention is one kernel, not two. It also serves passes where
+every sequence feeds the same few tokens
 (speculative verify, the draft's catch-up): each token is then a decode
 query of its own, whose context ends at its position. The prefill kernel
 would give such a pass one program per (sequence, KV head), walking the
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.arrivals import last_to_arrive, reset_arrivals
 from engine.pdl import enter as pdl_enter
 from engine.pdl import launch_options
 
@@ -155,16 +157,13 @@ def _decode_kernel(
         tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # -inf: an empty split, weight 0
         tl.store(mid_lse_ptr + mid, lse, mask=row_ok)
-        if count_ptr is not None:
-            # As engine/quant/split_k.py: every thread's stores land before the one bump; acq_rel
-            # makes all splits' partials visible to the last to arrive, which resets the counter.
-            tl.debug_barrier()
+        if count_ptr is not None:  # the last split of this (token, KV head) combines (engine/arrivals.py)
             counter = count_ptr + t * tl.num_programs(1) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            if last_to_arrive(counter, NUM_SPLITS):
                 for g in tl.static_range(GROUP):
                     _combine_head(mid_o_ptr, mid_lse_ptr, out_ptr, t, kvh * GROUP + g, num_heads, stride_ob, stride_oh,
                                   HEAD_DIM, NUM_SPLITS, SPLITS_POW2)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                reset_arrivals(counter)
 
 
 @triton.jit

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.arrivals import last_to_arrive, reset_arrivals
+
 
 def split_k_buffers(n: int, max_split: int, rows_per_counter: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 partials [max_split, n], int32 arrival counters, zero, one per rows_per_counter rows) of
@@ -38,14 +40,9 @@ def finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, c
     """Stores slice pid_k's partials acc [BLOCK_N] of row block pid_n; the last slice to arrive
     adds all of them in slice order, writes y and resets the block's counter."""
     tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
-    # Every thread's partials are written before one thread bumps the counter; acq_rel makes
-    # them visible to whichever program reads them after the last bump.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:
+    if last_to_arrive(count_ptr + pid_n, SPLIT_K):  # engine/arrivals.py
         total = tl.zeros_like(acc)
         for k in tl.static_range(SPLIT_K):
-            # .cg: read from L2, never from a stale line of this SM's L1
             total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
         store_row(total, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
-        tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        reset_arrivals(count_ptr + pid_n)
