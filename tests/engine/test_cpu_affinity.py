@@ -13,20 +13,64 @@ import pytest
 
 from engine import CacheConfig, ConfigError, EngineConfig, SamplingParams
 from engine.core_process import EngineCoreClient
-from engine.cpu_affinity import CpuPlan, node_gpu_count, pin_process, visible_gpu_index
+from engine.cpu_affinity import CpuPlan, node_gpu_count, parse_cpu_list, pin_process, smt_siblings, visible_gpu_index
+
+
+def _no_smt(cpu: int) -> frozenset[int]:
+    return frozenset()
+
+
+def _pairs_of(half: int):
+    """SMT as Linux numbers it on most x86 hosts: CPU n and n + half share a physical core."""
+    return lambda cpu: frozenset({cpu + half if cpu < half else cpu - half})
 
 
 def test_plan_gives_each_gpu_one_of_the_highest_cpus():
-    plan = CpuPlan.for_node(cpus=set(range(16)), num_gpus=2)
+    plan = CpuPlan.for_node(cpus=set(range(16)), num_gpus=2, siblings=_no_smt)
     assert plan.engine_cpus == (15, 14)
     assert plan.others == frozenset(range(14))
+    assert plan.idle == frozenset()
     assert [plan.core_cpu(i) for i in (0, 1, 2, -1)] == [15, 14, None, None]
 
 
 def test_plan_follows_the_allowed_cpus_not_their_count():
-    plan = CpuPlan.for_node(cpus={2, 3, 5, 8}, num_gpus=1)
+    plan = CpuPlan.for_node(cpus={2, 3, 5, 8}, num_gpus=1, siblings=_no_smt)
     assert plan.engine_cpus == (8,)
     assert plan.others == frozenset({2, 3, 5})
+
+
+def test_plan_keeps_each_engine_cores_smt_sibling_idle():
+    plan = CpuPlan.for_node(cpus=set(range(16)), num_gpus=2, siblings=_pairs_of(8))
+    assert plan.engine_cpus == (15, 14)
+    assert plan.idle == frozenset({7, 6})
+    assert plan.others == frozenset(range(16)) - {15, 14, 7, 6}
+
+
+def test_plan_takes_one_physical_core_per_engine_when_siblings_are_adjacent():
+    # Siblings numbered (0,1), (2,3), ...: 15's sibling 14 is no engine CPU of another GPU.
+    plan = CpuPlan.for_node(cpus=set(range(16)), num_gpus=2, siblings=lambda c: frozenset({c ^ 1}))
+    assert plan.engine_cpus == (15, 13)
+    assert plan.idle == frozenset({14, 12})
+    assert plan.others == frozenset(range(12))
+
+
+def test_plan_uses_siblings_when_keeping_them_idle_leaves_too_few_cpus():
+    plan = CpuPlan.for_node(cpus=set(range(8)), num_gpus=2, siblings=_pairs_of(4))
+    assert plan.engine_cpus == (7, 6)
+    assert plan.idle == frozenset()
+    assert plan.others == frozenset(range(6))
+
+
+@pytest.mark.parametrize(("text", "cpus"), [("0,8\n", {0, 8}), ("2-3\n", {2, 3}), ("5", {5}), ("0-1,4", {0, 1, 4})])
+def test_parse_cpu_list(text, cpus):
+    assert parse_cpu_list(text) == frozenset(cpus)
+
+
+def test_smt_siblings_read_from_the_topology_files(tmp_path):
+    (tmp_path / "cpu3" / "topology").mkdir(parents=True)
+    (tmp_path / "cpu3" / "topology" / "thread_siblings_list").write_text("3,11\n")
+    assert smt_siblings(3, tmp_path) == frozenset({11})
+    assert smt_siblings(4, tmp_path) == frozenset()  # no topology: no siblings known
 
 
 @pytest.mark.parametrize(("cpus", "gpus"), [(16, 0), (7, 2), (3, 1)])
