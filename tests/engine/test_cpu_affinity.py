@@ -109,7 +109,7 @@ def test_pin_process_moves_every_thread_of_a_running_process():
         child.wait()
 
 
-def test_engine_core_runs_on_its_cpu_and_still_generates(llama_ckpt):
+def test_engine_core_runs_on_its_cpu_and_still_generates(llama_ckpt, hf_greedy):
     cpu = min(os.sched_getaffinity(0))
     config = EngineConfig(model=str(llama_ckpt), dtype="float32", device="cpu", cache=CacheConfig(block_size=4, num_blocks=64))
     client = EngineCoreClient(dataclasses.replace(config, core_cpu=cpu))
@@ -123,7 +123,7 @@ def test_engine_core_runs_on_its_cpu_and_still_generates(llama_ckpt):
                 tokens = out.outputs[0].token_ids
             return list(tokens)
 
-
+        assert asyncio.run(one()) == hf_greedy("tiny-llama", [5, 6, 7], 4)
     finally:
         client.shutdown()
 
