@@ -254,8 +254,9 @@ class AppConfig(_Strict):
         True,
         description=(
             "On a GPU node with the engine in its own process: each engine core on a CPU of its own (the "
-            "node's highest-numbered CPUs, one per GPU) and the ingress and LLM replicas kept off those CPUs, "
-            "so their wake-ups never preempt a step (engine/cpu_affinity.py). Ignored on the CPU, with "
+            "node's highest-numbered CPUs, one per GPU, its SMT sibling left idle) and the ingress and LLM "
+            "replicas kept off those CPUs, so their wake-ups never preempt or share a step's core "
+            "(engine/cpu_affinity.py). Ignored on the CPU, with "
             "engine_loop 'thread', and on nodes with fewer than 4 CPUs per GPU."
         ),
     )
