@@ -1,0 +1,122 @@
+"""A/B of the decode graph's fusions at batch 1, on one engine: each variant captures its own
+decode graph over the engine's model and KV cache, fed the inputs of the engine's last real decode
+step, and is replayed back to back (bench.step_profile.decode_graph_ms's clock), variants taking
+turns for --rounds rounds.
+
+Variants: shipped; 'combine-kernel' (the decode attention's splits combined by a kernel of their
+own, as before the arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the
+paired row order is kept, so its output is wrong: a timing only); 'neither'; 'own-buffers' (the
+inputs in tensors of their own, not views of run_staged's one upload buffer).
+
+    python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from contextlib import contextmanager
+
+import torch
+
+from bench.device import back_to_back_ms, command_line, device_name, write_json
+from bench.quant import mode_config
+from engine import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.quant.swap import GATED_PROJECTION
+
+VARIANTS = ("shipped", "combine-kernel", "ungated", "neither", "own-buffers")
+
+
+@contextmanager
+def _ungated(model):
+    """gate_up layers answer forward_gated through their plain product and the SiLU kernel."""
+    layers = [m for n, m in model.named_modules() if n.endswith(GATED_PROJECTION) and getattr(m, "_checkpoint_rows", None) is not None]
+    held = [m._checkpoint_rows for m in layers]
+    for m in layers:
+        m._checkpoint_rows = None
+    try:
+        yield len(layers)
+    finally:
+        for m, rows in zip(layers, held):
+            m._checkpoint_rows = rows
+
+
+def _capture(engine, variant: str) -> DecodeGraphs:
+    live = engine.runner.graphs
+    graphs = DecodeGraphs(engine.model, engine.kv_cache, 1, live.block_tables.shape[1])
+    if variant in ("combine-kernel", "neither"):
+        graphs.split_counters = None
+    if variant == "own-buffers":
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+            setattr(graphs, name, getattr(graphs, name).clone())
+    graphs.input_ids.copy_(live.input_ids[:1])
+    graphs.positions.copy_(live.positions[:1])
+    graphs.slot_mapping.copy_(live.slot_mapping[:1])
+    graphs.seq_lens.copy_(live.seq_lens[:1])
+    graphs.block_tables.copy_(live.block_tables[:1])
+    if variant in ("ungated", "neither"):
+        with _ungated(engine.model):
+            graphs.capture()
+    else:
+        graphs.capture()
+    return graphs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--mode", default="int4-triton-mma")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    max_len = args.prompt_len + args.output_len + 16
+    config = EngineConfig(
+        model=f"preset:{args.preset}",
+        quantization=mode_config(args.mode),
+        max_model_len=max_len,
+        async_scheduling=True,
+        cache=CacheConfig(block_size=16, num_blocks=-(-max_len // 16) + 8),
+        scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=max(256, args.prompt_len)),
+    )
+    from engine.engine import LLMEngine
+
+    engine = LLMEngine(config)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, engine.arch.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    # Stop half way: the graphs' inputs are then those of a decode step at the mean W3 context.
+    engine.generate([prompt], SamplingParams(max_tokens=args.output_len // 2, temperature=0.0, ignore_eos=True))
+    graphs = {v: _capture(engine, v) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for v, g in graphs.items():
+            graph = g.graphs[1]
+            graph.replay()
+            torch.cuda.synchronize()
+            times[v].append(back_to_back_ms(graph, args.replays))
+    device = torch.device("cuda")
+    ref = graphs["shipped"].logits[1].float()
+    same = torch.equal(graphs["combine-kernel"].logits[1].float(), ref)
+    result = {
+        "device": device_name(device),
+        "command": command_line("bench.decode_graph_ab", argv),
+        "mode": args.mode,
+        "context": int(graphs["shipped"].seq_lens[0]),
+        "ms_per_replay": {v: statistics.median(t) for v, t in times.items()},
+        "all_ms": times,
+        "combine_kernel_logits_equal_shipped": same,
+    }
+    print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
+    for v, ms in result["ms_per_replay"].items():
+        print(f"  {v:15s} {ms:.4f} ms  (rounds: {', '.join(f'{t:.4f}' for t in times[v])})")
+    print(f"  logits of combine-kernel equal shipped's: {same}")
+    if args.json:
+        write_json(result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
