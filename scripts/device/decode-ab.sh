@@ -6,8 +6,8 @@
 set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=12 step ab 150 python -m bench.decode_graph_ab --rounds 5 --json "$OUT/ab.json"
+TAIL=12 step ab 120 python -m bench.decode_graph_ab --rounds 5 --json "$OUT/ab.json"
 w3="--modes int4-triton-mma --async-scheduling on --ppl-modes none --repeats 3 --profile --skip-self-check --skip-kernel-check"
-(cd .old && export PYTHONPATH=$PWD && TAIL=6 step w3-old 120 python -m bench.quant $w3 --json "$OUT/w3-old.json")
-TAIL=6 step w3-new 120 python -m bench.quant $w3 --json "$OUT/w3-new.json"
+(cd .old && export PYTHONPATH=$PWD && TAIL=6 step w3-old 100 python -m bench.quant $w3 --json "$OUT/w3-old.json")
+TAIL=6 step w3-new 100 python -m bench.quant $w3 --json "$OUT/w3-new.json"
 grep -h "decode step at batch\|^speed" "$OUT"/w3-*.log
