@@ -7,7 +7,8 @@ launch it on the 8B model's layers (bf16, group 128, pointers and sizes divisibl
 blocks), disassembled with the wheel's cuobjdump, and the instructions of its longest loop are
 divided by the weights one thread handles per iteration. At batch 1 a kernel that issues n
 instructions per weight needs n * 9e9 issue slots per token: a bound on speed, not a timing
-(that is bench/quant.py's kernel check, on a GPU).
+(that is bench/quant.py's kernel check, on a GPU). Also the registers and spill stack of the decode
+attention kernel as the 8B model's batch-1 step launches it (decode_attention_usage).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def tools_available() -> bool:
     return _tool("cuobjdump").exists() and _tool("ptxas").exists()
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, divisible=_DIVISIBLE):
+    """`divisible`: the arguments a launch would find divisible by 16 (Triton specializes on it, and
+    the vector width of every load and store follows): leave one out and the count is not the launch's."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in _DIVISIBLE if a in signature}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible if a in signature}
     # Constexprs left out take their defaults, as a launch that does not pass them would.
     constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs, attrs)
@@ -55,14 +58,20 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stag
     return triton_compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _sass(cubin: bytes) -> tuple[str, int]:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        sass = subprocess.run([str(_tool("cuobjdump")), "-sass", str(path)], capture_output=True, text=True).stdout
-        res = subprocess.run([str(_tool("cuobjdump")), "-res-usage", str(path)], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", res)
-    return sass, int(regs.group(1)) if regs else -1
+        return subprocess.run([str(_tool("cuobjdump")), flag, str(path)], capture_output=True, text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """ptxas's resources of the kernel: registers a thread (REG), spill stack bytes (STACK), shared bytes."""
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump(cubin, "-res-usage"))}
+
+
+def _sass(cubin: bytes) -> tuple[str, int]:
+    return _cuobjdump(cubin, "-sass"), resource_usage(cubin).get("REG", -1)
 
 
 def longest_loop(sass: str) -> collections.Counter:
@@ -121,10 +130,37 @@ def matvec_counts(group: int = 128, configs: list[tuple] | None = None) -> list[
     return out
 
 
+def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True) -> dict[str, int]:
+    """Resources of the decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
+    batch-1 step launches it: 4 query heads a KV head, head dim 128, block size 16, bf16, PDL, every
+    pointer, stride and head count divisible by 16 (all but the block table's row stride, which
+    the kernel does not specialize on)."""
+    from engine.attention import triton_paged as tp
+
+    ints = ("num_heads", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+            "stride_vh", "stride_btb", "stride_ob", "stride_oh")
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+           "out_ptr": "*bf16", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "qk_scale": "fp32", **{n: "i32" for n in ints}}
+    consts = {"GROUP": 4, "GROUP_M": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": tp._DECODE_BLOCK_N,
+              "NUM_SPLITS": num_splits, "QUERY_LEN": 1, "DOT_PRECISION": "ieee", "PDL": True,
+              "SPLITS_POW2": 1 << (num_splits - 1).bit_length()}
+    if combine_in_kernel:
+        sig["count_ptr"] = "*i32"
+    else:
+        consts["count_ptr"] = None
+    divisible = [a for a in sig if a not in ("qk_scale", "stride_btb")]
+    kernel = compile_sm90(tp._decode_kernel, sig, consts, 4, 3, divisible)
+    return resource_usage(kernel.asm["cubin"])
+
+
 def main() -> None:
     for c in matvec_counts() + mma_counts():
         print(f"{c.label:<72} {c.per_weight:5.2f} / weight  ({c.loop_instructions} in the loop, "
               f"{c.registers} registers, {c.shared_bytes // 1024} KiB shared)  {c.top}")
+    for splits in (4, 33):
+        for combine in (True, False):
+            print(f"decode attention, 8B batch 1, {splits} splits, combine {'in kernel' if combine else 'kernel'}: "
+                  f"{decode_attention_usage(splits, combine)}")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,19 @@ def test_the_mma_kernel_issues_far_fewer_instructions_per_weight():
     assert 1.0 < mma["per_weight"] < 2.0
     assert mma["per_weight"] < 0.5 * matvec["per_weight"]
     assert mma["top"]["LOP3"] <= 256 + 8  # one LOP3 per word and plane: 64 words x 4 planes per step
+
+
+_DECODE = """
+import json
+from bench import sass_count
+print(json.dumps({str(c): sass_count.decode_attention_usage(4, c) for c in (True, False)}))
+"""
+
+
+def test_the_decode_attention_kernel_spills_nothing_at_the_8b_batch_1_shape():
+    # Compiled without the launch's divisibility (strides unknown to be multiples of 16) it took all
+    # 255 registers and a spill stack: that count is not the launch's, this one is.
+    usage = fresh_process_json(_DECODE)
+    for combine_in_kernel in ("True", "False"):
+        assert usage[combine_in_kernel]["STACK"] == 0
+        assert usage[combine_in_kernel]["REG"] < 200
