@@ -17,6 +17,7 @@ step and folds the inverse into the previous operation; the format is the same.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError
@@ -118,23 +119,38 @@ class Int4Linear(QuantLinear):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._in_checkpoint_order(self._dequantize_stored(dtype))
+
+    def _dequantize_stored(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [N, K] with its rows as this layer stores them (paired, in a gated mma layer)."""
         if self.tinygemm:
             raise RuntimeError("an Int4Linear in tinygemm form cannot be dequantized")
         n, k, g = self.out_features, self.in_features, self.group_size
-        q = unpack_int4(self.packed_codes()).reshape(n, k // g, g)
-        scales, zeros = self._in_checkpoint_order(self.scales), self._in_checkpoint_order(self.zeros)
+        q = unpack_int4(self._stored_codes()).reshape(n, k // g, g)
         if dtype == torch.float32:
-            w = (q.float() - zeros.float()[..., None]) * scales.float()[..., None]
+            w = (q.float() - self.zeros.float()[..., None]) * self.scales.float()[..., None]
         else:  # integers up to 15 are exact in any float type: only the product rounds
-            w = (q.to(dtype) - zeros.to(dtype)[..., None]) * scales.to(dtype)[..., None]
+            w = (q.to(dtype) - self.zeros.to(dtype)[..., None]) * self.scales.to(dtype)[..., None]
         return w.reshape(n, k)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        order = self._checkpoint_rows
+        if order is None:
+            return super().forward_reference(x)
+        # Paired rows (a gated mma layer past the kernel's rows): the product in the stored order,
+        # then its columns put back, [tokens, N], rather than reordering the whole weight each call.
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._dequantize_stored(x.dtype), bias).index_select(-1, order)
 
     def packed_codes(self) -> torch.Tensor:
         """The codes as uint8 [N, K/2] in the checkpoint's layout (even k low), whatever the form."""
+        return self._in_checkpoint_order(self._stored_codes())
+
+    def _stored_codes(self) -> torch.Tensor:
         if self.mma:
             from engine.quant.int4_mma import unpack_mma
 
-            return self._in_checkpoint_order(unpack_mma(self.mma_qweight, self.group_size))
+            return unpack_mma(self.mma_qweight, self.group_size)
         return self.qweight
 
     def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
