@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from bench.device import back_to_back_ms, command_line, device_name, write_json
-from bench.quant import mode_config
-from engine import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
+from bench.quant import speed_config
+from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.quant.swap import GATED_PROJECTION
 
@@ -36,7 +36,7 @@ def _ungated(model):
     for m in layers:
         m._checkpoint_rows = None
     try:
-        yield len(layers)
+        yield
     finally:
         for m, rows in zip(layers, held):
             m._checkpoint_rows = rows
@@ -55,10 +55,7 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.slot_mapping.copy_(live.slot_mapping[:1])
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
-    if variant in ("ungated", "neither"):
-        with _ungated(engine.model):
-            graphs.capture()
-    else:
+    with _ungated(engine.model) if variant in ("ungated", "neither") else nullcontext():
         graphs.capture()
     return graphs
 
@@ -73,18 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    max_len = args.prompt_len + args.output_len + 16
-    config = EngineConfig(
-        model=f"preset:{args.preset}",
-        quantization=mode_config(args.mode),
-        max_model_len=max_len,
-        async_scheduling=True,
-        cache=CacheConfig(block_size=16, num_blocks=-(-max_len // 16) + 8),
-        scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=max(256, args.prompt_len)),
-    )
     from engine.engine import LLMEngine
 
-    engine = LLMEngine(config)
+    engine = LLMEngine(speed_config(args.preset, args.mode, args.prompt_len, args.output_len, async_scheduling=True))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.arch.vocab_size, (args.prompt_len,), generator=gen).tolist()
     # Stop half way: the graphs' inputs are then those of a decode step at the mean W3 context.

@@ -351,23 +351,29 @@ def speed_runs(modes: list[str], schedule: str) -> list[str]:
     return [run for m in modes for run in (m, m + ASYNC_SUFFIX)]
 
 
+def speed_config(preset: str, mode: str, prompt_len: int, output_len: int, async_scheduling: bool,
+                 eager: bool = False) -> EngineConfig:
+    """The engine of a speed run: one sequence, a cache just large enough for it."""
+    max_len = prompt_len + output_len + 16
+    block = 16
+    return EngineConfig(
+        model=f"preset:{preset}",
+        quantization=mode_config(mode),
+        max_model_len=max_len,
+        enforce_eager=eager,
+        async_scheduling=async_scheduling,
+        cache=CacheConfig(block_size=block, num_blocks=-(-max_len // block) + 8),
+        scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=max(256, prompt_len)),
+    )
+
+
 def run_speed(run: str, args: argparse.Namespace, rates, device: torch.device) -> dict:
     from engine.engine import LLMEngine
     from engine.quant import quantized_weight_bytes
     from engine.quant.swap import backend_summary
 
-    max_len = args.prompt_len + args.output_len + 16
-    block = 16
-    mode = run.removesuffix(ASYNC_SUFFIX)
-    config = EngineConfig(
-        model=f"preset:{args.preset}",
-        quantization=mode_config(mode),
-        max_model_len=max_len,
-        enforce_eager=args.eager,
-        async_scheduling=run.endswith(ASYNC_SUFFIX),
-        cache=CacheConfig(block_size=block, num_blocks=-(-max_len // block) + 8),
-        scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=max(256, args.prompt_len)),
-    )
+    config = speed_config(args.preset, run.removesuffix(ASYNC_SUFFIX), args.prompt_len, args.output_len,
+                          async_scheduling=run.endswith(ASYNC_SUFFIX), eager=args.eager)
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     init_s = time.perf_counter() - t0
