@@ -6,7 +6,8 @@ turns for --rounds rounds.
 Variants: shipped; 'combine-kernel' (the decode attention's splits combined by a kernel of their
 own, as before the arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the
 paired row order is kept, so its output is wrong: a timing only); 'neither'; 'own-buffers' (the
-inputs in tensors of their own, not views of run_staged's one upload buffer).
+inputs in tensors of their own, not views of run_staged's one upload buffer); 'no-norm' (every
+add_rmsnorm left out, a timing only: the most that folding the norms into the products could save).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -25,7 +26,7 @@ from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.quant.swap import GATED_PROJECTION
 
-VARIANTS = ("shipped", "combine-kernel", "ungated", "neither", "own-buffers")
+VARIANTS = ("shipped", "combine-kernel", "ungated", "neither", "own-buffers", "no-norm")
 
 
 @contextmanager
@@ -42,6 +43,23 @@ def _ungated(model):
             m._checkpoint_rows = rows
 
 
+@contextmanager
+def _no_norm():
+    """add_rmsnorm answers (x, the residual) without a kernel: its launches leave the graph."""
+    from engine.model import fused_ops, llama
+
+    held = fused_ops.add_rmsnorm
+
+    def skipped(x, residual, weight, eps):
+        return x, (x if residual is None else residual)
+
+    fused_ops.add_rmsnorm = llama.add_rmsnorm = skipped
+    try:
+        yield
+    finally:
+        fused_ops.add_rmsnorm = llama.add_rmsnorm = held
+
+
 def _capture(engine, variant: str) -> DecodeGraphs:
     live = engine.runner.graphs
     graphs = DecodeGraphs(engine.model, engine.kv_cache, 1, live.block_tables.shape[1])
@@ -56,7 +74,8 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
     with _ungated(engine.model) if variant in ("ungated", "neither") else nullcontext():
-        graphs.capture()
+        with _no_norm() if variant == "no-norm" else nullcontext():
+            graphs.capture()
     return graphs
 
 
