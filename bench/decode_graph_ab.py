@@ -7,7 +7,8 @@ Variants: shipped; 'combine-kernel' (the decode attention's splits combined by a
 own, as before the arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the
 paired row order is kept, so its output is wrong: a timing only); 'neither'; 'own-buffers' (the
 inputs in tensors of their own, not views of run_staged's one upload buffer); 'no-norm' (every
-add_rmsnorm left out, a timing only: the most that folding the norms into the products could save).
+add_rmsnorm left out of the unfolded graph, a timing only: the most that folding the norms could save);
+'unfolded' (each residual add and RMSNorm a kernel of its own, as before fused_ops.fold_add_norm).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -26,7 +27,7 @@ from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.quant.swap import GATED_PROJECTION
 
-VARIANTS = ("shipped", "combine-kernel", "ungated", "neither", "own-buffers", "no-norm")
+VARIANTS = ("shipped", "combine-kernel", "ungated", "own-buffers", "no-norm", "unfolded")
 
 
 @contextmanager
@@ -60,10 +61,21 @@ def _no_norm():
         fused_ops.add_rmsnorm = llama.add_rmsnorm = held
 
 
+@contextmanager
+def _unfolded(model):
+    for layer in model.layers:
+        layer.fold_norms = False
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            layer.fold_norms = True
+
+
 def _capture(engine, variant: str) -> DecodeGraphs:
     live = engine.runner.graphs
     graphs = DecodeGraphs(engine.model, engine.kv_cache, 1, live.block_tables.shape[1])
-    if variant in ("combine-kernel", "neither"):
+    if variant == "combine-kernel":
         graphs.split_counters = None
     if variant == "own-buffers":
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
@@ -73,9 +85,10 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.slot_mapping.copy_(live.slot_mapping[:1])
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
-    with _ungated(engine.model) if variant in ("ungated", "neither") else nullcontext():
+    with _ungated(engine.model) if variant == "ungated" else nullcontext():
         with _no_norm() if variant == "no-norm" else nullcontext():
-            graphs.capture()
+            with _unfolded(engine.model) if variant in ("unfolded", "no-norm") else nullcontext():
+                graphs.capture()
     return graphs
 
 
@@ -107,6 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda")
     ref = graphs["shipped"].logits[1].float()
     same = torch.equal(graphs["combine-kernel"].logits[1].float(), ref)
+    # Folding rounds differently (the norm's 1 / RMS applied to the product): close, not equal.
+    unfolded = graphs["unfolded"].logits[1].float()
+    fold_err = float((ref - unfolded).abs().max() / unfolded.abs().max())
+    fold_same_top = bool(torch.equal(ref.argmax(-1), unfolded.argmax(-1)))
     result = {
         "device": device_name(device),
         "command": command_line("bench.decode_graph_ab", argv),
@@ -115,11 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_replay": {v: statistics.median(t) for v, t in times.items()},
         "all_ms": times,
         "combine_kernel_logits_equal_shipped": same,
+        "folded_logits_max_rel_err": fold_err,
+        "folded_argmax_equal_unfolded": fold_same_top,
     }
     print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
     for v, ms in result["ms_per_replay"].items():
         print(f"  {v:15s} {ms:.4f} ms  (rounds: {', '.join(f'{t:.4f}' for t in times[v])})")
     print(f"  logits of combine-kernel equal shipped's: {same}")
+    print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
     if args.json:
         write_json(result, args.json)
     return result

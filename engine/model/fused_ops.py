@@ -9,6 +9,8 @@ Triton versions are tested against.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,15 +126,42 @@ NORM_LINEAR_MAX_WEIGHT = 1 << 20
 NORM_LINEAR_MAX_HIDDEN = 1024
 
 
+@dataclass(frozen=True)
+class NormedHidden:
+    """The hidden state as a projection with the residual add in its kernel leaves it (fold_add_norm):
+    summed = x + residual (the new residual), weighted = summed * the next RMSNorm's weight, and
+    squares, summed's sums of squares per few values. The projection after the norm applies the
+    norm's 1 / RMS to its own output, so the step has no norm kernel of its own."""
+
+    summed: torch.Tensor
+    weighted: torch.Tensor
+    squares: torch.Tensor
+
+
+def fold_add_norm(
+    linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module, next_linear: nn.Module
+) -> NormedHidden | None:
+    """linear(x) + residual, made ready for norm and then next_linear inside linear's kernel, where
+    both layers can (int4 in the tensor-core form, one token: engine/quant/int4_mma.py); else None."""
+    if residual is None or not isinstance(linear, QuantLinear) or not isinstance(next_linear, QuantLinear):
+        return None
+    if not (linear.folds_residual(x) and next_linear.folds_norm(x)):
+        return None
+    return NormedHidden(*linear.forward_add_residual(x, residual, norm.weight))
+
+
 def norm_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | NormedHidden,
     residual: torch.Tensor | None,
     norm: nn.Module,  # an RMSNorm: .weight, .eps
     linear: nn.Module,
     gated: bool,  # the linear is gate_up: silu(gate) * up of its output
     fuse: bool,  # the one-kernel path where it fits (CUDA, a small step, a plain bf16 / fp16 nn.Linear)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rmsnorm(x + residual)), x + residual), gated: silu_and_mul of the linear's output."""
+    """(linear(rmsnorm(x + residual)), x + residual), gated: silu_and_mul of the linear's output.
+    x a NormedHidden (residual None): the norm's rest in linear's kernel (fold_add_norm)."""
+    if isinstance(x, NormedHidden):
+        return linear.forward_normed(x.weighted, x.squares, norm.eps, gated), x.summed
     if fuse and _norm_linear_fits(x, residual, linear):
         from engine.model import norm_linear as kernel
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.model.arch import ModelArch, rope_inv_freq
-from engine.model.fused_ops import add_rmsnorm, norm_linear, rope_and_cache, silu_and_mul
+from engine.model.fused_ops import add_rmsnorm, fold_add_norm, norm_linear, rope_and_cache
 
 
 class RMSNorm(nn.Module):
@@ -98,12 +98,16 @@ class DecoderLayer(nn.Module):
         # Set by the engine (EngineConfig.fused_norm_linear): small batches on CUDA run each norm
         # inside the projection after it (engine/model/norm_linear.py).
         self.fuse_norm_linear = False
+        # int4 layers in the tensor-core form, one token: each residual add and the RMSNorm after it
+        # inside the products either side (fused_ops.fold_add_norm). Off only for A/B runs.
+        self.fold_norms = True
 
-    def forward(self, x, residual, positions, rotary, kv_cache, meta):
-        """Returns (this layer's output, the running residual); their sum is the hidden state."""
+    def forward(self, x, residual, positions, rotary, kv_cache, meta, next_layer: "DecoderLayer | None" = None):
+        """Returns (this layer's output, the running residual); their sum is the hidden state. With
+        next_layer, the output may be a NormedHidden for it (residual None: fused_ops.fold_add_norm)."""
         q, residual = self.before_attention(x, residual, positions, rotary, kv_cache, meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.self_attn.scale)
-        return self.after_attention(out, residual)
+        return self.after_attention(out, residual, next_layer)
 
     # The two pieces either side of attention: engine/mixed_graphs.py replays each as a CUDA graph
     # and launches attention, whose grid depends on the batch's query lengths, between them.
@@ -114,11 +118,21 @@ class DecoderLayer(nn.Module):
         qkv, residual = norm_linear(x, residual, self.input_layernorm, attn.qkv_proj, False, self.fuse_norm_linear)
         return attn.rotate_and_cache(qkv, positions, rotary, kv_cache, slot_mapping), residual
 
-    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """attn: the attention output [T, H, D]; returns (this layer's output, the running residual)."""
-        x = self.self_attn.o_proj(attn.reshape(attn.shape[0], self.self_attn.q_size))
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor, next_layer: "DecoderLayer | None" = None):
+        """attn: the attention output [T, H, D]; returns (this layer's output, the running residual),
+        or (a NormedHidden for next_layer, None)."""
+        attn = attn.reshape(attn.shape[0], self.self_attn.q_size)
         mlp, norm = self.mlp, self.post_attention_layernorm
-        act, residual = norm_linear(x, residual, norm, mlp.gate_up_proj, True, self.fuse_norm_linear)
+        folded = fold_add_norm(self.self_attn.o_proj, attn, residual, norm, mlp.gate_up_proj) if self.fold_norms else None
+        if folded is None:
+            x = self.self_attn.o_proj(attn)
+            act, residual = norm_linear(x, residual, norm, mlp.gate_up_proj, True, self.fuse_norm_linear)
+        else:
+            act, residual = norm_linear(folded, None, norm, mlp.gate_up_proj, True, False)
+        if next_layer is not None and self.fold_norms:
+            after = fold_add_norm(mlp.down_proj, act, residual, next_layer.input_layernorm, next_layer.self_attn.qkv_proj)
+            if after is not None:
+                return after, None
         return mlp.down_proj(act), residual
 
 
@@ -141,8 +155,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states of the new tokens after the final norm: [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+        layers = list(self.layers)
+        for i, layer in enumerate(layers):
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta, following)
         return self.norm(x, residual)[0]
 
     def set_fused_norm_linear(self, on: bool) -> None:

@@ -47,6 +47,15 @@ class QuantLinear(nn.Module):
 
         return silu_and_mul(self(x))
 
+    def folds_residual(self, x: torch.Tensor) -> bool:
+        """Whether forward_add_residual runs for x: a layer whose kernel adds the residual and leaves
+        the next RMSNorm's inputs (engine/model/fused_ops.py, fold_add_norm) says so."""
+        return False
+
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether forward_normed runs for a batch like x (its rows, device, dtype; see folds_residual)."""
+        return False
+
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then a plain matrix product in x's dtype: the CPU path and the oracle."""
         return F.linear(x, self.dequantize(x.dtype), self.bias_as(x.dtype))

@@ -269,6 +269,52 @@ class Int4Linear(QuantLinear):
         )
         return y.reshape(*lead, self.out_features // 2)
 
+    def folds_residual(self, x: torch.Tensor) -> bool:
+        from engine.quant.int4_mma import NORM_SLOT_ROWS
+
+        return self._mma_one_row(x) and self._checkpoint_rows is None and self.out_features % NORM_SLOT_ROWS == 0
+
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        from engine.quant.int4_mma import NORM_SLOT_ROWS
+
+        return self._mma_one_row(x) and self.in_features % NORM_SLOT_ROWS == 0
+
+    def _mma_one_row(self, x: torch.Tensor) -> bool:
+        from engine.quant.int4_mma import OFFSET
+
+        return self.mma and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in OFFSET and x.dtype == self.scales.dtype
+
+    def forward_add_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s = x W^T + residual, s * norm_weight, s's sums of squares per NORM_SLOT_ROWS values),
+        in the mma kernel's epilogue (folds_residual(x) must hold): the next RMSNorm less its 1 / RMS,
+        which forward_normed of the projection after it applies."""
+        from engine.quant.int4_mma import int4_mma_matmul
+
+        ws = self.mma_workspace()
+        summed, weighted = int4_mma_matmul(
+            x, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, ws,
+            residual=residual, norm_weight=norm_weight,
+        )
+        return summed, weighted, ws.squares
+
+    def forward_normed(self, weighted: torch.Tensor, squares: torch.Tensor, eps: float, gated: bool) -> torch.Tensor:
+        """This layer's output for rmsnorm(s) from forward_add_residual's (s * norm weight, sums of
+        squares of s): the product scaled by 1 / RMS(s) in the kernel; gated: silu(gate) * up."""
+        from engine.quant.int4_mma import int4_mma_matmul
+
+        paired = self._checkpoint_rows is not None
+        if gated and not paired:  # rows that could not pair: the product, then the SiLU kernel
+            from engine.model.fused_ops import silu_and_mul
+
+            return silu_and_mul(self.forward_normed(weighted, squares, eps, False))
+        y = int4_mma_matmul(
+            weighted, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace(),
+            gated=gated, norm_squares=squares, eps=eps,
+        )
+        return y if gated or not paired else y.index_select(1, self._checkpoint_rows.to(y.device))
+
     # ----- PyTorch's own int4 kernel (tinygemm), a runtime-only form --------------------
 
     def tinygemm_supported(self) -> bool:

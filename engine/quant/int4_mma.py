@@ -62,7 +62,8 @@ import triton.language as tl
 
 from engine.pdl import enter as pdl_enter
 from engine.pdl import prefetch_l2, use_pdl
-from engine.quant.split_k import finish_split, split_k_buffers
+from engine.arrivals import reset_arrivals
+from engine.quant.split_k import arrive_with_partials, split_k_buffers, sum_partials
 
 # The 16-bit float OFFSET + q that the magic makes of a code q, per activation dtype.
 OFFSET = {torch.bfloat16: 128.0, torch.float16: 1024.0}
@@ -78,6 +79,10 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)  # 512 and up: a step of 8 groups would no
 PREFETCH_GROUPS = 8
 # Gated layers: gate rows (and as many up rows) per block of 2 * GATE_PAIR_ROWS rows (BLOCK_N).
 GATE_PAIR_ROWS = 32
+# Rows of y per sum of squares that an ADD_RESIDUAL launch leaves for the next one's RMSNorm: the
+# smallest row block (MMA_MIN_BLOCK_N), so the sums' layout is the same whatever config was tuned.
+NORM_SLOT_ROWS = 16
+_NORM_SLOT_ROWS = tl.constexpr(NORM_SLOT_ROWS)
 
 
 # ----- layout ----------------------------------------------------------------------------
@@ -158,11 +163,12 @@ def _store_gated(out, y_ptr, rows, pid_n, M, N_OUT, stride_ym, BLOCK_N: tl.const
 
 @triton.jit
 def _int4_mma_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr, res_ptr, nw_ptr, t_ptr, sq_out_ptr, sq_in_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, eps,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0, GATED: tl.constexpr = False,
+    ADD_RESIDUAL: tl.constexpr = False, NORM_IN: tl.constexpr = False, SLOTS: tl.constexpr = 1,
 ):
     """y = x W^T for int4 W in pack_mma's layout; program (row block, k split, block of x rows).
     GATED: W's rows paired as pair_gate_up_rows makes them, y = silu(gate) * up [M, N / 2].
@@ -170,7 +176,10 @@ def _int4_mma_kernel(
     A step covers STEP_GROUPS groups, loaded in chunks of CHUNK codes a row (registers); its dots
     fill the 16 accumulator columns, then the scales and zeros of its groups are applied.
     EVEN: whole row blocks and whole steps (every layer of the 8B model), so the weight loads need
-    no masks: masked loads cost a predicate and a zeroed register each."""
+    no masks: masked loads cost a predicate and a zeroed register each.
+    ADD_RESIDUAL, NORM_IN (one x row; the norm folding of the module docstring): y = x W^T + residual,
+    t = y * nw and each 16 rows' sum of squares of y into sq_out; y = rstd (x W^T), rstd from sq_in's
+    SLOTS sums."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -236,17 +245,66 @@ def _int4_mma_kernel(
     if SPLIT_K == 1:
         out = tl.sum(tl.reshape(acc, [BLOCK_N, ROWS, STEP_GROUPS]), axis=2)  # [BLOCK_N, ROWS]
         rows = pid_m * ROWS + tl.arange(0, ROWS)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        if GATED:
-            _store_gated(out, y_ptr, rows, pid_n, M, N // 2, stride_ym, BLOCK_N, ROWS)
+        if NORM_IN:
+            out = out * _rstd(sq_in_ptr, K, eps, SLOTS)
+        if ADD_RESIDUAL:  # one x row: the other columns of out are zero
+            total = tl.sum(out, axis=1)
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            _store_with_residual(total, offs_n, n_mask, pid_n, N, y_ptr, res_ptr, nw_ptr, t_ptr, sq_out_ptr, BLOCK_N)
         else:
-            y_off = rows[None, :] * stride_ym + offs_n[:, None]
-            tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            _store_rows(out, y_ptr, rows, offs_n, n_mask, pid_n, M, N, stride_ym, BLOCK_N, ROWS, GATED)
     else:
         # One x row (the host allows a split only then): the other rows' columns are zero.
-        finish_split(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
-                     HAS_BIAS, SPLIT_K)
+        if arrive_with_partials(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, part_ptr, count_ptr, SPLIT_K):
+            total = sum_partials(tl.sum(acc, axis=1), offs_n, n_mask, N, part_ptr, SPLIT_K)
+            if NORM_IN:
+                total = total * _rstd(sq_in_ptr, K, eps, SLOTS)
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if ADD_RESIDUAL:
+                _store_with_residual(total, offs_n, n_mask, pid_n, N, y_ptr, res_ptr, nw_ptr, t_ptr, sq_out_ptr, BLOCK_N)
+            else:
+                tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+            reset_arrivals(count_ptr + pid_n)
+
+
+@triton.jit
+def _store_rows(out, y_ptr, rows, offs_n, n_mask, pid_n, M, N, stride_ym,
+                BLOCK_N: tl.constexpr, ROWS: tl.constexpr, GATED: tl.constexpr):
+    """y of this row block for its x rows, from out [BLOCK_N, ROWS] (GATED: silu(gate) * up)."""
+    if GATED:
+        _store_gated(out, y_ptr, rows, pid_n, M, N // 2, stride_ym, BLOCK_N, ROWS)
+    else:
+        y_off = rows[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
+
+
+@triton.jit
+def _rstd(sq_ptr, K, eps, SLOTS: tl.constexpr):
+    """1 / RMS of the kernel ahead's y (K values) from its sums of squares per 16 of them."""
+    i = tl.arange(0, SLOTS)
+    sq = tl.load(sq_ptr + i, mask=i < K // _NORM_SLOT_ROWS, other=0.0, cache_modifier=".cg")
+    return tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+
+
+@triton.jit
+def _store_with_residual(y, offs_n, n_mask, pid_n, N, y_ptr, res_ptr, nw_ptr, t_ptr, sq_ptr, BLOCK_N: tl.constexpr):
+    """y + residual (rounded as the unfused add: y in y's dtype first) into y, that times the next
+    RMSNorm's weight into t, and the sum of the squares of each NORM_SLOT_ROWS rows of the sum into
+    sq: what the next kernel needs to apply the norm to t's product."""
+    dt = y_ptr.dtype.element_ty
+    r = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    summed = (y.to(dt).to(tl.float32) + r).to(dt)
+    tl.store(y_ptr + offs_n, summed, mask=n_mask)
+    nw = tl.load(nw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(t_ptr + offs_n, (summed.to(tl.float32) * nw).to(dt), mask=n_mask)
+    sf = tl.where(n_mask, summed.to(tl.float32), 0.0)
+    sq = tl.sum(tl.reshape(sf * sf, [BLOCK_N // _NORM_SLOT_ROWS, _NORM_SLOT_ROWS]), axis=1)
+    slot = pid_n * (BLOCK_N // _NORM_SLOT_ROWS) + tl.arange(0, BLOCK_N // _NORM_SLOT_ROWS)
+    tl.store(sq_ptr + slot, sq, mask=slot < tl.cdiv(N, _NORM_SLOT_ROWS))
 
 
 # ----- autotuning ------------------------------------------------------------------------
@@ -325,17 +383,20 @@ def rows_config(m: int, group: int) -> dict:
 @dataclass(frozen=True)
 class MmaWorkspace:
     """One weight's buffers: split-K fp32 partials [MMA_MAX_SPLIT, N], one arrival counter per 16
-    rows (zero between calls: the last program of a block resets its own), and the magic words
-    per activation dtype (loaded by the kernel, see the module docstring)."""
+    rows (zero between calls: the last program of a block resets its own), the magic words
+    per activation dtype (loaded by the kernel, see the module docstring), and the fp32 sums of
+    squares per NORM_SLOT_ROWS rows of y that a launch with a residual leaves for the next one."""
 
     partials: torch.Tensor
     counters: torch.Tensor
     magic: torch.Tensor
+    squares: torch.Tensor
 
     @classmethod
     def for_rows(cls, n: int, device: torch.device) -> "MmaWorkspace":
         magic = torch.tensor([MAGIC[dt] for dt in _MAGIC_ORDER], dtype=torch.int32, device=device)
-        return cls(*split_k_buffers(n, MMA_MAX_SPLIT, MMA_MIN_BLOCK_N, device), magic)
+        squares = torch.zeros(triton.cdiv(n, NORM_SLOT_ROWS), dtype=torch.float32, device=device)
+        return cls(*split_k_buffers(n, MMA_MAX_SPLIT, MMA_MIN_BLOCK_N, device), magic, squares)
 
 
 def int4_mma_matmul(
@@ -350,13 +411,21 @@ def int4_mma_matmul(
     pdl: bool | None = None,
     prefetch_groups: int = PREFETCH_GROUPS,
     gated: bool = False,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_squares: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x @ W^T (+ bias) in x's dtype. `config` pins the tile sizes (tests, self-check); otherwise
     batch 1 is autotuned and more rows take rows_config. A layer passes its own workspace,
     allocated once, so a captured CUDA graph owns no allocation and layers share no counters.
     `pdl` (None: engine/pdl.py's choice for m rows) launches it with programmatic dependent launch,
     its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait.
-    `gated`: W's rows are paired (pair_gate_up_rows); returns silu(gate) * up, [M, N / 2]."""
+    `gated`: W's rows are paired (pair_gate_up_rows); returns silu(gate) * up, [M, N / 2].
+    One x row only, the norm folding of the module docstring: `residual` [1, N] and the next RMSNorm's
+    `norm_weight` [N] return (s = x W^T + residual, s * norm_weight) and leave the sums of squares of
+    s in workspace.squares; `norm_squares` (such sums of the s whose t is x, from the kernel ahead)
+    returns rstd (x W^T) (+ bias), rstd = 1 / sqrt(mean(s^2) + eps)."""
     if x.dtype not in OFFSET:
         raise ValueError(f"the int4 mma kernel takes bf16 or fp16 activations, not {x.dtype}")
     if group not in SUPPORTED_GROUPS:
@@ -365,6 +434,7 @@ def int4_mma_matmul(
     n = words.shape[0]
     if gated and n % (2 * GATE_PAIR_ROWS):
         raise ValueError(f"a gated int4 mma layer needs a multiple of {2 * GATE_PAIR_ROWS} rows, not {n}")
+    _check_norm_folding(x, n, gated, residual, norm_weight, norm_squares)
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
@@ -373,15 +443,20 @@ def int4_mma_matmul(
     ws = workspace if workspace is not None else MmaWorkspace.for_rows(n, x.device)
     i = _MAGIC_ORDER.index(x.dtype)
     b = bias if bias is not None else scales  # an unused pointer without bias
-    args = (x, words, scales, zeros, b, y, ws.partials, ws.counters, ws.magic[i : i + 1],
-            m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0))
+    # Unused pointers when not folding.
+    res, nw = (residual, norm_weight) if residual is not None else (y, y)
+    t = torch.empty_like(y) if residual is not None else y
+    sq_in = norm_squares if norm_squares is not None else ws.squares
+    args = (x, words, scales, zeros, b, y, ws.partials, ws.counters, ws.magic[i : i + 1], res, nw, t, ws.squares, sq_in,
+            m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0), eps)
     on = use_pdl(x.device, m) if pdl is None else pdl
     common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
-                  PREFETCH_GROUPS=prefetch_groups if on else 0, GATED=gated)
+                  PREFETCH_GROUPS=prefetch_groups if on else 0, GATED=gated, ADD_RESIDUAL=residual is not None,
+                  NORM_IN=norm_squares is not None, SLOTS=triton.next_power_of_2(triton.cdiv(k, NORM_SLOT_ROWS)))
     if config is None and m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
         (_int4_mma_tuned_gated if gated else _int4_mma_tuned)[grid](*args, **common)
-        return y
+        return (y, t) if residual is not None else y
     cfg = dict(config) if config is not None else rows_config(m, group)
     _check_config(cfg, m, group, gated)
     rows = MMA_COLUMNS // cfg["STEP_GROUPS"]
@@ -391,7 +466,27 @@ def int4_mma_matmul(
     _int4_mma_kernel[grid](
         *args, **common, **tiles, EVEN=even, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1)
     )
-    return y
+    return (y, t) if residual is not None else y
+
+
+def _check_norm_folding(x: torch.Tensor, n: int, gated: bool, residual: torch.Tensor | None,
+                        norm_weight: torch.Tensor | None, norm_squares: torch.Tensor | None) -> None:
+    m, k = x.shape
+    if (residual is None) != (norm_weight is None):
+        raise ValueError("a residual for an int4 mma product comes with the next RMSNorm's weight, and only with it")
+    if residual is None and norm_squares is None:
+        return
+    if m != 1:
+        raise ValueError(f"the int4 mma kernel folds a residual or an RMSNorm for one row of x, not {m}")
+    if residual is not None:
+        if norm_weight.shape != (n,) or norm_weight.stride(0) != 1:
+            raise ValueError(f"the RMSNorm weight after an int4 mma product is [{n}], contiguous, not {tuple(norm_weight.shape)}")
+        if gated or residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(-1) != 1 or n % NORM_SLOT_ROWS:
+            raise ValueError(f"a residual for an int4 mma product is [1, {n}] in {x.dtype}, contiguous, "
+                             f"N a multiple of {NORM_SLOT_ROWS}, not gated; got {tuple(residual.shape)}")
+    if norm_squares is not None and (k % NORM_SLOT_ROWS or norm_squares.numel() < k // NORM_SLOT_ROWS):
+        raise ValueError(f"an RMSNorm folded into an int4 mma product needs K a multiple of {NORM_SLOT_ROWS} "
+                         f"and {k // NORM_SLOT_ROWS} sums of squares, got K {k}, {norm_squares.numel()}")
 
 
 def _check_config(cfg: dict, m: int, group: int, gated: bool = False) -> None:

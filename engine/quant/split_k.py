@@ -35,14 +35,26 @@ def store_row(acc, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def arrive_with_partials(acc, offs_n, n_mask, pid_n, pid_k, N, part_ptr, count_ptr, SPLIT_K: tl.constexpr):
+    """Stores slice pid_k's partials acc [BLOCK_N] of row block pid_n; true for the last slice to arrive."""
+    tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+    return last_to_arrive(count_ptr + pid_n, SPLIT_K)  # engine/arrivals.py
+
+
+@triton.jit
+def sum_partials(like, offs_n, n_mask, N, part_ptr, SPLIT_K: tl.constexpr):
+    """Every slice's partials of these rows, added in slice order (the last slice to arrive only)."""
+    total = tl.zeros_like(like)
+    for k in tl.static_range(SPLIT_K):
+        total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def finish_split(acc, offs_n, n_mask, pid_n, pid_k, N, b_ptr, y_ptr, part_ptr, count_ptr,
                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Stores slice pid_k's partials acc [BLOCK_N] of row block pid_n; the last slice to arrive
     adds all of them in slice order, writes y and resets the block's counter."""
-    tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_mask)
-    if last_to_arrive(count_ptr + pid_n, SPLIT_K):  # engine/arrivals.py
-        total = tl.zeros_like(acc)
-        for k in tl.static_range(SPLIT_K):
-            total += tl.load(part_ptr + k * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
-        store_row(total, offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
+    if arrive_with_partials(acc, offs_n, n_mask, pid_n, pid_k, N, part_ptr, count_ptr, SPLIT_K):
+        store_row(sum_partials(acc, offs_n, n_mask, N, part_ptr, SPLIT_K), offs_n, n_mask, b_ptr, y_ptr, HAS_BIAS)
         reset_arrivals(count_ptr + pid_n)

@@ -273,3 +273,78 @@ def test_a_gated_layer_that_cannot_pair_stays_unpaired(mma):
     q = layer(384, 96, 128, torch.bfloat16)  # halves of 48 rows: no whole pairs of 32
     q.to_mma_(gated=True)
     assert "paired" not in q.extra_repr()
+
+
+# ----- RMSNorm folded into the products (one x row) ----------------------------------------
+
+NORM_CONFIGS = [
+    {"BLOCK_N": 64, "STEP_GROUPS": 4},  # whole sums
+    {"BLOCK_N": 16, "STEP_GROUPS": 1, "SPLIT_K": 3},  # the split ending
+]
+
+
+@pytest.mark.parametrize("cfg", NORM_CONFIGS, ids=["whole", "split"])
+def test_a_residual_adds_as_the_unfused_add_and_leaves_what_the_next_norm_needs(mma, cfg):
+    # N = 80: a ragged last row block of 64, whose rows past N leave no sums.
+    q = layer(384, 80, 128, torch.bfloat16, bias=True)
+    x = torch.randn(1, 384).to(torch.bfloat16)
+    residual = (4 * torch.randn(1, 80)).to(torch.bfloat16)
+    norm_weight = (1 + torch.rand(80)).to(torch.bfloat16)
+    ws = mma.MmaWorkspace.for_rows(80, "cpu")
+    words = mma.pack_mma(q.qweight, 128)
+    plain = mma.int4_mma_matmul(x, words, q.scales, q.zeros, q.bias, 128, None, cfg)
+    summed, weighted = mma.int4_mma_matmul(
+        x, words, q.scales, q.zeros, q.bias, 128, ws, cfg, residual=residual, norm_weight=norm_weight
+    )
+    # y rounded first, as the unfused add; then the sum (the interpreter truncates it: one ulp).
+    torch.testing.assert_close(summed.float(), plain.float() + residual.float(), rtol=2**-7, atol=0)
+    torch.testing.assert_close(weighted.float(), summed.float() * norm_weight.float(), rtol=2**-7, atol=0)
+    squares = (summed.float() ** 2).reshape(5, 16).sum(1)
+    assert ws.squares.shape == (5,)
+    torch.testing.assert_close(ws.squares, squares, rtol=1e-6, atol=0)
+    assert not ws.counters.any()
+
+
+@pytest.mark.parametrize("cfg", NORM_CONFIGS, ids=["whole", "split"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_folded_norm_scales_the_product_by_the_rms_of_x(mma, cfg, bias):
+    # x's sums of squares as the kernel ahead leaves them: 384 / 16 of them.
+    q = layer(384, 40, 128, torch.bfloat16, bias=bias)
+    x = (3 * torch.randn(1, 384)).to(torch.bfloat16)
+    squares = (x.float() ** 2).reshape(24, 16).sum(1)
+    eps = 1e-5
+    y = mma.int4_mma_matmul(x, mma.pack_mma(q.qweight, 128), q.scales, q.zeros, q.bias, 128, None, cfg,
+                            norm_squares=squares, eps=eps)
+    rstd = torch.rsqrt((x.float() ** 2).mean() + eps)
+    w = q.dequantize(torch.float32)
+    ref = rstd * (x.float() @ w.T) + (0 if q.bias is None else q.bias.float())
+    check(y, ref)
+
+
+def test_a_gated_layer_folds_the_norm_before_its_silu(mma, silu):
+    q = layer(384, 128, 128, torch.bfloat16, bias=False)
+    order = mma.pair_gate_up_rows(128)
+    args = (mma.pack_mma(q.qweight[order], 128), q.scales[order], q.zeros[order], None)
+    x = (3 * torch.randn(1, 384)).to(torch.bfloat16)
+    squares = (x.float() ** 2).reshape(24, 16).sum(1)
+    rstd = torch.rsqrt((x.float() ** 2).mean() + 1e-5)
+    cfg = {"BLOCK_N": 64, "STEP_GROUPS": 4}
+    gated = mma.int4_mma_matmul(x, *args, 128, None, cfg, gated=True, norm_squares=squares, eps=1e-5)
+    ref = silu((rstd * (x.float() @ q.dequantize(torch.float32).T)).to(torch.bfloat16))
+    assert gated.shape == (1, 64)
+    torch.testing.assert_close(gated.float(), ref.float(), rtol=2**-6, atol=1e-3 * ref.float().abs().max().item())
+
+
+def test_norm_folding_rejects_what_it_cannot_fold(mma):
+    q = layer(384, 40, 128, torch.bfloat16)
+    words = mma.pack_mma(q.qweight, 128)
+    x = torch.randn(2, 384).to(torch.bfloat16)
+    nw = torch.ones(40, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one row of x"):
+        mma.int4_mma_matmul(x, words, q.scales, q.zeros, None, 128, residual=torch.zeros(2, 40, dtype=torch.bfloat16), norm_weight=nw)
+    with pytest.raises(ValueError, match=r"\[1, 40\]"):
+        mma.int4_mma_matmul(x[:1], words, q.scales, q.zeros, None, 128, residual=torch.zeros(1, 40), norm_weight=nw)
+    with pytest.raises(ValueError, match="only with it"):
+        mma.int4_mma_matmul(x[:1], words, q.scales, q.zeros, None, 128, residual=torch.zeros(1, 40, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="sums of squares"):
+        mma.int4_mma_matmul(x[:1], words, q.scales, q.zeros, None, 128, norm_squares=torch.zeros(3))
