@@ -48,6 +48,16 @@ rows holds GATE_PAIR_ROWS gate rows and the up rows of the same outputs, so one 
 of each of its outputs. Roundings as the unfused path (gate_up's output in x's dtype, then
 silu_and_mul). Whole sums only (no split): gate_up has rows enough to fill the SMs without one.
 
+Norm folding (one x row; engine/model/fused_ops.py, fold_add_norm). A decoder layer's RMSNorms sit
+between an int4 product that ends a residual branch (o_proj, down_proj) and one that starts the next
+(gate_up, the next layer's qkv). The ending product adds the residual in its epilogue and stores the
+sum s (the new residual), t = s * the norm's weight (elementwise: no row-wide reduction) and, per
+NORM_SLOT_ROWS rows, the sum of s^2; the starting product multiplies t and scales its sums by
+1 / RMS(s) = rsqrt(sum of those sums / K + eps) in its epilogue, where the sums are long since
+written. rmsnorm(s) W^T = rstd (t W^T), so the step needs no norm kernel: at batch 1 on the 8B model,
+63 of its 65 (the first layer's and the final norm stay). Roundings differ from the unfused path (t
+is rounded once, the 1 / RMS is applied to the fp32 sums), within the products' own rounding.
+
 Everything here also runs under the Triton interpreter (TRITON_INTERPRET=1; tests/engine/quant/
 test_int4_mma.py): the numbers are checked there; the register layouts and the speed only on a GPU.
 """
