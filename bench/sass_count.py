@@ -103,8 +103,9 @@ def mma_counts(group: int = 128, configs: list[tuple] | None = None) -> list[Loo
     from engine.quant import int4_mma
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
-           "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+           "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "res_ptr": "*bf16", "nw_ptr": "*bf16",
+           "t_ptr": "*bf16", "sq_out_ptr": "*fp32", "sq_in_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "eps": "fp32"}
     out = []
     for n, step, split, warps, stages in configs or int4_mma._MMA_CONFIGS:
         consts = {"GROUP": group, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": n, "STEP_GROUPS": step,
