@@ -24,6 +24,8 @@ in a CUDA graph: nothing here syncs with the device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -110,6 +112,12 @@ def _decode_kernel(
     PDL: tl.constexpr = False,
     count_ptr=None,  # [T * KVH] int32 arrival counters, zero between calls: the last split combines
     SPLITS_POW2: tl.constexpr = 1,
+    # ROPE (QUERY_LEN 1; DecodeRope): q_ptr holds the new tokens' raw queries, rotated here, and the
+    # split holding a token's position rotates its raw key and writes it and its value to the cache
+    # first. k_new / v_new: [T, KVH, D] views with the same strides (stride_nt, stride_nh).
+    ROPE: tl.constexpr = False,
+    k_new_ptr=None, v_new_ptr=None, cos_ptr=None, sin_ptr=None, pos_ptr=None, slot_ptr=None,
+    stride_nt=0, stride_nh=0, stride_table=0,
 ):
     pdl_enter(PDL)
     t = tl.program_id(0)  # the query token
@@ -128,11 +136,21 @@ def _decode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < GROUP
     heads = kvh * GROUP + rows
-    q = tl.load(
-        q_ptr + t.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    ).to(k_ptr.dtype.element_ty)
+    q_rows = q_ptr + t.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        pos_t = tl.load(pos_ptr + t)
+        cos = tl.load(cos_ptr + pos_t * stride_table + dims % HALF)  # the table's two halves are equal
+        sin = tl.load(sin_ptr + pos_t * stride_table + dims % HALF)
+        q = _rotated(q_rows, dims[None, :], row_ok[:, None], cos[None, :], sin[None, :], HALF)
+        if (seq_len - 1 >= start) & (seq_len - 1 < end):  # this split reads the new position
+            new = t.to(tl.int64) * stride_nt + kvh * stride_nh
+            _write_new_kv(k_new_ptr + new, v_new_ptr + new, slot_ptr + t, k_ptr, v_ptr, kvh, dims, cos, sin,
+                          stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, HALF)
+            tl.debug_barrier()  # the CTA's stores land before its threads read the tile that holds them
+    else:
+        q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
 
     # -1e30 rather than -inf: a fully masked row then gives p = 0, never NaN.
     m_i = tl.full([GROUP_M], -1.0e30, dtype=tl.float32)
@@ -164,6 +182,33 @@ def _decode_kernel(
                     _combine_head(mid_o_ptr, mid_lse_ptr, out_ptr, t, kvh * GROUP + g, num_heads, stride_ob, stride_oh,
                                   HEAD_DIM, NUM_SPLITS, SPLITS_POW2)
                 reset_arrivals(counter)
+
+
+@triton.jit
+def _rotated(base, dims, mask, cos, sin, HALF: tl.constexpr):
+    """Neox rotary of the rows at base + dims [.., 2 HALF], in fp32, back in the input's dtype: the
+    arithmetic of rope_and_cache (engine/model/triton_ops.py)."""
+    x = tl.load(base + dims, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(base + (dims + HALF) % (2 * HALF), mask=mask, other=0.0).to(tl.float32)
+    return (x * cos + tl.where(dims < HALF, -partner, partner) * sin).to(base.dtype.element_ty)
+
+
+@triton.jit
+def _write_new_kv(k_new, v_new, slot_at, k_ptr, v_ptr, kvh, dims, cos, sin,
+                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                  BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr):
+    """One token's rotated key and its value, of KV head kvh, into the cache at its slot (k rounded
+    to the model dtype, then to the cache's, as rope_and_cache does); a negative slot is skipped."""
+    slot = tl.load(slot_at)
+    ok = dims < tl.where(slot >= 0, 2 * HALF, 0)
+    block = (slot // BLOCK_SIZE).to(tl.int64)
+    offset = slot % BLOCK_SIZE
+    k = _rotated(k_new, dims, dims < 2 * HALF, cos, sin, HALF)
+    k_dst = k_ptr + block * stride_kb + offset * stride_kt + kvh * stride_kh + dims
+    tl.store(k_dst, k.to(k_ptr.dtype.element_ty), mask=ok)
+    v = tl.load(v_new + dims)
+    v_dst = v_ptr + block * stride_vb + offset * stride_vt + kvh * stride_vh + dims
+    tl.store(v_dst, v.to(v_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -331,6 +376,40 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
     return max(1, min(want, by_len, _DECODE_MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class DecodeRope:
+    """What the decode kernel needs to rotate the new tokens itself (one new token per sequence): no
+    rope_and_cache kernel ahead of it. q is then the raw queries; k_new, v_new: [T, KVH, D] raw keys
+    and values (views of the qkv output, same strides); the cos / sin tables [positions, D] fp32
+    (both halves of a row equal), each token's position and cache slot."""
+
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def check(self, q: torch.Tensor, num_kv_heads: int, query_len: int) -> None:
+        t, _, d = q.shape
+        if query_len != 1:
+            raise ValueError(f"the decode kernel rotates one new token per sequence, not {query_len}")
+        for name, x in (("k_new", self.k_new), ("v_new", self.v_new)):
+            if x.shape != (t, num_kv_heads, d) or x.stride(2) != 1 or x.dtype != q.dtype:
+                raise ValueError(f"{name} must be [{t}, {num_kv_heads}, {d}] in {q.dtype}, unit stride, got {tuple(x.shape)}")
+        if self.k_new.stride() != self.v_new.stride():
+            raise ValueError("k_new and v_new must share strides (views of one qkv output)")
+        if self.cos_table.stride(1) != 1 or self.sin_table.stride() != self.cos_table.stride():
+            raise ValueError("cos/sin tables must share a row stride with unit-stride columns")
+
+    def kernel_args(self) -> dict:
+        return dict(
+            ROPE=True, k_new_ptr=self.k_new, v_new_ptr=self.v_new, cos_ptr=self.cos_table, sin_ptr=self.sin_table,
+            pos_ptr=self.positions, slot_ptr=self.slot_mapping, stride_nt=self.k_new.stride(0),
+            stride_nh=self.k_new.stride(1), stride_table=self.cos_table.stride(0),
+        )
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B * query_len, H, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
@@ -341,12 +420,16 @@ def paged_decode_attention(
     num_splits: int | None = None,  # None: chosen from the shapes
     query_len: int = 1,  # new tokens per sequence, all in the cache already
     split_counters: torch.Tensor | None = None,  # int32 zeros, >= tokens x KV heads: one kernel (see above)
+    rope: DecodeRope | None = None,  # q raw: the kernel rotates it and writes the new keys and values
 ) -> torch.Tensor:
     """The new tokens of each sequence (one, or query_len each) attend causally to its cached context.
 
     split_counters: the last split of each (token, KV head) combines the partial outputs, no second
-    kernel; it resets its counter, so the buffer stays zero between calls (and graph replays)."""
+    kernel; it resets its counter, so the buffer stays zero between calls (and graph replays).
+    rope: the new tokens' rotary and their keys and values into the cache, in this kernel."""
     group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
+    if rope is not None:
+        rope.check(q, num_kv_heads, query_len)
     batch, num_heads = q.shape[0], q.shape[1]  # batch: query tokens, one program row each
     if query_len < 1 or batch != seq_lens.shape[0] * query_len:
         raise ValueError(f"q holds {batch} tokens, not query_len={query_len} for each of {seq_lens.shape[0]} sequences")
@@ -393,6 +476,7 @@ def paged_decode_attention(
         num_warps=4,
         num_stages=3,
         **launch_options(q.device, batch),
+        **(rope.kernel_args() if rope is not None else {}),
     )
     if num_splits > 1 and not combine:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -462,4 +546,4 @@ def paged_prefill_attention(
     return out
 
 
-__all__ = ["decode_num_splits", "paged_decode_attention", "paged_prefill_attention"]
+__all__ = ["DecodeRope", "decode_num_splits", "paged_decode_attention", "paged_prefill_attention"]

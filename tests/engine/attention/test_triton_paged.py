@@ -236,3 +236,49 @@ def test_decode_rejects_tokens_not_a_multiple_of_query_len(tp):
     q, k_cache, v_cache, meta = make_batch([9, 5], [2, 2], 4, 2, 16, 4)
     with pytest.raises(ValueError, match="query_len=3"):
         tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.5, query_len=3)
+
+
+# ----- the new tokens' rotary inside the decode kernel (DecodeRope) ----------------------------
+
+
+def rotary_tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_with_rope_equals_rope_and_cache_then_decode(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits, dtype):
+    # The raw q, k, v as views of one qkv output; the new token of each sequence at position seq_len - 1.
+    ops = interpreted_module("engine.model.triton_ops", "_rope_and_cache_kernel")
+    seq_lens = [1, 17, 70, 64, 5]
+    _, k_cache, v_cache, meta = make_batch(seq_lens, [1] * 5, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(5, -1, head_dim) for x in (q, k, v))
+    positions = torch.tensor(seq_lens, dtype=torch.int64) - 1
+    slots = torch.stack([meta.block_tables[b, p // block_size].long() * block_size + p % block_size
+                         for b, p in enumerate(positions.tolist())])
+    cos, sin = rotary_tables(80, head_dim)
+    scale = head_dim**-0.5
+    k_a, v_a = k_cache.clone(), v_cache.clone()
+    q_rot = ops.rope_and_cache(q, k, v, cos, sin, positions, None, None, 0.0, k_a, v_a, slots)
+    unfused = tp.paged_decode_attention(q_rot, k_a, v_a, meta.block_tables, meta.seq_lens, scale, num_splits=num_splits)
+    k_b, v_b = k_cache.clone(), v_cache.clone()
+    rope = tp.DecodeRope(k, v, cos, sin, positions, slots)
+    fused = tp.paged_decode_attention(q, k_b, v_b, meta.block_tables, meta.seq_lens, scale, num_splits=num_splits, rope=rope)
+    assert torch.equal(k_b, k_a) and torch.equal(v_b, v_a)  # the same keys and values, in the same slots
+    assert torch.equal(fused, unfused)
+
+
+def test_decode_rope_takes_one_new_token_per_sequence(tp):
+    q, k_cache, v_cache, meta = make_batch([9, 9], [2, 2], 4, 2, 16, 4)
+    k = torch.zeros(4, 2, 16)
+    cos, sin = rotary_tables(16, 16)
+    rope = tp.DecodeRope(k, k.clone(), cos, sin, torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one new token"):
+        tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25, query_len=2, rope=rope)
