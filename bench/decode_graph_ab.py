@@ -8,7 +8,8 @@ own, as before the arrival counters); 'ungated' (gate_up's int4 product then the
 paired row order is kept, so its output is wrong: a timing only); 'neither'; 'own-buffers' (the
 inputs in tensors of their own, not views of run_staged's one upload buffer); 'no-norm' (every
 add_rmsnorm left out of the unfolded graph, a timing only: the most that folding the norms could save);
-'unfolded' (each residual add and RMSNorm a kernel of its own, as before fused_ops.fold_add_norm).
+'unfolded' (each residual add and RMSNorm, and each rotary and cache write, a kernel of its own: as
+before fused_ops.fold_add_norm and Attention.decode_rope); 'norms-only', 'rope-only' (one of the two).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -27,7 +28,11 @@ from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.quant.swap import GATED_PROJECTION
 
-VARIANTS = ("shipped", "combine-kernel", "ungated", "own-buffers", "no-norm", "unfolded")
+VARIANTS = ("shipped", "combine-kernel", "ungated", "own-buffers", "norms-only", "rope-only", "unfolded", "no-norm")
+
+
+UNFOLD_NORMS = ("unfolded", "no-norm", "rope-only")
+UNFOLD_ROPE = ("unfolded", "no-norm", "norms-only")
 
 
 @contextmanager
@@ -62,14 +67,15 @@ def _no_norm():
 
 
 @contextmanager
-def _unfolded(model):
+def _unfolded(model, norms: bool, rope: bool):
+    """The layers' folds off (norms: fold_add_norm; rope: the rotary in the attention kernel)."""
     for layer in model.layers:
-        layer.fold_norms = False
+        layer.fold_norms, layer.fold_rope = not norms, not rope
     try:
         yield
     finally:
         for layer in model.layers:
-            layer.fold_norms = True
+            layer.fold_norms = layer.fold_rope = True
 
 
 def _capture(engine, variant: str) -> DecodeGraphs:
@@ -87,7 +93,7 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.block_tables.copy_(live.block_tables[:1])
     with _ungated(engine.model) if variant == "ungated" else nullcontext():
         with _no_norm() if variant == "no-norm" else nullcontext():
-            with _unfolded(engine.model) if variant in ("unfolded", "no-norm") else nullcontext():
+            with _unfolded(engine.model, variant in UNFOLD_NORMS, variant in UNFOLD_ROPE):
                 graphs.capture()
     return graphs
 
@@ -120,10 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda")
     ref = graphs["shipped"].logits[1].float()
     same = torch.equal(graphs["combine-kernel"].logits[1].float(), ref)
-    # Folding rounds differently (the norm's 1 / RMS applied to the product): close, not equal.
+    # Folding the norms rounds differently (the norm's 1 / RMS applied to the product): close, not
+    # equal. The rotary in the attention kernel computes the same bits: rope-only equals unfolded.
     unfolded = graphs["unfolded"].logits[1].float()
     fold_err = float((ref - unfolded).abs().max() / unfolded.abs().max())
     fold_same_top = bool(torch.equal(ref.argmax(-1), unfolded.argmax(-1)))
+    rope_same = bool(torch.equal(graphs["rope-only"].logits[1].float(), unfolded))
     result = {
         "device": device_name(device),
         "command": command_line("bench.decode_graph_ab", argv),
@@ -134,12 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
         "combine_kernel_logits_equal_shipped": same,
         "folded_logits_max_rel_err": fold_err,
         "folded_argmax_equal_unfolded": fold_same_top,
+        "rope_only_logits_equal_unfolded": rope_same,
     }
     print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
     for v, ms in result["ms_per_replay"].items():
         print(f"  {v:15s} {ms:.4f} ms  (rounds: {', '.join(f'{t:.4f}' for t in times[v])})")
     print(f"  logits of combine-kernel equal shipped's: {same}")
     print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
+    print(f"  logits of rope-only equal unfolded's: {rope_same}")
     if args.json:
         write_json(result, args.json)
     return result

@@ -32,7 +32,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]: where to write the result (a graph's static buffer)
+    rope=None,  # triton_paged.DecodeRope: q raw, rotated (and the new K/V written) in the decode kernel
 ) -> torch.Tensor:
+    if rope is not None and not (q.is_cuda and meta.is_decode_only):
+        raise ValueError("the rotary runs inside attention only in a CUDA decode pass (one new token a sequence)")
     if not q.is_cuda:
         result = paged_attention_ref(q, k_cache, v_cache, meta, scale)
         return result if out is None else out.copy_(result)
@@ -46,7 +49,7 @@ def paged_attention(
         )
     result = triton_paged.paged_decode_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, query_len=query_len,
-        split_counters=meta.split_counters,
+        split_counters=meta.split_counters, rope=rope,
     )
     return result if out is None else out.copy_(result)
 

@@ -78,6 +78,24 @@ class Attention(nn.Module):
         )
         return q
 
+    def decode_rope(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata):
+        """(raw queries [T, H, D], a DecodeRope): the rotary and the cache write of a small CUDA decode
+        pass inside the decode attention kernel (engine/attention/triton_paged.py), no kernel of
+        their own; None where that does not apply (the CPU, prefill, a per-head norm, big batches)."""
+        if not (qkv.is_cuda and meta.is_decode_only and self.q_norm is None):
+            return None
+        from engine.attention.triton_paged import DecodeRope
+        from engine.pdl import PDL_MAX_ROWS
+
+        t = qkv.shape[0]
+        if t > PDL_MAX_ROWS:
+            return None
+
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        kv_shape = (t, self.num_kv_heads, self.head_dim)
+        rope = DecodeRope(k.view(kv_shape), v.view(kv_shape), rotary.cos, rotary.sin, positions, meta.slot_mapping)
+        return q.view(t, self.num_heads, self.head_dim), rope
+
 
 class MLP(nn.Module):
     """silu(gate) * up through down_proj; the layer runs the pieces (its norm may join gate_up)."""
@@ -101,12 +119,21 @@ class DecoderLayer(nn.Module):
         # int4 layers in the tensor-core form, one token: each residual add and the RMSNorm after it
         # inside the products either side (fused_ops.fold_add_norm). Off only for A/B runs.
         self.fold_norms = True
+        # Small CUDA decode passes: the rotary and the cache write inside the attention kernel
+        # (Attention.decode_rope). Off only for A/B runs.
+        self.fold_rope = True
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, next_layer: "DecoderLayer | None" = None):
         """Returns (this layer's output, the running residual); their sum is the hidden state. With
         next_layer, the output may be a NormedHidden for it (residual None: fused_ops.fold_add_norm)."""
-        q, residual = self.before_attention(x, residual, positions, rotary, kv_cache, meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.self_attn.scale)
+        attn = self.self_attn
+        qkv, residual = self._qkv(x, residual)
+        folded = attn.decode_rope(qkv, positions, rotary, meta) if self.fold_rope else None
+        if folded is None:
+            q = attn.rotate_and_cache(qkv, positions, rotary, kv_cache, meta.slot_mapping)
+            out = paged_attention(q, kv_cache[0], kv_cache[1], meta, attn.scale)
+        else:
+            out = paged_attention(folded[0], kv_cache[0], kv_cache[1], meta, attn.scale, rope=folded[1])
         return self.after_attention(out, residual, next_layer)
 
     # The two pieces either side of attention: engine/mixed_graphs.py replays each as a CUDA graph
@@ -114,9 +141,12 @@ class DecoderLayer(nn.Module):
 
     def before_attention(self, x, residual, positions, rotary, kv_cache, slot_mapping):
         """(queries [T, H, D], the running residual); the new keys and values go into the cache."""
-        attn = self.self_attn
-        qkv, residual = norm_linear(x, residual, self.input_layernorm, attn.qkv_proj, False, self.fuse_norm_linear)
-        return attn.rotate_and_cache(qkv, positions, rotary, kv_cache, slot_mapping), residual
+        qkv, residual = self._qkv(x, residual)
+        return self.self_attn.rotate_and_cache(qkv, positions, rotary, kv_cache, slot_mapping), residual
+
+    def _qkv(self, x, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qkv_proj of the input norm, the running residual)."""
+        return norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj, False, self.fuse_norm_linear)
 
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor, next_layer: "DecoderLayer | None" = None):
         """attn: the attention output [T, H, D]; returns (this layer's output, the running residual),
