@@ -131,11 +131,11 @@ def matvec_counts(group: int = 128, configs: list[tuple] | None = None) -> list[
     return out
 
 
-def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True) -> dict[str, int]:
+def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False) -> dict[str, int]:
     """Resources of the decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
     batch-1 step launches it: 4 query heads a KV head, head dim 128, block size 16, bf16, PDL, every
     pointer, stride and head count divisible by 16 (all but the block table's row stride, which
-    the kernel does not specialize on)."""
+    the kernel does not specialize on). rope: the new token's rotary and cache write in the kernel."""
     from engine.attention import triton_paged as tp
 
     ints = ("num_heads", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
@@ -149,6 +149,14 @@ def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True) 
         sig["count_ptr"] = "*i32"
     else:
         consts["count_ptr"] = None
+    rope_args = ("k_new_ptr", "v_new_ptr", "cos_ptr", "sin_ptr", "pos_ptr", "slot_ptr", "stride_nt", "stride_nh", "stride_table")
+    if rope:
+        consts["ROPE"] = True
+        sig.update({"k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64",
+                    "slot_ptr": "*i64", "stride_nt": "i32", "stride_nh": "i32", "stride_table": "i32"})
+    else:
+        consts.update({name: None for name in rope_args[:6]})
+        consts.update({name: 0 for name in rope_args[6:]})
     divisible = [a for a in sig if a not in ("qk_scale", "stride_btb")]
     kernel = compile_sm90(tp._decode_kernel, sig, consts, 4, 3, divisible)
     return resource_usage(kernel.asm["cubin"])
