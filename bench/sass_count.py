@@ -24,6 +24,15 @@ _DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", 
               "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_ym")
 
 
+# The tensor-core int4 kernel's arguments as a bf16 model launches it (engine/quant/int4_mma.py).
+MMA_SIGNATURE = {
+    "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
+    "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "res_ptr": "*bf16", "nw_ptr": "*bf16",
+    "t_ptr": "*bf16", "sq_out_ptr": "*fp32", "sq_in_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+    "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "eps": "fp32",
+}
+
+
 @dataclass(frozen=True)
 class LoopCount:
     label: str
@@ -102,10 +111,7 @@ def mma_counts(group: int = 128, configs: list[tuple] | None = None) -> list[Loo
     """The tensor-core kernel (engine/quant/int4_mma.py), each tuned config (or `configs`), batch 1."""
     from engine.quant import int4_mma
 
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
-           "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "res_ptr": "*bf16", "nw_ptr": "*bf16",
-           "t_ptr": "*bf16", "sq_out_ptr": "*fp32", "sq_in_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32", "eps": "fp32"}
+    sig = MMA_SIGNATURE
     out = []
     for n, step, split, warps, stages in configs or int4_mma._MMA_CONFIGS:
         consts = {"GROUP": group, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": n, "STEP_GROUPS": step,
@@ -132,7 +138,12 @@ def matvec_counts(group: int = 128, configs: list[tuple] | None = None) -> list[
 
 
 def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False) -> dict[str, int]:
-    """Resources of the decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
+    """Registers, stack and shared memory of decode_attention_kernel's compile."""
+    return resource_usage(decode_attention_kernel(num_splits, combine_in_kernel, rope).asm["cubin"])
+
+
+def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False):
+    """The decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
     batch-1 step launches it: 4 query heads a KV head, head dim 128, block size 16, bf16, PDL, every
     pointer, stride and head count divisible by 16 (all but the block table's row stride, which
     the kernel does not specialize on). rope: the new token's rotary and cache write in the kernel."""
@@ -158,8 +169,7 @@ def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True, 
         consts.update({name: None for name in rope_args[:6]})
         consts.update({name: 0 for name in rope_args[6:]})
     divisible = [a for a in sig if a not in ("qk_scale", "stride_btb")]
-    kernel = compile_sm90(tp._decode_kernel, sig, consts, 4, 3, divisible)
-    return resource_usage(kernel.asm["cubin"])
+    return compile_sm90(tp._decode_kernel, sig, consts, 4, 3, divisible)
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def test_only_launches_of_few_tokens_use_pdl(monkeypatch):
 _PTX = """
 import json
 import re
-from bench.sass_count import compile_sm90
+from bench.sass_count import MMA_SIGNATURE, compile_sm90, decode_attention_kernel
 from engine.model import triton_ops
 from engine.quant import int4_mma
 
@@ -57,14 +57,16 @@ def order(ptx):
     return {"signal": first("griddepcontrol.launch_dependents"), "wait": first("griddepcontrol.wait"),
             "prefetch": first("prefetch.global.L2"), "memory": first("ld.global", "st.global", "cp.async", "atom.")}
 
-mma_sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
-           "part_ptr": "*fp32", "count_ptr": "*i32", "magic_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
 out = {}
 for pdl in (True, False):
     consts = {"GROUP": 128, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": 64, "STEP_GROUPS": 4, "SPLIT_K": 4,
               "EVEN": True, "PDL": pdl, "PREFETCH_GROUPS": int4_mma.PREFETCH_GROUPS}
-    out[f"mma {pdl}"] = order(compile_sm90(int4_mma._int4_mma_kernel, mma_sig, consts, 4, 2).asm["ptx"])
+    out[f"mma {pdl}"] = order(compile_sm90(int4_mma._int4_mma_kernel, MMA_SIGNATURE, consts, 4, 2).asm["ptx"])
+for fold in ("ADD_RESIDUAL", "NORM_IN"):  # the norm folding's epilogues
+    consts = {"GROUP": 128, "OFFSET": 128.0, "HAS_BIAS": False, "BLOCK_N": 64, "STEP_GROUPS": 4, "SPLIT_K": 4,
+              "EVEN": True, "PDL": True, "PREFETCH_GROUPS": int4_mma.PREFETCH_GROUPS, fold: True, "SLOTS": 256}
+    out[f"mma {fold}"] = order(compile_sm90(int4_mma._int4_mma_kernel, MMA_SIGNATURE, consts, 4, 2).asm["ptx"])
+out["attention rope"] = order(decode_attention_kernel(4, True, rope=True).asm["ptx"])
 norm_sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
             "stride_x": "i32", "stride_res": "i32", "stride_out": "i32", "stride_res_out": "i32", "n_cols": "i32",
             "eps": "fp32"}
@@ -77,7 +79,7 @@ print(json.dumps(out))
 @pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas in the triton wheel")
 def test_kernels_signal_then_wait_before_any_memory_access_but_the_weight_prefetch():
     found = fresh_process_json(_PTX)
-    for name in ("mma True", "norm True"):
+    for name in ("mma True", "norm True", "mma ADD_RESIDUAL", "mma NORM_IN", "attention rope"):
         o = found[name]
         assert o["memory"] is not None and o["signal"] < o["wait"] < o["memory"], (name, o)
     mma = found["mma True"]
