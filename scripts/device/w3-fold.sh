@@ -7,8 +7,8 @@
 set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=16 step ab 120 python -m bench.decode_graph_ab --rounds 5 --json "$OUT/ab.json"
-TAIL=8 step engine-check 80 python bench/engine_check.py
-TAIL=12 step w3 180 python -m bench.quant --modes bf16,int4-triton-mma --async-scheduling on --ppl-modes none \
+TAIL=16 step ab 100 python -m bench.decode_graph_ab --rounds 5 --json "$OUT/ab.json"
+TAIL=8 step engine-check 60 python bench/engine_check.py
+TAIL=12 step w3 170 python -m bench.quant --modes bf16,int4-triton-mma --async-scheduling on --ppl-modes none \
   --repeats 2 --profile --skip-kernel-check --json "$OUT/w3.json"
 grep -h "decode step at batch\|^speed\|self-check\|tok/s" "$OUT"/w3.log | tail -n 12
