@@ -1,7 +1,7 @@
 """On the GPU: our engine's greedy tokens against Hugging Face's, for tiny fp32 models.
 
 Covers the Triton kernels inside the whole engine: CUDA graphs on and off,
-prefix caching, chunked prefill and preemption. Prints one line per case and
+EngineConfig.decode_folds, prefix caching, chunked prefill and preemption. Prints one line per case and
 exits 1 if any case disagrees.
 
     python bench/engine_check.py
@@ -40,6 +40,7 @@ def main() -> int:
     prompts += [shared + torch.randint(3, 384, (n,), generator=gen).tolist() for n in (3, 9)]
     cases = {
         "graphs": dict(),
+        "graphs+folds": dict(decode_folds=True),  # the rotary inside attention (batches of up to 8)
         "eager": dict(enforce_eager=True),
         "no-prefix-cache": dict(cache=CacheConfig(block_size=16, enable_prefix_caching=False)),
         "chunked+preempt": dict(

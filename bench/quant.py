@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--async-scheduling", choices=("off", "on", "both"), default="off",
         help="EngineConfig.async_scheduling for the speed runs; both: every mode twice (rows MODE and MODE+async)",
     )
+    p.add_argument(
+        "--decode-folds", action="store_true",
+        help="EngineConfig.decode_folds for the speed runs (the rotary in attention, int4's norms in its products)",
+    )
     p.add_argument("--ppl-model", default="models/demo-target")
     p.add_argument("--ppl-text", default=".corpus/heldout.txt.gz")
     p.add_argument("--ppl-modes", default=PPL_MODES, help=f"comma list of: {PPL_MODES}; or none")
@@ -352,7 +356,7 @@ def speed_runs(modes: list[str], schedule: str) -> list[str]:
 
 
 def speed_config(preset: str, mode: str, prompt_len: int, output_len: int, async_scheduling: bool,
-                 eager: bool = False) -> EngineConfig:
+                 eager: bool = False, decode_folds: bool = False) -> EngineConfig:
     """The engine of a speed run: one sequence, a cache just large enough for it."""
     max_len = prompt_len + output_len + 16
     block = 16
@@ -362,6 +366,7 @@ def speed_config(preset: str, mode: str, prompt_len: int, output_len: int, async
         max_model_len=max_len,
         enforce_eager=eager,
         async_scheduling=async_scheduling,
+        decode_folds=decode_folds,
         cache=CacheConfig(block_size=block, num_blocks=-(-max_len // block) + 8),
         scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=max(256, prompt_len)),
     )
@@ -373,7 +378,7 @@ def run_speed(run: str, args: argparse.Namespace, rates, device: torch.device) -
     from engine.quant.swap import backend_summary
 
     config = speed_config(args.preset, run.removesuffix(ASYNC_SUFFIX), args.prompt_len, args.output_len,
-                          async_scheduling=run.endswith(ASYNC_SUFFIX), eager=args.eager)
+                          async_scheduling=run.endswith(ASYNC_SUFFIX), eager=args.eager, decode_folds=args.decode_folds)
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     init_s = time.perf_counter() - t0

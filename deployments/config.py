@@ -207,6 +207,12 @@ class AppConfig(_Strict):
         "per layer, for bf16 / fp16 layers of up to 1M weights: small models). auto: in the speculative passes "
         "(draft, verify) only, where it is measured faster; true: every step of up to 64 tokens; false: never.",
     )
+    decode_folds: bool = Field(
+        False,
+        description="Decode passes of up to 8 tokens on CUDA rotate and cache the new keys inside the attention "
+        "kernel, and int4 (triton-mma) layers fold each residual add and RMSNorm into the products either side "
+        "at one token: fewer kernels a step. Off until measured on a GPU.",
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     quantization: QuantConfig = Field(default_factory=QuantConfig)
@@ -355,6 +361,7 @@ class AppConfig(_Strict):
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
             fused_norm_linear=self.fused_norm_linear,
+            decode_folds=self.decode_folds,
             core_cpu=core_cpu,
             # Copies: the engine may adjust its config; the app's stays as validated.
             cache=dataclasses.replace(self.cache),

@@ -140,6 +140,13 @@ class EngineConfig:
     # demo pair's chained draft:2 went from 4,309 to 4,855 tok/s at batch 1. Plain decoding measured
     # 3-20% slower with it in W4's timed runs, so it stays off there (BENCHMARKS.md, W4).
     fused_norm_linear: bool | Literal["auto"] = "auto"
+    # Decode passes of up to 8 tokens on CUDA rotate the new tokens and write their K/V inside the
+    # decode attention kernel (no rope_and_cache kernel: Attention.decode_rope), and int4 layers in
+    # the tensor-core form fold each residual add and RMSNorm into the products either side at one
+    # token (fused_ops.fold_add_norm): on the 8B model at batch 1, 32 + 63 kernels fewer a step. Off
+    # until measured on a GPU (bench/decode_graph_ab.py, scripts/device/w3-fold.sh); correct under
+    # the Triton interpreter (tests/engine/model/test_fold_norms.py, tests/engine/attention).
+    decode_folds: bool = False
     # The CPU the engine core's process runs on when it has one (engine/core_process.py), None: any.
     # A serving replica picks it from the node's plan (engine/cpu_affinity.py).
     core_cpu: int | None = None
@@ -159,5 +166,7 @@ class EngineConfig:
             raise ConfigError(f"async_scheduling must be true, false or auto, got {self.async_scheduling!r}")
         if self.fused_norm_linear not in (True, False, "auto"):
             raise ConfigError(f"fused_norm_linear must be true, false or auto, got {self.fused_norm_linear!r}")
+        if not isinstance(self.decode_folds, bool):
+            raise ConfigError(f"decode_folds must be true or false, got {self.decode_folds!r}")
         if self.core_cpu is not None and self.core_cpu < 0:
             raise ConfigError(f"core_cpu must be a CPU number >= 0 or null, got {self.core_cpu}")

@@ -110,6 +110,7 @@ class LLMEngine:
         # "auto": the target's layers fused only while its speculative graphs are captured.
         fuse_speculative = config.fused_norm_linear is not False
         self.model.set_fused_norm_linear(config.fused_norm_linear is True)
+        self.model.set_decode_folds(config.decode_folds)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = load_tokenizer(config.tokenizer or loaded.path)
@@ -118,6 +119,7 @@ class LLMEngine:
         if spec.method == "draft":
             draft = load_model(spec.draft_model, config.dtype, str(self.device), config.seed)
             draft.model.set_fused_norm_linear(fuse_speculative)
+            draft.model.set_decode_folds(config.decode_folds)
         block_size = config.cache.block_size
         num_blocks = self._num_kv_blocks(draft.arch if draft else None)
         self.kv_cache = torch.zeros(

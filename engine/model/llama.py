@@ -116,12 +116,12 @@ class DecoderLayer(nn.Module):
         # Set by the engine (EngineConfig.fused_norm_linear): small batches on CUDA run each norm
         # inside the projection after it (engine/model/norm_linear.py).
         self.fuse_norm_linear = False
-        # int4 layers in the tensor-core form, one token: each residual add and the RMSNorm after it
-        # inside the products either side (fused_ops.fold_add_norm). Off only for A/B runs.
-        self.fold_norms = True
-        # Small CUDA decode passes: the rotary and the cache write inside the attention kernel
-        # (Attention.decode_rope). Off only for A/B runs.
-        self.fold_rope = True
+        # Set by the engine (EngineConfig.decode_folds). fold_norms: int4 layers in the tensor-core
+        # form, one token: each residual add and the RMSNorm after it inside the products either
+        # side (fused_ops.fold_add_norm). fold_rope: small CUDA decode passes rotate and write the
+        # new K/V inside the attention kernel (Attention.decode_rope).
+        self.fold_norms = False
+        self.fold_rope = False
 
     def forward(self, x, residual, positions, rotary, kv_cache, meta, next_layer: "DecoderLayer | None" = None):
         """Returns (this layer's output, the running residual); their sum is the hidden state. With
@@ -195,6 +195,11 @@ class LlamaForCausalLM(nn.Module):
         """Before any CUDA graph is captured: the layers' forward reads it while being captured."""
         for layer in self.layers:
             layer.fuse_norm_linear = on
+
+    def set_decode_folds(self, on: bool) -> None:
+        """Before any CUDA graph is captured (EngineConfig.decode_folds): both folds of the layers."""
+        for layer in self.layers:
+            layer.fold_norms = layer.fold_rope = on
 
     @contextlib.contextmanager
     def fused_norm_linear(self, on: bool) -> Iterator[None]:

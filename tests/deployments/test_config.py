@@ -112,6 +112,7 @@ def test_preset_model_name() -> None:
         ({"handle_transport": "http"}, "handle_transport"),
         ({"gil_switch_interval_s": 0}, "gil_switch_interval_s"),
         ({"fused_norm_linear": "sometimes"}, "fused_norm_linear"),
+        ({"decode_folds": "sometimes"}, "decode_folds"),
         (
             {"engine_loop": "process", "speculative": {"method": "remote", "draft_model": "models/demo-draft"}},
             "engine_loop 'process' cannot call the draft deployment",

@@ -80,14 +80,13 @@ def test_folded_norms_give_the_unfolded_logits(mma, monkeypatch, tiny_checkpoint
     calls = {"forward_add_residual": 0, "forward_normed": 0}
     counting(monkeypatch, calls)
     token = [7]
+    unfolded = forward_full_sequence(model, token)  # EngineConfig.decode_folds' default: off
+    assert calls == {"forward_add_residual": 0, "forward_normed": 0}
+    model.set_decode_folds(True)
     folded = forward_full_sequence(model, token)
     # o_proj of every layer and down_proj of all but the last end a fold; gate_up, and qkv past the
     # first layer, start one.
     layers = len(model.layers)
-    assert calls == {"forward_add_residual": 2 * layers - 1, "forward_normed": 2 * layers - 1}
-    for layer in model.layers:
-        layer.fold_norms = False
-    unfolded = forward_full_sequence(model, token)
     assert calls == {"forward_add_residual": 2 * layers - 1, "forward_normed": 2 * layers - 1}
     assert torch.equal(folded.argmax(-1), unfolded.argmax(-1))
     # Roundings differ (bf16 activations), within a few ulps a layer.
@@ -99,5 +98,12 @@ def test_more_than_one_token_never_folds(mma, monkeypatch, tiny_checkpoint):
     model = int4_mma_model(tiny_checkpoint("tiny-llama"))
     calls = {"forward_add_residual": 0, "forward_normed": 0}
     counting(monkeypatch, calls)
+    model.set_decode_folds(True)
     forward_full_sequence(model, [7, 8, 9])
     assert calls == {"forward_add_residual": 0, "forward_normed": 0}
+
+
+def test_the_engine_config_sets_both_folds_on_every_layer(llama_ckpt, make_engine):
+    for on in (False, True):
+        model = make_engine(llama_ckpt, decode_folds=on).model
+        assert all(layer.fold_norms is on and layer.fold_rope is on for layer in model.layers)
