@@ -221,6 +221,10 @@ def _int4_mma_kernel(
         row = w_ptr + tl.minimum(offs_n, N - 1) * stride_wn + g_start * WPG
         prefetch_l2(row[:, None] + line[None, :] * 32)
     pdl_enter(PDL)
+    if NORM_IN:
+        # The kernel ahead's sums of squares are complete once pdl_enter returns: read now, the main
+        # loop hides the load's latency rather than the epilogue waiting on it.
+        rstd = _rstd(sq_in_ptr, K, eps, SLOTS)
 
     j = tl.arange(0, CW)
     cp = tl.arange(0, CP)
@@ -256,7 +260,7 @@ def _int4_mma_kernel(
         out = tl.sum(tl.reshape(acc, [BLOCK_N, ROWS, STEP_GROUPS]), axis=2)  # [BLOCK_N, ROWS]
         rows = pid_m * ROWS + tl.arange(0, ROWS)
         if NORM_IN:
-            out = out * _rstd(sq_in_ptr, K, eps, SLOTS)
+            out = out * rstd
         if ADD_RESIDUAL:  # one x row: the other columns of out are zero
             total = tl.sum(out, axis=1)
             if HAS_BIAS:
@@ -271,7 +275,7 @@ def _int4_mma_kernel(
         if arrive_with_partials(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, part_ptr, count_ptr, SPLIT_K):
             total = sum_partials(tl.sum(acc, axis=1), offs_n, n_mask, N, part_ptr, SPLIT_K)
             if NORM_IN:
-                total = total * _rstd(sq_in_ptr, K, eps, SLOTS)
+                total = total * rstd
             if HAS_BIAS:
                 total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if ADD_RESIDUAL:
