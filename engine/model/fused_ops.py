@@ -145,6 +145,8 @@ def fold_add_norm(
     both layers can (int4 in the tensor-core form, one token: engine/quant/int4_mma.py); else None."""
     if residual is None or not isinstance(linear, QuantLinear) or not isinstance(next_linear, QuantLinear):
         return None
+    if not residual.is_contiguous() or residual.dtype != x.dtype:
+        return None
     if not (linear.folds_residual(x) and next_linear.folds_norm(x)):
         return None
     return NormedHidden(*linear.forward_add_residual(x, residual, norm.weight))
