@@ -225,6 +225,9 @@ def _int4_mma_kernel(
         # The kernel ahead's sums of squares are complete once pdl_enter returns: read now, the main
         # loop hides the load's latency rather than the epilogue waiting on it.
         rstd = _rstd(sq_in_ptr, K, eps, SLOTS)
+    if ADD_RESIDUAL:  # likewise the residual (an earlier kernel's) and the next norm's weight
+        residual = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        norm_w = tl.load(nw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
     j = tl.arange(0, CW)
     cp = tl.arange(0, CP)
@@ -265,7 +268,7 @@ def _int4_mma_kernel(
             total = tl.sum(out, axis=1)
             if HAS_BIAS:
                 total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            _store_with_residual(total, offs_n, n_mask, pid_n, N, y_ptr, res_ptr, nw_ptr, t_ptr, sq_out_ptr, BLOCK_N)
+            _store_with_residual(total, residual, norm_w, offs_n, n_mask, pid_n, N, y_ptr, t_ptr, sq_out_ptr, BLOCK_N)
         else:
             if HAS_BIAS:
                 out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -279,7 +282,7 @@ def _int4_mma_kernel(
             if HAS_BIAS:
                 total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if ADD_RESIDUAL:
-                _store_with_residual(total, offs_n, n_mask, pid_n, N, y_ptr, res_ptr, nw_ptr, t_ptr, sq_out_ptr, BLOCK_N)
+                _store_with_residual(total, residual, norm_w, offs_n, n_mask, pid_n, N, y_ptr, t_ptr, sq_out_ptr, BLOCK_N)
             else:
                 tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
             reset_arrivals(count_ptr + pid_n)
@@ -305,16 +308,14 @@ def _rstd(sq_ptr, K, eps, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _store_with_residual(y, offs_n, n_mask, pid_n, N, y_ptr, res_ptr, nw_ptr, t_ptr, sq_ptr, BLOCK_N: tl.constexpr):
+def _store_with_residual(y, residual, norm_w, offs_n, n_mask, pid_n, N, y_ptr, t_ptr, sq_ptr, BLOCK_N: tl.constexpr):
     """y + residual (rounded as the unfused add: y in y's dtype first) into y, that times the next
-    RMSNorm's weight into t, and the sum of the squares of each NORM_SLOT_ROWS rows of the sum into
-    sq: what the next kernel needs to apply the norm to t's product."""
+    RMSNorm's weight norm_w into t, and the sum of the squares of each NORM_SLOT_ROWS rows of the
+    sum into sq: what the next kernel needs to apply the norm to t's product."""
     dt = y_ptr.dtype.element_ty
-    r = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    summed = (y.to(dt).to(tl.float32) + r).to(dt)
+    summed = (y.to(dt).to(tl.float32) + residual).to(dt)
     tl.store(y_ptr + offs_n, summed, mask=n_mask)
-    nw = tl.load(nw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(t_ptr + offs_n, (summed.to(tl.float32) * nw).to(dt), mask=n_mask)
+    tl.store(t_ptr + offs_n, (summed.to(tl.float32) * norm_w).to(dt), mask=n_mask)
     sf = tl.where(n_mask, summed.to(tl.float32), 0.0)
     sq = tl.sum(tl.reshape(sf * sf, [BLOCK_N // _NORM_SLOT_ROWS, _NORM_SLOT_ROWS]), axis=1)
     slot = pid_n * (BLOCK_N // _NORM_SLOT_ROWS) + tl.arange(0, BLOCK_N // _NORM_SLOT_ROWS)
