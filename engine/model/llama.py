@@ -185,9 +185,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states of the new tokens after the final norm: [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
-        layers = list(self.layers)
-        for i, layer in enumerate(layers):
-            following = layers[i + 1] if i + 1 < len(layers) else None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            following = self.layers[i + 1] if i < last else None
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta, following)
         return self.norm(x, residual)[0]
 

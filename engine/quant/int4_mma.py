@@ -275,8 +275,9 @@ def _int4_mma_kernel(
             _store_rows(out, y_ptr, rows, offs_n, n_mask, pid_n, M, N, stride_ym, BLOCK_N, ROWS, GATED)
     else:
         # One x row (the host allows a split only then): the other rows' columns are zero.
-        if arrive_with_partials(tl.sum(acc, axis=1), offs_n, n_mask, pid_n, pid_k, N, part_ptr, count_ptr, SPLIT_K):
-            total = sum_partials(tl.sum(acc, axis=1), offs_n, n_mask, N, part_ptr, SPLIT_K)
+        partial = tl.sum(acc, axis=1)
+        if arrive_with_partials(partial, offs_n, n_mask, pid_n, pid_k, N, part_ptr, count_ptr, SPLIT_K):
+            total = sum_partials(partial, offs_n, n_mask, N, part_ptr, SPLIT_K)
             if NORM_IN:
                 total = total * rstd
             if HAS_BIAS:
