@@ -12,6 +12,7 @@ from typing import Literal
 
 from engine.errors import ConfigError
 
+MAX_SCHEDULER_STEPS = 64  # EngineConfig.num_scheduler_steps: past this the extra blocks and the waste only grow
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
@@ -147,6 +148,14 @@ class EngineConfig:
     # until measured on a GPU (bench/decode_graph_ab.py, scripts/device/w3-fold.sh); correct under
     # the Triton interpreter (tests/engine/model/test_fold_norms.py, tests/engine/attention).
     decode_folds: bool = False
+    # Decode steps per launch (vLLM's --num-scheduler-steps), with async scheduling and no
+    # speculation: a launched step is followed on the device by num_scheduler_steps - 1 decode
+    # passes of the rows it sampled, each fed the last one's tokens, and the host reads all of them
+    # back at once (LLMEngine._launch_more). With a small model a step is the host's Python, not
+    # the GPU's work; this runs that Python once per k tokens. Costs: tokens stream in groups of
+    # up to k; a request that stops early computed up to 2k - 1 rows for nothing; its first token
+    # comes k - 1 decode passes later. 1: one step per launch.
+    num_scheduler_steps: int = 1
     # The CPU the engine core's process runs on when it has one (engine/core_process.py), None: any.
     # A serving replica picks it from the node's plan (engine/cpu_affinity.py).
     core_cpu: int | None = None
@@ -168,5 +177,8 @@ class EngineConfig:
             raise ConfigError(f"fused_norm_linear must be true, false or auto, got {self.fused_norm_linear!r}")
         if not isinstance(self.decode_folds, bool):
             raise ConfigError(f"decode_folds must be true or false, got {self.decode_folds!r}")
+        if isinstance(self.num_scheduler_steps, bool) or not isinstance(self.num_scheduler_steps, int) \
+                or not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ConfigError(f"num_scheduler_steps must be an integer in [1, {MAX_SCHEDULER_STEPS}], got {self.num_scheduler_steps!r}")
         if self.core_cpu is not None and self.core_cpu < 0:
             raise ConfigError(f"core_cpu must be a CPU number >= 0 or null, got {self.core_cpu}")

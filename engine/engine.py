@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
@@ -66,8 +67,11 @@ class InflightStep:
 
     seqs: list[Sequence]  # the sampled sequences, one row each
     sample: PendingSample
+    # Tokens each row samples (EngineConfig.num_scheduler_steps); None: one each.
+    steps: list[int] | None = None
 
     def device_tokens(self) -> DeviceTokens:
+        """The last pass's tokens: a row with fewer steps is at its length limit and never fed again."""
         return DeviceTokens(self.sample.token_ids, {seq: row for row, seq in enumerate(self.seqs)})
 
 
@@ -140,7 +144,6 @@ class LLMEngine:
             self.max_model_len = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
         # Speculating sequences get k extra KV slots each step, for the proposals the target checks.
         k = spec.num_speculative_tokens if spec.enabled else 0
-        self.scheduler = Scheduler(config.scheduler, self.allocator, num_lookahead_tokens=k)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.allocator.block_table, block_size, self.max_model_len,
             config.scheduler.max_num_seqs, use_cuda_graphs=not config.enforce_eager, num_speculative_tokens=k,
@@ -171,6 +174,8 @@ class LLMEngine:
         # A proposer reads each step's tokens on the host: speculation steps synchronously, except
         # that the co-located draft's steps chain on the device while the batch stays put.
         self.async_scheduling = wanted and self.proposer is None
+        decode_steps = config.num_scheduler_steps if self.async_scheduling else 1
+        self.scheduler = Scheduler(config.scheduler, self.allocator, num_lookahead_tokens=k, decode_steps=decode_steps)
         self._inflight: InflightStep | None = None
         self._spec_chain: SpecChain | None = None
         graphs_or_cpu = self.device.type != "cuda" or not config.enforce_eager
@@ -364,26 +369,47 @@ class LLMEngine:
         sampled_seqs = self._advance(sched, set())
         if logits is None:
             return None
+        batch = SamplingBatch.from_seqs(sampled_seqs, self.arch.vocab_size, self.device)
+        if self.scheduler.decode_steps > 1:
+            return self._launch_more(sampled_seqs, logits, batch)
         for seq in sampled_seqs:
             seq.num_pending_tokens += 1
-        batch = SamplingBatch.from_seqs(sampled_seqs, self.arch.vocab_size, self.device)
         return InflightStep(sampled_seqs, self.sampler.launch(logits, batch))
+
+    def _launch_more(self, seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch) -> InflightStep:
+        """The launched step's tokens, then decode passes of the same rows on the device
+        (EngineConfig.num_scheduler_steps), all read back together."""
+        steps = [self.scheduler.decode_steps_for(seq) for seq in seqs]  # its slots were allocated for these
+        draws = [self.sampler.draw(logits, batch)]
+
+        def sample(pass_logits: torch.Tensor) -> torch.Tensor:
+            draws.append(self.sampler.draw(pass_logits, batch))
+            return draws[-1][0]
+
+        self.runner.decode_more(seqs, draws[0][0], np.array(steps, np.int64), sample)
+        for seq, n in zip(seqs, steps):
+            seq.num_computed_tokens += n - 1  # every token fed; the last one sampled is pending like the rest
+            seq.num_pending_tokens += n
+        return InflightStep(seqs, PendingSample(draws, batch.num_logprobs), steps)
 
     def _complete(self, step: InflightStep, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         """Reads a launched step's tokens back and appends them; outputs as `step` gives them."""
-        result = step.sample.result()
+        results = step.sample.results()
         touched: dict[str, RequestState] = {}
         cache_full_blocks = self.allocator.cache_full_blocks
-        for seq, token, logprob in zip(step.seqs, result.token_ids, result.logprobs):
-            seq.num_pending_tokens -= 1
-            if seq.is_finished:  # finished by the step before, or aborted: a wasted row
+        for row, seq in enumerate(step.seqs):
+            num_tokens = 1 if step.steps is None else step.steps[row]
+            seq.num_pending_tokens -= num_tokens
+            if seq.is_finished:  # finished by the step before, or aborted: wasted rows
                 continue
             state = self.requests[seq.request_id]
-            self._append(state, seq, token, logprob)
-            touched[state.request_id] = state
-            if not seq.is_finished:
+            for result in results[:num_tokens]:
+                self._append(state, seq, result.token_ids[row], result.logprobs[row])
+                if seq.is_finished:  # the rest of its passes computed past its end
+                    break
                 # The block this token completes (its K/V is queued) could not be hashed before.
                 cache_full_blocks(seq)
+            touched[state.request_id] = state
         return self._outputs(touched, only_finished, build)
 
     # ----- speculative decoding ------------------------------------------------------

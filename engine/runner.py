@@ -15,6 +15,7 @@ step that also holds prompt chunks runs eagerly, proposals included.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,6 +262,43 @@ class ModelRunner:
         if inputs.num_sampled == 0:  # only partial prompt chunks: the cache is filled, no logits needed
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    @torch.inference_mode()
+    def decode_more(
+        self, seqs: list[Sequence], tokens: torch.Tensor, steps: np.ndarray, sample: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """The decode passes after a launched step (EngineConfig.num_scheduler_steps): pass j (from 1)
+        feeds each sequence the token pass j - 1 sampled, on the device, and `sample` turns its logits
+        into the next tokens. `tokens` [N]: the step's sampled tokens, row i sequence i's; steps[i]:
+        how many tokens sequence i samples in all (>= 1), its slots allocated. Every known token of
+        each sequence is computed. A row past its steps holds its last real position, reads its own
+        context and writes to the null block, so its garbage touches nothing.
+        """
+        n = len(seqs)
+        base = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)  # where pass 1 feeds
+        table = self.block_table.gather(np.fromiter((s.table_row for s in seqs), np.int64, n), max(len(s.blocks) for s in seqs))
+        rows = np.arange(n)
+        bs = self.block_size
+        for j in range(1, int(steps.max())):
+            live = steps > j
+            positions = base + np.minimum(j, steps - 1) - 1
+            slots = np.where(live, table[rows, positions // bs].astype(np.int64) * bs + positions % bs, 0)
+            tokens = sample(self._decode_pass(positions, slots, table, tokens))
+
+    def _decode_pass(self, positions: np.ndarray, slots: np.ndarray, table: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] of one decode token per row, row i fed tokens[i] at positions[i]."""
+        n = len(positions)
+        rows = np.arange(n)
+        seq_lens = positions + 1
+        if self.graphs is not None and self.graphs.fits(n):
+            staged = HostDecodeInputs(np.zeros(n, np.int64), positions, slots, seq_lens, table, rows, rows)
+            return self.graphs.run_staged(staged, tokens)
+        ones = np.ones(n, np.int64)
+        host = HostInputs(
+            [0] * n, positions, slots, rows, None, (rows, rows), np.arange(n + 1), ones, seq_lens, table
+        )
+        inputs = self._to_device(host, DeviceTokens(tokens, {}))
+        return self.model.compute_logits(self._hidden(inputs))
 
     def _hidden(self, inputs: StepInputs) -> torch.Tensor:
         """The forward pass of a step that no decode graph runs: graph pieces where they fit, else eager."""

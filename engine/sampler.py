@@ -57,28 +57,38 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
-class PendingSample:
-    """A step's sampled tokens, still on the device, and their copy to the host under way.
+Draw = tuple[torch.Tensor, "tuple | None"]  # one pass's tokens [N] and logprob tensors (Sampler.draw)
 
-    `token_ids` can feed the next step at once (async scheduling); `result()` waits only
-    for this step's copies, not for whatever was queued on the device after them.
+
+class PendingSample:
+    """The tokens of one or more passes over the same rows, still on the device, and their copy to
+    the host under way (one copy for all the passes).
+
+    `token_ids`, the last pass's, can feed the next step at once (async scheduling); `results()`
+    waits only for these copies, not for whatever was queued on the device after them.
     """
 
-    def __init__(self, token_ids: torch.Tensor, logprob_tensors: tuple | None, num_logprobs: list[int | None]) -> None:
-        self.token_ids = token_ids
+    def __init__(self, draws: list[Draw], num_logprobs: list[int | None]) -> None:
+        self.token_ids = draws[-1][0]
         self._num_logprobs = num_logprobs
+        tokens = _stacked([d[0] for d in draws])  # [passes, N]
+        logprobs = () if draws[0][1] is None else tuple(_stacked(list(parts)) for parts in zip(*(d[1] for d in draws)))
         # A non-blocking copy from CUDA lands in pinned memory; the event says when it is there.
-        self._host = [t.to("cpu", non_blocking=True) for t in (token_ids, *(logprob_tensors or ()))]
+        self._host = [t.to("cpu", non_blocking=True) for t in (tokens, *logprobs)]
         self._event = None
-        if token_ids.device.type == "cuda":
+        if tokens.device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()
 
-    def result(self) -> SamplerOutput:
+    def results(self) -> list[SamplerOutput]:
+        """One output per pass, in order."""
         if self._event is not None:
             self._event.synchronize()
-        tokens, *logprob_tensors = self._host
-        return _host_output(tokens, tuple(logprob_tensors) or None, self._num_logprobs)
+        tokens, *logprobs = self._host
+        return [
+            _host_output(tokens[i], tuple(t[i] for t in logprobs) or None, self._num_logprobs)
+            for i in range(tokens.shape[0])
+        ]
 
 
 class Sampler:
@@ -99,8 +109,13 @@ class Sampler:
     @torch.no_grad()
     def launch(self, logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
         """Like calling the sampler, without waiting for the device: the tokens are read back later."""
+        return PendingSample([self.draw(logits, batch)], batch.num_logprobs)
+
+    @torch.no_grad()
+    def draw(self, logits: torch.Tensor, batch: SamplingBatch) -> Draw:
+        """The tokens and, where rows want them, the logprob tensors, all left on the device."""
         tokens = self.sample(logits, batch)
-        return PendingSample(tokens, self._logprob_tensors(logits, tokens, batch), batch.num_logprobs)
+        return tokens, self._logprob_tensors(logits, tokens, batch)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy = self.greedy_tokens(logits)
@@ -138,6 +153,11 @@ class Sampler:
         k = max(wanted)
         top_vals, top_ids = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0]))
         return chosen, top_vals, top_ids
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, without a copy kernel for the common single pass."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _host_output(tokens: torch.Tensor, logprob_tensors: tuple | None, num_logprobs: list[int | None]) -> SamplerOutput:

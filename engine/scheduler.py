@@ -46,10 +46,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PagedKVAllocator, num_lookahead_tokens: int = 0) -> None:
+    def __init__(
+        self, config: SchedulerConfig, allocator: PagedKVAllocator, num_lookahead_tokens: int = 0, decode_steps: int = 1
+    ) -> None:
+        """num_lookahead_tokens: slots for speculative proposals; decode_steps: tokens a sequence that
+        completes may sample in one launch (EngineConfig.num_scheduler_steps), each needing a slot
+        but the last."""
         self.config = config
         self.allocator = allocator
         self.num_lookahead_tokens = num_lookahead_tokens
+        self.decode_steps = decode_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,7 +86,7 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            lookahead = self._lookahead(seq, num_new) if self.num_lookahead_tokens else 0
+            lookahead = self._lookahead(seq, num_new)
             while not allocate_slots(seq, num_new + lookahead):
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -115,9 +121,19 @@ class Scheduler:
             budget -= num_new
 
     def _lookahead(self, seq: Sequence, num_new: int, num_computed: int | None = None) -> int:
+        if not self.num_lookahead_tokens and self.decode_steps == 1:
+            return 0
         computed = seq.num_computed_tokens if num_computed is None else num_computed
-        completes = computed + num_new == seq.num_tokens
-        return self.num_lookahead_tokens if completes and seq.params.use_speculation else 0
+        if computed + num_new != seq.num_tokens:
+            return 0  # a prompt chunk that samples nothing
+        if self.num_lookahead_tokens:
+            return self.num_lookahead_tokens if seq.params.use_speculation else 0
+        return self.decode_steps_for(seq) - 1
+
+    def decode_steps_for(self, seq: Sequence) -> int:
+        """How many tokens `seq`, all its known tokens computed by the launch, samples in it: the
+        launch's decode steps, fewer where its length limit comes first."""
+        return max(1, min(self.decode_steps, seq.max_num_tokens - seq.num_tokens))
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.allocator.free(seq)
