@@ -1,7 +1,7 @@
 """On the GPU: our engine's greedy tokens against Hugging Face's, for tiny fp32 models.
 
 Covers the Triton kernels inside the whole engine: CUDA graphs on and off,
-EngineConfig.decode_folds, prefix caching, chunked prefill and preemption. Prints one line per case and
+EngineConfig.decode_folds and num_scheduler_steps, prefix caching, chunked prefill and preemption. Prints one line per case and
 exits 1 if any case disagrees.
 
     python bench/engine_check.py
@@ -41,6 +41,12 @@ def main() -> int:
     cases = {
         "graphs": dict(),
         "graphs+folds": dict(decode_folds=True),  # the rotary inside attention (batches of up to 8)
+        "graphs+steps": dict(num_scheduler_steps=5),  # decode passes after each launch (async: the CUDA default)
+        "steps+folds+preempt": dict(
+            num_scheduler_steps=3, decode_folds=True,
+            cache=CacheConfig(block_size=16, num_blocks=14),
+            scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
+        ),
         "eager": dict(enforce_eager=True),
         "no-prefix-cache": dict(cache=CacheConfig(block_size=16, enable_prefix_caching=False)),
         "chunked+preempt": dict(

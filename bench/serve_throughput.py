@@ -338,6 +338,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(repeat for several; default: one, unchanged)",
     )
     p.add_argument(
+        "--app-set", default="", metavar="K=V,K=V",
+        help="app args changed by dotted key=value pairs for both paths, the direct engine's and Serve's "
+        "(e.g. num_scheduler_steps=8)",
+    )
+    p.add_argument(
         "--direct-loop", choices=("process", "thread"), default="process",
         help="the direct engine's core: in a child process as in a replica (default), or a thread of the client's process",
     )
@@ -390,6 +395,9 @@ def main(argv: list[str] | None = None) -> dict:
         # as serve_config.yaml suggests for a GPU node under heavy streaming load.
         "ingress": {"num_replicas": 4, "max_ongoing_requests": 4 * max(levels) + 64},
     }
+    app_args, app_env = variant_args(app_args, args.app_set)
+    if app_env:
+        raise SystemExit("--app-set takes app args only; Ray's environment goes in --serve-set")
     vocab_size = _vocab_size(args.model)
     # At least 8 requests per stream up to 64 streams: with fewer, a level lasts under a second at 16
     # streams, and connection set-up and the last stragglers weigh as much as the steady state.
@@ -454,6 +462,7 @@ def finish(args: argparse.Namespace, argv: list[str] | None, cuda: bool, direct:
         "output_len": args.output_len,
         "client_procs": procs,
         "direct_loop": args.direct_loop,
+        "app_set": args.app_set,
         "direct": direct,
         "serve": variants[0]["levels"],
         "serve_variants": variants,

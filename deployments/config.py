@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfig, SpeculativeConfig
+from engine.config import MAX_SCHEDULER_STEPS, CacheConfig, EngineConfig, QuantConfig, SchedulerConfig, SpeculativeConfig
 from engine.cpu_affinity import CpuPlan
 from engine.errors import ConfigError
 
@@ -213,6 +213,16 @@ class AppConfig(_Strict):
         "kernel, and int4 (triton-mma) layers fold each residual add and RMSNorm into the products either side "
         "at one token: fewer kernels a step. Off until measured on a GPU.",
     )
+    num_scheduler_steps: int = Field(
+        1,
+        ge=1,
+        le=MAX_SCHEDULER_STEPS,
+        strict=True,
+        description="Decode steps per launch (with async scheduling, without speculation): the launch's rows "
+        "decode k - 1 more passes on the device and the host reads them back at once, so its Python runs once "
+        "per k tokens. Tokens then stream in groups of up to k; a request that stops early computes up to "
+        "2k - 1 rows for nothing.",
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     quantization: QuantConfig = Field(default_factory=QuantConfig)
@@ -362,6 +372,7 @@ class AppConfig(_Strict):
             async_scheduling=self.async_scheduling,
             fused_norm_linear=self.fused_norm_linear,
             decode_folds=self.decode_folds,
+            num_scheduler_steps=self.num_scheduler_steps,
             core_cpu=core_cpu,
             # Copies: the engine may adjust its config; the app's stays as validated.
             cache=dataclasses.replace(self.cache),

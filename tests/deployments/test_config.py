@@ -113,6 +113,9 @@ def test_preset_model_name() -> None:
         ({"gil_switch_interval_s": 0}, "gil_switch_interval_s"),
         ({"fused_norm_linear": "sometimes"}, "fused_norm_linear"),
         ({"decode_folds": "sometimes"}, "decode_folds"),
+        ({"num_scheduler_steps": 0}, "num_scheduler_steps"),
+        ({"num_scheduler_steps": 65}, "num_scheduler_steps"),
+        ({"num_scheduler_steps": "4"}, "num_scheduler_steps"),
         (
             {"engine_loop": "process", "speculative": {"method": "remote", "draft_model": "models/demo-draft"}},
             "engine_loop 'process' cannot call the draft deployment",
