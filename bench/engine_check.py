@@ -5,10 +5,12 @@ EngineConfig.decode_folds and num_scheduler_steps, prefix caching, chunked prefi
 exits 1 if any case disagrees.
 
     python bench/engine_check.py
+    python bench/engine_check.py --cases graphs,graphs+steps
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +34,10 @@ def hf_greedy(path: Path, prompts: list[list[int]], n: int, device: str) -> list
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="", help="comma-separated case names to run (default: all)")
+    args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(3, 384, (40,), generator=gen).tolist()
@@ -54,6 +59,11 @@ def main() -> int:
             scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
         ),
     }
+    if args.cases:
+        unknown = set(args.cases.split(",")) - set(cases)
+        if unknown:
+            raise SystemExit(f"unknown cases {sorted(unknown)}; known: {', '.join(cases)}")
+        cases = {name: cases[name] for name in args.cases.split(",")}
     failures = 0
     n_new = 24
     for preset in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
