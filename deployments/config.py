@@ -211,7 +211,7 @@ class AppConfig(_Strict):
         False,
         description="Decode passes of up to 8 tokens on CUDA rotate and cache the new keys inside the attention "
         "kernel, and int4 (triton-mma) layers fold each residual add and RMSNorm into the products either side "
-        "at one token: fewer kernels a step. Off until measured on a GPU.",
+        "at one token: fewer kernels a step. Off: no gain yet measured clear of the spread between runs.",
     )
     num_scheduler_steps: int = Field(
         1,
