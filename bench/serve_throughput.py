@@ -61,23 +61,46 @@ def make_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> list[lis
     return [torch.randint(10, vocab, (prompt_len,), generator=gen).tolist() for _ in range(n)]
 
 
-async def run_levels(label: str, levels: list[int], prompts_for, one_request) -> list[dict]:
-    """Every concurrency level in turn, each after a warm-up wave; one summary per level."""
+async def run_levels(label: str, levels: list[int], prompts_for, one_request, step_counters) -> list[dict]:
+    """Every concurrency level in turn, each after a warm-up wave; one summary per level.
+    step_counters: the engine's STEP_COUNTERS now."""
     core_role = {"engine_core": SERVE_ROLES["engine_core"]}  # the direct engine's child, as in a replica
     out = []
     for c in levels:
         await run_level(prompts_for(c, warm_up=True), c, one_request)
-        cpu_before = cpu_seconds_by_role(core_role)
+        cpu_before, steps_before = cpu_seconds_by_role(core_role), step_counters()
         result = await run_level(prompts_for(c), c, one_request)
         cpu = per_request_ms(cpu_before, cpu_seconds_by_role(core_role), result.requests)
-        out.append({**result.summary(), **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()}})
+        out.append({
+            **result.summary(),
+            **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()},
+            **step_figures(steps_before, step_counters(), result.requests),
+        })
         _print_level(label, out[-1])
     return out
+
+
+def step_figures(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Between two readings of STEP_COUNTERS: engine steps and steps with prompt tokens per
+    request, and sequences per step. Fewer sequences a step and more prompt steps a request on one
+    path than the other mean its requests reach the engine more spread out or spend longer outside it."""
+    grew = {key: after[key] - before[key] for key in STEP_COUNTERS if key in before and key in after}
+    if len(grew) < len(STEP_COUNTERS) or not requests or not grew["steps_total"]:
+        return {}
+    return {
+        "engine_steps_per_request": grew["steps_total"] / requests,
+        "engine_prompt_steps_per_request": grew["prompt_steps_total"] / requests,
+        "engine_seqs_per_step": grew["step_seqs_total"] / grew["steps_total"],
+    }
 
 
 def _print_level(label: str, summary: dict) -> None:
     core = summary.get("cpu_ms_per_request_engine_core")
     cpu = "" if core is None else f"  engine core {core:.1f} CPU ms/request"
+    steps = summary.get("engine_steps_per_request")
+    if steps is not None:
+        cpu += (f", {steps:.2f} steps/request ({summary['engine_prompt_steps_per_request']:.3f} with prompts),"
+                f" {summary['engine_seqs_per_step']:.1f} seqs/step")
     print(
         f"  {label:<7} c={summary['concurrency']:<4} {summary['tok_s']:8.0f} tok/s  errors {summary['errors']}  "
         f"TTFT p50 {summary['ttft_p50_ms']:.1f} ms  ITL p50 {summary['itl_p50_ms']:.2f} ms{cpu}",
@@ -102,13 +125,24 @@ def settled(probe, every_s: float = 0.25, tries: int = 12, keys: tuple[str, ...]
 # Counters of /metrics that a level's summary reads the change of: the LLM replicas' summed; the
 # ingress ones are per ingress replica (a scrape is answered by one of several), so they are read
 # under the answering replica's label and count only when both readings came from the same one.
+# EngineStats' step counters, as the engine gives them and (prefixed llm_replica_engine_) in /metrics.
+STEP_COUNTERS = ("steps_total", "prompt_steps_total", "step_seqs_total")
 FIRST_TOKEN_COUNTERS = ("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total")
 SERVE_COUNTERS = (
     *FIRST_TOKEN_COUNTERS,
     "llm_replica_event_loop_lag_seconds_total",
     "llm_replica_event_loop_lag_checks_total",
+    "llm_replica_gc_pause_seconds_total",
+    "llm_replica_gc_full_pause_seconds_total",
+    "llm_replica_gc_full_collections_total",
+    *(f"llm_replica_engine_{key}" for key in STEP_COUNTERS),
 )
-INGRESS_COUNTERS = ("llm_ingress_event_loop_lag_seconds_total", "llm_ingress_event_loop_lag_checks_total")
+INGRESS_COUNTERS = (
+    "llm_ingress_event_loop_lag_seconds_total",
+    "llm_ingress_event_loop_lag_checks_total",
+    "llm_ingress_gc_pause_seconds_total",
+    "llm_ingress_gc_full_collections_total",
+)
 
 
 def parse_counters(metrics_text: str) -> dict[str, float]:
@@ -144,7 +178,18 @@ def replica_wait(before: dict[str, float], after: dict[str, float]) -> dict:
         "replica_ttft_mean_ms": mean_ms("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total"),
         "replica_loop_lag_mean_ms": mean_ms("llm_replica_event_loop_lag_seconds_total", "llm_replica_event_loop_lag_checks_total"),
         "ingress_loop_lag_mean_ms": mean_ms(INGRESS_COUNTERS[0] + suffix, INGRESS_COUNTERS[1] + suffix),
+        # The garbage collector's stops of the LLM replicas' (summed) and that ingress replica's processes.
+        "replica_gc_pause_ms": _delta(before, after, "llm_replica_gc_pause_seconds_total") * 1e3,
+        "replica_gc_full_pause_ms": _delta(before, after, "llm_replica_gc_full_pause_seconds_total") * 1e3,
+        "replica_gc_full_collections": _delta(before, after, "llm_replica_gc_full_collections_total"),
+        "ingress_gc_pause_ms": _delta(before, after, INGRESS_COUNTERS[2] + suffix) * 1e3,
+        "ingress_gc_full_collections": _delta(before, after, INGRESS_COUNTERS[3] + suffix),
     }
+
+
+def _delta(before: dict[str, float], after: dict[str, float], counter: str) -> float:
+    """How much a counter grew between two readings (nan: not in both)."""
+    return after[counter] - before[counter] if counter in before and counter in after else float("nan")
 
 
 # ----- engine direct ------------------------------------------------------------------
@@ -192,14 +237,19 @@ class DirectEngine:
         record_request(result, start, arrivals, tokens)
 
     def run_levels(self, label: str, levels: list[int], prompts_for) -> list[dict]:
+        run = run_levels(label, levels, prompts_for, self._one, self._step_counters)
         if self._plan is None:
-            return self._loop.run_until_complete(run_levels(label, levels, prompts_for, self._one))
+            return self._loop.run_until_complete(run)
         every = os.sched_getaffinity(0)
         pin_process(self._plan.others)
         try:
-            return self._loop.run_until_complete(run_levels(label, levels, prompts_for, self._one))
+            return self._loop.run_until_complete(run)
         finally:
             pin_process(every)
+
+    def _step_counters(self) -> dict[str, float]:
+        stats = self._engine.stats()
+        return {key: getattr(stats, key) for key in STEP_COUNTERS}
 
     def close(self) -> None:
         self._engine.shutdown()
@@ -247,8 +297,14 @@ def bench_serve(
         before, cpu_before = settled(probe, keys=FIRST_TOKEN_COUNTERS), cpu_seconds_by_role()
         result = level(c)
         cpu = per_request_ms(cpu_before, cpu_seconds_by_role(), result.requests)
-        out.append({**result.summary(), **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()}})
-        out[-1].update(replica_wait(before, settled(probe, keys=FIRST_TOKEN_COUNTERS)))
+        after = settled(probe, keys=FIRST_TOKEN_COUNTERS)
+        steps = {f"llm_replica_engine_{key}": key for key in STEP_COUNTERS}
+        out.append({
+            **result.summary(),
+            **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()},
+            **step_figures(*({steps[k]: v for k, v in reading.items() if k in steps} for reading in (before, after)), result.requests),
+        })
+        out[-1].update(replica_wait(before, after))
         _print_level("serve", out[-1])
     return out
 
@@ -529,6 +585,7 @@ def _vocab_size(model: str) -> int:
 
 
 def report(results: dict, argv: list[str] | None) -> None:
+    nan = float("nan")
     print(f"\nW2 serving on {results['device']} ({results['model']}, prompt {results['prompt_len']}, "
           f"{results['client_procs']} client processes for Serve, "
           f"output {results['output_len']} tokens, streaming)")
@@ -570,10 +627,19 @@ def report(results: dict, argv: list[str] | None) -> None:
         for s in variant["levels"]:
             print(f"  c={s['concurrency']:<5} {s.get('replica_loop_lag_mean_ms', float('nan')):8.2f} | "
                   f"{s.get('ingress_loop_lag_mean_ms', float('nan')):8.2f}")
+        print("  garbage collection during the level, ms stopped (full collections): LLM replicas | one ingress replica")
+        for s in variant["levels"]:
+            print(f"  c={s['concurrency']:<5} {s.get('replica_gc_pause_ms', nan):8.1f} ({s.get('replica_gc_full_collections', nan):.0f}) | "
+                  f"{s.get('ingress_gc_pause_ms', nan):8.1f} ({s.get('ingress_gc_full_collections', nan):.0f})")
         print("  CPU ms per request, by process role (all replicas of a role summed): " + ", ".join(SERVE_ROLES))
         for s in variant["levels"]:
             cpu = [s.get(f"cpu_ms_per_request_{role}", float("nan")) for role in SERVE_ROLES]
             print(f"  c={s['concurrency']:<5} " + "  ".join(f"{role} {ms:6.1f}" for role, ms in zip(SERVE_ROLES, cpu)))
+        print("  the engine's steps per request (of them with prompt tokens) and sequences per step: direct | Serve")
+        for d, s in zip(results["direct"], variant["levels"]):
+            print(f"  c={s['concurrency']:<5} " + " | ".join(
+                f"{x.get('engine_steps_per_request', nan):6.2f} ({x.get('engine_prompt_steps_per_request', nan):.3f}), "
+                f"{x.get('engine_seqs_per_step', nan):5.1f}" for x in (d, s)))
     d, s = results["direct"][-1], results["serve"][-1]
     cmd = "python bench/serve_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(

@@ -35,6 +35,7 @@ from deployments import errors
 from deployments.config import AppConfig
 from deployments.direct_http import DirectHTTPServer
 from deployments.errors import OpenAIError
+from deployments.gc_pauses import GcPauses
 from deployments.loop_lag import LoopLag
 from deployments.messages import GenerateOutput, GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
@@ -127,7 +128,9 @@ class OpenAIIngress:
         self._prompts = Prompts(load_ingress_tokenizer(config))
         # The wait a request sees on this replica's loop before any code of ours runs (/metrics).
         self._loop_lag = LoopLag()
-        self._metrics = IngressMetrics(self._loop_lag, serve.get_replica_context().replica_id.to_full_id_str())
+        self._gc_pauses = GcPauses()
+        self._gc_pauses.start()
+        self._metrics = IngressMetrics(self._loop_lag, serve.get_replica_context().replica_id.to_full_id_str(), self._gc_pauses)
         self._info: ModelInfo | None = None
         self._index: Any = None  # the prefix index actor, for /metrics
         direct = config.ingress_direct_http

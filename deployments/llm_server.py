@@ -27,6 +27,7 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig, RouterOptions
+from deployments.gc_pauses import GcPauses
 from deployments.loop_lag import LoopLag
 from deployments.messages import ChoiceDelta, GenerateOutput, GenerateRequest, ModelInfo, RequestTiming
 from deployments.ray_env import set_switch_interval
@@ -64,6 +65,8 @@ class LLMServer:
         self._publisher: CachePublisher | None = None
         # The wait a request sees here before any code of ours runs (published, /metrics).
         self._loop_lag = LoopLag()
+        self._gc_pauses = GcPauses()
+        self._gc_pauses.start()
 
     # ----- Serve hooks -------------------------------------------------------------------
 
@@ -83,6 +86,8 @@ class LLMServer:
             self._publisher.stop()
         if getattr(self, "_loop_lag", None) is not None:
             self._loop_lag.stop()
+        if getattr(self, "_gc_pauses", None) is not None:
+            self._gc_pauses.stop()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
 
@@ -107,6 +112,7 @@ class LLMServer:
             "first_tokens_total": self._first_tokens,
             "loop_lag_s_total": lag.lag_s,
             "loop_lag_checks_total": lag.checks,
+            **self._gc_pauses.stats(),
         }
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:

@@ -17,8 +17,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from deployments.gc_pauses import GcPauses
 from deployments.loop_lag import LoopLag
 from deployments.messages import GenerateOutput
+
+# (published stats key, metric name after its role prefix, help) of a replica's garbage collections.
+GC_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("gc_pause_s_total", "gc_pause_seconds", "Seconds {who} process spent in Python's garbage collections"),
+    ("gc_collections_total", "gc_collections", "Python garbage collections of {who} process"),
+    ("gc_full_pause_s_total", "gc_full_pause_seconds", "Seconds {who} process spent in full (generation 2) collections"),
+    ("gc_full_collections_total", "gc_full_collections", "Full (generation 2) garbage collections of {who} process"),
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -39,8 +48,15 @@ _REPLICA_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("prefix_cache_hit_tokens", "llm_replica_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", "counter"),
     ("first_token_wait_s_total", "llm_replica_first_token_wait_seconds", "Seconds from requests' arrival at the replica to their first token, summed", "counter"),
     ("first_tokens_total", "llm_replica_first_tokens", "Requests that got their first token on the replica", "counter"),
+    ("steps_total", "llm_replica_engine_steps", "Batches the engine stepped", "counter"),
+    ("prompt_steps_total", "llm_replica_engine_prompt_steps", "Batches the engine stepped that computed prompt tokens", "counter"),
+    ("step_seqs_total", "llm_replica_engine_step_seqs", "Sequences in the engine's batches, summed over its steps", "counter"),
     ("loop_lag_s_total", "llm_replica_event_loop_lag_seconds", "Seconds the replica's event loop ran its timed checks late, summed", "counter"),
     ("loop_lag_checks_total", "llm_replica_event_loop_lag_checks", "Timed checks of the replica's event loop", "counter"),
+    *(
+        (key, f"llm_replica_{name}", doc.format(who="the replica's"), "counter")
+        for key, name, doc in GC_METRICS
+    ),
 )
 
 
@@ -82,8 +98,23 @@ class LoopLagCollector(Collector):
         yield checks
 
 
+class GcCollector(Collector):
+    """This ingress replica's garbage collections (deployments/gc_pauses.py), read at scrape time."""
+
+    def __init__(self, pauses: GcPauses, replica_id: str) -> None:
+        self._pauses = pauses
+        self._replica_id = replica_id
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._pauses.stats()
+        for key, name, doc in GC_METRICS:
+            family = CounterMetricFamily(f"llm_ingress_{name}", doc.format(who="this ingress replica's"), labels=["replica"])
+            family.add_metric([self._replica_id], stats[key])
+            yield family
+
+
 class IngressMetrics:
-    def __init__(self, loop_lag: LoopLag | None = None, replica_id: str = "") -> None:
+    def __init__(self, loop_lag: LoopLag | None = None, replica_id: str = "", gc_pauses: GcPauses | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llm_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
@@ -106,6 +137,8 @@ class IngressMetrics:
         r.register(self._replicas)
         if loop_lag is not None:
             r.register(LoopLagCollector(loop_lag, replica_id))
+        if gc_pauses is not None:
+            r.register(GcCollector(gc_pauses, replica_id))
 
     def observe_finished(self, output: GenerateOutput, elapsed_s: float) -> None:
         self.prompt_tokens.inc(output.prompt_tokens)

@@ -84,6 +84,19 @@ class ChainedStep:
 
 
 @dataclass
+class StepCounters:
+    steps: int = 0
+    prompt_steps: int = 0  # steps that computed prompt tokens (a new arrival's prefill, or a chunk of it)
+    seqs: int = 0
+
+    def count(self, sched) -> None:
+        self.steps += 1
+        self.seqs += len(sched.scheduled)
+        if any(item.seq.num_computed_tokens < item.seq.num_prompt_tokens for item in sched.scheduled):
+            self.prompt_steps += 1
+
+
+@dataclass
 class SpecCounters:
     steps: int = 0
     proposed: int = 0
@@ -185,6 +198,7 @@ class LLMEngine:
         self._chained: ChainedStep | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self._steps = StepCounters()
 
     @classmethod
     def from_pretrained(cls, model: str, **kwargs: Any) -> "LLMEngine":
@@ -287,6 +301,7 @@ class LLMEngine:
             self.proposer.release([seq.seq_id for seq in sched.preempted])
         if sched.is_empty:
             return []
+        self._steps.count(sched)
         now = time.monotonic()
         spec = self._propose(sched)
         if spec is None:
@@ -353,6 +368,8 @@ class LLMEngine:
 
     def _step_async(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            self._steps.count(sched)
         launched = None if sched.is_empty else self._launch(sched)
         done, self._inflight = self._inflight, launched
         return [] if done is None else self._complete(done, only_finished, build)
@@ -704,6 +721,9 @@ class LLMEngine:
             spec_mean_accepted_tokens_per_step=spec.accepted / spec.steps if spec.steps else 0.0,
             spec_mean_tokens_per_step=(spec.accepted + spec.steps) / spec.steps if spec.steps else 0.0,
             spec_chained_steps=spec.chained_steps,
+            steps_total=self._steps.steps,
+            prompt_steps_total=self._steps.prompt_steps,
+            step_seqs_total=self._steps.seqs,
         )
 
     def cached_block_hashes(self) -> list[int]:

@@ -82,3 +82,9 @@ class EngineStats:
     spec_mean_accepted_tokens_per_step: float = 0.0  # accepted proposals per step
     spec_mean_tokens_per_step: float = 0.0  # tokens emitted per step: the accepted ones + the target's own
     spec_chained_steps: int = 0  # steps launched from the device's verdict, before the host read the one before
+    # Scheduled batches (chained speculative steps apart): all, those with prompt tokens, and their
+    # sequences summed. Per request they tell a batch that stays full from one that keeps taking
+    # arrivals one at a time (each such step runs prompt rows beside the decodes).
+    steps_total: int = 0
+    prompt_steps_total: int = 0
+    step_seqs_total: int = 0

@@ -129,6 +129,15 @@ def test_serve_counters_are_summed_over_replicas():
             'llm_replica_event_loop_lag_checks_total{replica="a"} 100.0',
             f'llm_ingress_event_loop_lag_seconds_total{{replica="{ingress}"}} {lag_s}',
             f'llm_ingress_event_loop_lag_checks_total{{replica="{ingress}"}} {checks}',
+            'llm_replica_gc_pause_seconds_total{replica="a"} 0.125',
+            'llm_replica_gc_pause_seconds_total{replica="b"} 0.125',
+            'llm_replica_gc_full_pause_seconds_total{replica="a"} 0.0',
+            'llm_replica_gc_full_collections_total{replica="a"} 1.0',
+            f'llm_ingress_gc_pause_seconds_total{{replica="{ingress}"}} {lag_s}',
+            f'llm_ingress_gc_full_collections_total{{replica="{ingress}"}} {checks}',
+            'llm_replica_engine_steps_total{replica="a"} 40.0',
+            'llm_replica_engine_prompt_steps_total{replica="a"} 2.0',
+            'llm_replica_engine_step_seqs_total{replica="a"} 120.0',
         ])
 
     after = parse_counters(page("i1", 0.02, 10.0))
@@ -137,13 +146,28 @@ def test_serve_counters_are_summed_over_replicas():
         "llm_replica_first_token_wait_seconds_total": 0.5, "llm_replica_first_tokens_total": 4.0,
         "llm_replica_event_loop_lag_seconds_total": 0.0, "llm_replica_event_loop_lag_checks_total": 50.0,
     }
+    before["llm_replica_gc_pause_seconds_total"] = 0.0
     assert replica_wait(before, after) == {
         "replica_first_tokens": 4.0, "replica_ttft_mean_ms": 125.0,
         "replica_loop_lag_mean_ms": 10.0, "ingress_loop_lag_mean_ms": 2.0,
+        "replica_gc_pause_ms": 250.0, "replica_gc_full_pause_ms": 0.0, "replica_gc_full_collections": 0.0,
+        "ingress_gc_pause_ms": pytest.approx(10.0), "ingress_gc_full_collections": 5.0,
     }
     # Another ingress replica answered the second scrape: its counters say nothing about the level.
     other = replica_wait(parse_counters(page("i2", 0.5, 900.0)), after)
     assert math.isnan(other["ingress_loop_lag_mean_ms"])
+
+
+def test_step_figures_per_request_and_per_step():
+    from bench.serve_throughput import step_figures
+
+    before = {"steps_total": 10, "prompt_steps_total": 1, "step_seqs_total": 30}
+    after = {"steps_total": 50, "prompt_steps_total": 5, "step_seqs_total": 630}
+    assert step_figures(before, after, requests=20) == {
+        "engine_steps_per_request": 2.0, "engine_prompt_steps_per_request": 0.2, "engine_seqs_per_step": 15.0,
+    }
+    assert step_figures({}, after, requests=20) == {}  # no reading before: nothing to say
+    assert step_figures(before, before, requests=20) == {}  # no step between
 
 
 def test_mixed_step_times_the_pieces_and_the_eager_pass_on_the_same_step():

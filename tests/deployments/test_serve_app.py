@@ -374,6 +374,11 @@ def requests_total(samples: dict[str, list[Any]], endpoint: str, status: str) ->
     )
 
 
+def total(samples: dict[str, list[Any]], name: str) -> float:
+    """A counter family's value summed over its labels (0 when absent)."""
+    return sum(s.value for s in samples.get(name, []) if s.name == f"{name}_total")
+
+
 def test_metrics_parse(client: httpx.Client) -> None:
     before = scrape(client)
     assert client.post("/v1/completions", json={"prompt": "metrics please", "max_tokens": 4}).status_code == 200
@@ -382,7 +387,9 @@ def test_metrics_parse(client: httpx.Client) -> None:
     deadline = time.monotonic() + 10
     while True:
         samples = scrape(client)
-        if samples.get("llm_replica_prompt_tokens") and samples["llm_replica_prompt_tokens"][0].value > 0:
+        # Published a step boundary after this test's request: its steps are in.
+        if total(samples, "llm_replica_prompt_tokens") > total(before, "llm_replica_prompt_tokens") and \
+                total(samples, "llm_replica_engine_steps") >= total(before, "llm_replica_engine_steps") + 4:
             break
         assert time.monotonic() < deadline, "replica stats never reached /metrics"
         time.sleep(0.2)
@@ -401,3 +408,14 @@ def test_metrics_parse(client: httpx.Client) -> None:
     (ingress_lag,) = [s for s in samples["llm_ingress_event_loop_lag_seconds"] if s.name.endswith("_total")]
     assert replica_checks.value > 0 and ingress_checks.value > 0
     assert 0 <= ingress_lag.value < 0.5 * ingress_checks.value  # under half a second per 10 ms check
+    # The engine's steps: one request of 4 tokens took at least 4, one of them with its prompt.
+    steps = {name: total(samples, f"llm_replica_engine_{name}") - total(before, f"llm_replica_engine_{name}")
+             for name in ("steps", "prompt_steps", "step_seqs")}
+    assert steps["steps"] >= 4 and 1 <= steps["prompt_steps"] <= steps["steps"] <= steps["step_seqs"]
+    # Garbage collections of both processes, timed: counts whole, seconds not more than a second each.
+    for role in ("replica", "ingress"):
+        (collections,) = [s for s in samples[f"llm_{role}_gc_collections"] if s.name.endswith("_total")]
+        (seconds,) = [s for s in samples[f"llm_{role}_gc_pause_seconds"] if s.name.endswith("_total")]
+        (full,) = [s for s in samples[f"llm_{role}_gc_full_collections"] if s.name.endswith("_total")]
+        assert collections.value > 0 and collections.value == int(collections.value) and full.value <= collections.value
+        assert 0 < seconds.value < collections.value

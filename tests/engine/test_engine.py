@@ -478,3 +478,22 @@ def test_stream_of_text_without_stop_strings_adds_up(text_engine):
     # Held-back text (a possible stop string start) is flushed when the sequence ends.
     assert "".join(o.outputs[0].new_text for o in outs) == comp.text
     assert comp.text == text_engine.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+
+
+# ----- step counters --------------------------------------------------------------------------
+
+
+def test_step_counters_tell_prompt_steps_and_sequences_per_step(llama_ckpt, make_engine):
+    engine = make_engine(llama_ckpt, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request("a", list(range(3, 23)), params)  # 20 prompt tokens: chunks of 16 and 4
+    steps = 0
+    while engine.has_unfinished_requests():
+        if steps == 3:  # joins while "a" decodes: one more prompt step beside a decode
+            engine.add_request("b", [5, 6, 7, 8, 9, 10, 11, 12, 13], params)
+        engine.step()
+        steps += 1
+    stats = engine.stats()
+    # a: 2 prompt chunks (the second samples its first token), then 3 decodes, the second of them
+    # beside b's prompt (b's first token); then b's 3 decodes alone. Sequences: 1, 1, 1, 2, 2, 1, 1.
+    assert (stats.steps_total, stats.prompt_steps_total, stats.step_seqs_total) == (steps, 3, 9) == (7, 3, 9)
