@@ -3,14 +3,14 @@ decode graph over the engine's model and KV cache, fed the inputs of the engine'
 step, and is replayed back to back (bench.step_profile.decode_graph_ms's clock), variants taking
 turns for --rounds rounds.
 
-Variants: shipped (the engine's defaults); 'folded' (EngineConfig.decode_folds: the rotary inside
-attention and, for int4 triton-mma layers, each residual add and RMSNorm inside the products either
-side); 'norms-only', 'rope-only' (one of those two folds); 'no-norm' (every add_rmsnorm left out,
-no folds: a timing only, the most that folding the norms could save); 'combine-kernel' (the decode
-attention's splits combined by a kernel of their own, as before the arrival counters); 'ungated'
-(gate_up's int4 product then the SiLU kernel; the paired row order is kept, so its output is wrong:
-a timing only); 'own-buffers' (the inputs in tensors of their own, not views of run_staged's one
-upload buffer).
+Variants: shipped (the engine's defaults: EngineConfig.decode_folds on, the attention's splits
+combined by a kernel of their own); 'unfolded' (decode_folds off: the rotary and cache write in a
+kernel of their own, each residual add and RMSNorm too); 'norms-only', 'rope-only' (one of the two
+folds); 'no-norm' (every add_rmsnorm left out, no folds: a timing only, the most that folding the
+norms could save); 'combine-in-kernel' (shipped, with the last split of each head combining them,
+arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the paired row order is
+kept, so its output is wrong: a timing only); 'own-buffers' (the inputs in tensors of their own, not
+views of run_staged's one upload buffer).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -29,8 +29,8 @@ from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.quant.swap import GATED_PROJECTION
 
-VARIANTS = ("shipped", "folded", "norms-only", "rope-only", "no-norm", "combine-kernel", "ungated", "own-buffers")
-FOLDS = {"folded": (True, True), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
+VARIANTS = ("shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers")
+FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
 
 
 @contextmanager
@@ -80,8 +80,8 @@ def _folds(model, norms: bool, rope: bool):
 def _capture(engine, variant: str) -> DecodeGraphs:
     live = engine.runner.graphs
     graphs = DecodeGraphs(engine.model, engine.kv_cache, 1, live.block_tables.shape[1])
-    if variant == "combine-kernel":
-        graphs.split_counters = None
+    if variant == "combine-in-kernel":
+        graphs.split_counters = torch.zeros(engine.kv_cache.shape[-2], dtype=torch.int32, device=engine.kv_cache.device)
     if variant == "own-buffers":
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
             setattr(graphs, name, getattr(graphs, name).clone())
@@ -124,13 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
             times[v].append(back_to_back_ms(graph, args.replays))
     device = torch.device("cuda")
     ref = graphs["shipped"].logits[1].float()
-    same = torch.equal(graphs["combine-kernel"].logits[1].float(), ref)
+    same = torch.equal(graphs["combine-in-kernel"].logits[1].float(), ref)
     # Folding the norms rounds differently (the norm's 1 / RMS applied to the product): close, not
-    # equal. The rotary in the attention kernel does rope_and_cache's arithmetic: rope-only ~ shipped.
-    folded = graphs["folded"].logits[1].float()
-    fold_err = float((folded - ref).abs().max() / ref.abs().max())
-    fold_same_top = bool(torch.equal(folded.argmax(-1), ref.argmax(-1)))
-    rope_err = float((graphs["rope-only"].logits[1].float() - ref).abs().max() / ref.abs().max())
+    # equal. The rotary in the attention kernel does rope_and_cache's arithmetic: rope-only ~ unfolded.
+    unfolded = graphs["unfolded"].logits[1].float()
+    fold_err = float((ref - unfolded).abs().max() / unfolded.abs().max())
+    fold_same_top = bool(torch.equal(ref.argmax(-1), unfolded.argmax(-1)))
+    rope_err = float((graphs["rope-only"].logits[1].float() - unfolded).abs().max() / unfolded.abs().max())
     result = {
         "device": device_name(device),
         "command": command_line("bench.decode_graph_ab", argv),
@@ -138,17 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
         "context": int(graphs["shipped"].seq_lens[0]),
         "ms_per_replay": {v: statistics.median(t) for v, t in times.items()},
         "all_ms": times,
-        "combine_kernel_logits_equal_shipped": same,
-        "folded_logits_max_rel_err": fold_err,
-        "folded_argmax_equal_shipped": fold_same_top,
+        "combine_in_kernel_logits_equal_shipped": same,
+        "folded_logits_max_rel_err": fold_err,  # shipped (folded) against unfolded
+        "folded_argmax_equal_unfolded": fold_same_top,
         "rope_only_logits_max_rel_err": rope_err,
     }
     print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
     for v, ms in result["ms_per_replay"].items():
         print(f"  {v:15s} {ms:.4f} ms  (rounds: {', '.join(f'{t:.4f}' for t in times[v])})")
-    print(f"  logits of combine-kernel equal shipped's: {same}")
-    print(f"  folded against shipped: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
-    print(f"  rope-only against shipped: max |diff| / max |logit| {rope_err:.2e}")
+    print(f"  logits of combine-in-kernel equal shipped's: {same}")
+    print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
+    print(f"  rope-only against unfolded: max |diff| / max |logit| {rope_err:.2e}")
     if args.json:
         write_json(result, args.json)
     return result

@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [torch.randint(3, 384, (n,), generator=gen).tolist() for n in (1, 5, 17, 33, 64, 100)]
     prompts += [shared + torch.randint(3, 384, (n,), generator=gen).tolist() for n in (3, 9)]
     cases = {
-        "graphs": dict(),
-        "graphs+folds": dict(decode_folds=True),  # the rotary inside attention (batches of up to 8)
+        "graphs": dict(),  # with decode_folds, the default: the rotary inside attention (batches of up to 8)
+        "graphs-unfolded": dict(decode_folds=False),
         "graphs+steps": dict(num_scheduler_steps=5),  # decode passes after each launch (async: the CUDA default)
         "steps+folds+preempt": dict(
-            num_scheduler_steps=3, decode_folds=True,
+            num_scheduler_steps=3,
             cache=CacheConfig(block_size=16, num_blocks=14),
             scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
         ),

@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="EngineConfig.async_scheduling for the speed runs; both: every mode twice (rows MODE and MODE+async)",
     )
     p.add_argument(
-        "--decode-folds", action="store_true",
-        help="EngineConfig.decode_folds for the speed runs (the rotary in attention, int4's norms in its products)",
+        "--decode-folds", action=argparse.BooleanOptionalAction, default=EngineConfig.decode_folds,
+        help="EngineConfig.decode_folds for the speed runs (the rotary in attention, int4's norms in its products; "
+        "default: the engine's)",
     )
     p.add_argument("--ppl-model", default="models/demo-target")
     p.add_argument("--ppl-text", default=".corpus/heldout.txt.gz")
@@ -356,7 +357,7 @@ def speed_runs(modes: list[str], schedule: str) -> list[str]:
 
 
 def speed_config(preset: str, mode: str, prompt_len: int, output_len: int, async_scheduling: bool,
-                 eager: bool = False, decode_folds: bool = False) -> EngineConfig:
+                 eager: bool = False, decode_folds: bool = EngineConfig.decode_folds) -> EngineConfig:
     """The engine of a speed run: one sequence, a cache just large enough for it."""
     max_len = prompt_len + output_len + 16
     block = 16

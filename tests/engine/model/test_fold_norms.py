@@ -80,7 +80,7 @@ def test_folded_norms_give_the_unfolded_logits(mma, monkeypatch, tiny_checkpoint
     calls = {"forward_add_residual": 0, "forward_normed": 0}
     counting(monkeypatch, calls)
     token = [7]
-    unfolded = forward_full_sequence(model, token)  # EngineConfig.decode_folds' default: off
+    unfolded = forward_full_sequence(model, token)  # a model's layers start unfolded; the engine sets them
     assert calls == {"forward_add_residual": 0, "forward_normed": 0}
     model.set_decode_folds(True)
     folded = forward_full_sequence(model, token)
