@@ -10,7 +10,10 @@ folds); 'no-norm' (every add_rmsnorm left out, no folds: a timing only, the most
 norms could save); 'combine-in-kernel' (shipped, with the last split of each head combining them,
 arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the paired row order is
 kept, so its output is wrong: a timing only); 'own-buffers' (the inputs in tensors of their own, not
-views of run_staged's one upload buffer).
+views of run_staged's one upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
+decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of 128-token
+tiles); 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most
+any attention change could save).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -29,7 +32,12 @@ from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.quant.swap import GATED_PROJECTION
 
-VARIANTS = ("shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers")
+VARIANTS = (
+    "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers",
+    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "no-attention",
+)
+# Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
+ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128)}
 FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
 
 
@@ -77,6 +85,33 @@ def _folds(model, norms: bool, rope: bool):
             layer.fold_norms, layer.fold_rope = n, r
 
 
+@contextmanager
+def _attention_splits(splits: int, block_n: int):
+    """Decode attention captured with `splits` programs per (sequence, KV head) and tiles of block_n."""
+    from engine.attention import triton_paged
+
+    held = triton_paged.decode_num_splits, triton_paged._DECODE_BLOCK_N
+    triton_paged.decode_num_splits = lambda *args: splits
+    triton_paged._DECODE_BLOCK_N = block_n
+    try:
+        yield
+    finally:
+        triton_paged.decode_num_splits, triton_paged._DECODE_BLOCK_N = held
+
+
+@contextmanager
+def _no_attention():
+    """The layers' attention answers its (raw) queries without a kernel: its launches leave the graph."""
+    from engine.model import llama
+
+    held = llama.paged_attention
+    llama.paged_attention = lambda q, *args, **kwargs: q
+    try:
+        yield
+    finally:
+        llama.paged_attention = held
+
+
 def _capture(engine, variant: str) -> DecodeGraphs:
     live = engine.runner.graphs
     graphs = DecodeGraphs(engine.model, engine.kv_cache, 1, live.block_tables.shape[1])
@@ -90,8 +125,9 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.slot_mapping.copy_(live.slot_mapping[:1])
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
-    with _ungated(engine.model) if variant == "ungated" else nullcontext():
-        with _no_norm() if variant == "no-norm" else nullcontext():
+    splits = _attention_splits(*ATTENTION_SPLITS[variant]) if variant in ATTENTION_SPLITS else nullcontext()
+    with splits, _ungated(engine.model) if variant == "ungated" else nullcontext():
+        with _no_norm() if variant == "no-norm" else _no_attention() if variant == "no-attention" else nullcontext():
             with _folds(engine.model, *FOLDS[variant]) if variant in FOLDS else nullcontext():
                 graphs.capture()
     return graphs
@@ -131,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     fold_err = float((ref - unfolded).abs().max() / unfolded.abs().max())
     fold_same_top = bool(torch.equal(ref.argmax(-1), unfolded.argmax(-1)))
     rope_err = float((graphs["rope-only"].logits[1].float() - unfolded).abs().max() / unfolded.abs().max())
+    split_errs = {v: float((graphs[v].logits[1].float() - ref).abs().max() / ref.abs().max()) for v in ATTENTION_SPLITS}
     result = {
         "device": device_name(device),
         "command": command_line("bench.decode_graph_ab", argv),
@@ -142,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "folded_logits_max_rel_err": fold_err,  # shipped (folded) against unfolded
         "folded_argmax_equal_unfolded": fold_same_top,
         "rope_only_logits_max_rel_err": rope_err,
+        "attention_splits_logits_max_rel_err": split_errs,
     }
     print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
     for v, ms in result["ms_per_replay"].items():
@@ -149,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  logits of combine-in-kernel equal shipped's: {same}")
     print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
     print(f"  rope-only against unfolded: max |diff| / max |logit| {rope_err:.2e}")
+    print("  attention's split policy against shipped, max |diff| / max |logit|: "
+          + ", ".join(f"{v} {e:.2e}" for v, e in split_errs.items()))
     if args.json:
         write_json(result, args.json)
     return result
