@@ -92,8 +92,7 @@ class StepCounters:
     def count(self, sched) -> None:
         self.steps += 1
         self.seqs += len(sched.scheduled)
-        if any(item.seq.num_computed_tokens < item.seq.num_prompt_tokens for item in sched.scheduled):
-            self.prompt_steps += 1
+        self.prompt_steps += sched.computes_prompt
 
 
 @dataclass

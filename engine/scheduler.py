@@ -35,6 +35,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # moved from waiting to running this step
+    # Prompt tokens are computed: a sequence admitted, or a running one given more than one new token
+    # (the next chunk of its prompt). Set while scheduling, so counting such steps costs no pass over the batch.
+    computes_prompt: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +97,7 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append(ScheduledSeq(seq, num_new, lookahead))
+                out.computes_prompt |= num_new > 1
                 budget -= num_new
                 i += 1
         return budget
@@ -118,6 +122,7 @@ class Scheduler:
             self.running.append(seq)
             out.admitted.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, lookahead))
+            out.computes_prompt = True
             budget -= num_new
 
     def _lookahead(self, seq: Sequence, num_new: int, num_computed: int | None = None) -> int:
