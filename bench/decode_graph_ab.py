@@ -13,7 +13,7 @@ kept, so its output is wrong: a timing only); 'own-buffers' (the inputs in tenso
 views of run_staged's one upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
 decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of 128-token
 tiles); 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most
-any attention change could save); 'no-o-prefetch' (attention does not ask the L2 for o_proj's weights).
+any attention change could save).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -34,7 +34,7 @@ from engine.quant.swap import GATED_PROJECTION
 
 VARIANTS = (
     "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers",
-    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "no-attention", "no-o-prefetch",
+    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "no-attention",
 )
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
 ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128)}
@@ -112,18 +112,6 @@ def _no_attention():
         llama.paged_attention = held
 
 
-@contextmanager
-def _no_o_prefetch(model):
-    """Attention captured without asking the L2 for o_proj's weights first."""
-    for layer in model.layers:
-        layer.self_attn.o_proj_weights = lambda: None
-    try:
-        yield
-    finally:
-        for layer in model.layers:
-            del layer.self_attn.o_proj_weights  # the class's method again
-
-
 def _capture(engine, variant: str) -> DecodeGraphs:
     live = engine.runner.graphs
     graphs = DecodeGraphs(engine.model, engine.kv_cache, 1, live.block_tables.shape[1])
@@ -137,10 +125,7 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.slot_mapping.copy_(live.slot_mapping[:1])
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
-    splits = (
-        _attention_splits(*ATTENTION_SPLITS[variant]) if variant in ATTENTION_SPLITS
-        else _no_o_prefetch(engine.model) if variant == "no-o-prefetch" else nullcontext()
-    )
+    splits = _attention_splits(*ATTENTION_SPLITS[variant]) if variant in ATTENTION_SPLITS else nullcontext()
     with splits, _ungated(engine.model) if variant == "ungated" else nullcontext():
         with _no_norm() if variant == "no-norm" else _no_attention() if variant == "no-attention" else nullcontext():
             with _folds(engine.model, *FOLDS[variant]) if variant in FOLDS else nullcontext():

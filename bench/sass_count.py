@@ -142,12 +142,11 @@ def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True, 
     return resource_usage(decode_attention_kernel(num_splits, combine_in_kernel, rope).asm["cubin"])
 
 
-def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False, prefetch: bool = False):
+def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False):
     """The decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
     batch-1 step launches it: 4 query heads a KV head, head dim 128, block size 16, bf16, PDL, every
     pointer, stride and head count divisible by 16 (all but the block table's row stride, which
-    the kernel does not specialize on). rope: the new token's rotary and cache write in the kernel;
-    prefetch: its programs ask the L2 for o_proj's weights first."""
+    the kernel does not specialize on). rope: the new token's rotary and cache write in the kernel."""
     from engine.attention import triton_paged as tp
 
     ints = ("num_heads", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
@@ -169,12 +168,7 @@ def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True,
     else:
         consts.update({name: None for name in rope_args[:6]})
         consts.update({name: 0 for name in rope_args[6:]})
-    if prefetch:
-        consts["PREFETCH"] = True
-        sig.update({"prefetch_ptr": "*u8", "prefetch_lines": "i32", "lines_per_program": "i32"})
-    else:
-        consts.update({"prefetch_ptr": None, "prefetch_lines": 0, "lines_per_program": 0})
-    divisible = [a for a in sig if a not in ("qk_scale", "stride_btb", "prefetch_lines", "lines_per_program")]
+    divisible = [a for a in sig if a not in ("qk_scale", "stride_btb")]
     return compile_sm90(tp._decode_kernel, sig, consts, 4, 3, divisible)
 
 

@@ -33,7 +33,6 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]: where to write the result (a graph's static buffer)
     rope=None,  # triton_paged.DecodeRope: q raw, rotated (and the new K/V written) in the decode kernel
-    prefetch: torch.Tensor | None = None,  # the decode kernel asks the L2 for it (the next product's weights)
 ) -> torch.Tensor:
     if rope is not None and not (q.is_cuda and meta.is_decode_only):
         raise ValueError("the rotary runs inside attention only in a CUDA decode pass (one new token a sequence)")
@@ -50,7 +49,7 @@ def paged_attention(
         )
     result = triton_paged.paged_decode_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, query_len=query_len,
-        split_counters=meta.split_counters, rope=rope, prefetch=prefetch,
+        split_counters=meta.split_counters, rope=rope,
     )
     return result if out is None else out.copy_(result)
 

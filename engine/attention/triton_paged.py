@@ -32,7 +32,7 @@ import triton.language as tl
 
 from engine.arrivals import last_to_arrive, reset_arrivals
 from engine.pdl import enter as pdl_enter
-from engine.pdl import launch_options, prefetch_l2, use_pdl
+from engine.pdl import launch_options
 
 _LOG2E = 1.4426950408889634
 
@@ -43,7 +43,6 @@ _DECODE_MAX_SPLITS = 64
 # A split of one tile still pays at batch 1: 256 tokens, 8 KV heads on the H200 took 9.3 / 7.0 / 5.6 /
 # 5.7 us with 1 / 2 / 4 / 8 splits (bench/int4_mma_sweep.py, docs/bench/w3-h200-int4-sweep.json).
 _DECODE_MIN_SPLIT_TOKENS = _DECODE_BLOCK_N
-_PREFETCH_BATCH = tl.constexpr(128)  # L2 prefetches a program issues at once (one per thread)
 _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
 
@@ -119,20 +118,11 @@ def _decode_kernel(
     ROPE: tl.constexpr = False,
     k_new_ptr=None, v_new_ptr=None, cos_ptr=None, sin_ptr=None, pos_ptr=None, slot_ptr=None,
     stride_nt=0, stride_nh=0, stride_table=0,
-    # PREFETCH (PDL only): the programs first ask the L2 for the prefetch_lines 128-byte lines from
-    # prefetch_ptr (bytes; the next product's weights, read-only), lines_per_program each.
-    PREFETCH: tl.constexpr = False,
-    prefetch_ptr=None, prefetch_lines=0, lines_per_program=0,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0)  # the query token
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if PREFETCH:
-        program = (t * tl.num_programs(1) + kvh) * NUM_SPLITS + split
-        for first in range(program * lines_per_program, (program + 1) * lines_per_program, _PREFETCH_BATCH):
-            line = tl.minimum(first + tl.arange(0, _PREFETCH_BATCH), prefetch_lines - 1)
-            prefetch_l2(prefetch_ptr + line.to(tl.int64) * 128)
-    pdl_enter(PDL)
     b = t // QUERY_LEN  # its sequence
 
     # Token j of the sequence's QUERY_LEN sits at seq_len - QUERY_LEN + j: causal, it sees up to there.
@@ -431,17 +421,12 @@ def paged_decode_attention(
     query_len: int = 1,  # new tokens per sequence, all in the cache already
     split_counters: torch.Tensor | None = None,  # int32 zeros, >= tokens x KV heads: one kernel (see above)
     rope: DecodeRope | None = None,  # q raw: the kernel rotates it and writes the new keys and values
-    prefetch: torch.Tensor | None = None,  # read-only, e.g. the next layer's weights: asked of the L2 first
 ) -> torch.Tensor:
     """The new tokens of each sequence (one, or query_len each) attend causally to its cached context.
 
     split_counters: the last split of each (token, KV head) combines the partial outputs, no second
     kernel; it resets its counter, so the buffer stays zero between calls (and graph replays).
-    rope: the new tokens' rotary and their keys and values into the cache, in this kernel.
-    prefetch: with PDL, the programs ask the L2 for this tensor's bytes before they wait for the kernel
-    ahead. Small decode passes are a chain of short kernels, and attention's reads are few and
-    dependent, so the memory is mostly idle while it runs: the product after it (o_proj) then finds
-    its weights in the L2 instead of waiting on them."""
+    rope: the new tokens' rotary and their keys and values into the cache, in this kernel."""
     group, head_dim, block_size, num_kv_heads = _check_shapes(q, k_cache, v_cache)
     if rope is not None:
         rope.check(q, num_kv_heads, query_len)
@@ -492,7 +477,6 @@ def paged_decode_attention(
         num_stages=3,
         **launch_options(q.device, batch),
         **(rope.kernel_args() if rope is not None else {}),
-        **_prefetch_args(prefetch, batch * num_kv_heads * num_splits, q.device, batch),
     )
     if num_splits > 1 and not combine:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -509,23 +493,6 @@ def paged_decode_attention(
             **launch_options(q.device, batch),
         )
     return out
-
-
-def prefetch_lines(nbytes: int, programs: int) -> tuple[int, int]:
-    """(128-byte lines of nbytes, lines each of `programs` asks for): every line once, the last
-    program's share cut at the end (the kernel clamps to the last line)."""
-    lines = -(-nbytes // 128)
-    return lines, -(-lines // programs)
-
-
-def _prefetch_args(tensor: torch.Tensor | None, programs: int, device: torch.device, rows: int) -> dict:
-    """The decode kernel's PREFETCH arguments: only under PDL, where its programs run before the
-    kernel ahead has finished (without it they would only delay attention's own reads)."""
-    if tensor is None or not use_pdl(device, rows) or not tensor.is_contiguous():
-        return {}
-    lines, per_program = prefetch_lines(tensor.numel() * tensor.element_size(), programs)
-    return {"PREFETCH": True, "prefetch_ptr": tensor.view(torch.uint8).view(-1), "prefetch_lines": lines,
-            "lines_per_program": per_program}
 
 
 def paged_prefill_attention(

@@ -18,7 +18,6 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 from engine.model.arch import ModelArch, rope_inv_freq
 from engine.model.fused_ops import add_rmsnorm, fold_add_norm, norm_linear, rope_and_cache
-from engine.quant.base import QuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -79,13 +78,6 @@ class Attention(nn.Module):
         )
         return q
 
-    def o_proj_weights(self) -> torch.Tensor | None:
-        """The bytes o_proj will read: the decode attention kernel asks the L2 for them while the memory
-        is otherwise idle (engine/attention/triton_paged.py, prefetch)."""
-        if isinstance(self.o_proj, QuantLinear):
-            return self.o_proj.streamed_weights()
-        return self.o_proj.weight
-
     def decode_rope(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata):
         """(raw queries [T, H, D], a DecodeRope): the rotary and the cache write of a small CUDA decode
         pass inside the decode attention kernel (engine/attention/triton_paged.py), no kernel of
@@ -137,12 +129,11 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         qkv, residual = self._qkv(x, residual)
         folded = attn.decode_rope(qkv, positions, rotary, meta) if self.fold_rope else None
-        prefetch = attn.o_proj_weights() if meta.is_decode_only else None
         if folded is None:
             q = attn.rotate_and_cache(qkv, positions, rotary, kv_cache, meta.slot_mapping)
-            out = paged_attention(q, kv_cache[0], kv_cache[1], meta, attn.scale, prefetch=prefetch)
+            out = paged_attention(q, kv_cache[0], kv_cache[1], meta, attn.scale)
         else:
-            out = paged_attention(folded[0], kv_cache[0], kv_cache[1], meta, attn.scale, rope=folded[1], prefetch=prefetch)
+            out = paged_attention(folded[0], kv_cache[0], kv_cache[1], meta, attn.scale, rope=folded[1])
         return self.after_attention(out, residual, next_layer)
 
     # The two pieces either side of attention: engine/mixed_graphs.py replays each as a CUDA graph

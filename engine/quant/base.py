@@ -56,11 +56,6 @@ class QuantLinear(nn.Module):
         """Whether forward_normed runs for a batch like x (its rows, device, dtype; see folds_residual)."""
         return False
 
-    def streamed_weights(self) -> torch.Tensor | None:
-        """The tensor most of this layer's bytes are in, as its CUDA kernel reads them: what a kernel
-        ahead of it may ask the L2 for (engine/attention/triton_paged.py, prefetch)."""
-        return getattr(self, "qweight", None)
-
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then a plain matrix product in x's dtype: the CPU path and the oracle."""
         return F.linear(x, self.dequantize(x.dtype), self.bias_as(x.dtype))

@@ -97,11 +97,6 @@ class Int4Linear(QuantLinear):
         self._workspace = None  # the Triton matvec's split-K buffers, made on first use (kernels.py)
         self._mma_workspace = None  # the same for the tensor-core kernel (int4_mma.MmaWorkspace)
 
-    def streamed_weights(self) -> torch.Tensor | None:
-        if self.mma:
-            return self.mma_qweight
-        return self.tg_weight if self.tinygemm else self.qweight
-
     @classmethod
     def from_float(cls, linear: nn.Linear, group: int) -> "Int4Linear":
         w = linear.weight.data

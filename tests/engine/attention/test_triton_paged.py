@@ -282,21 +282,3 @@ def test_decode_rope_takes_one_new_token_per_sequence(tp):
     rope = tp.DecodeRope(k, k.clone(), cos, sin, torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="one new token"):
         tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25, query_len=2, rope=rope)
-
-
-def test_prefetch_lines_cover_the_tensor_once_among_the_programs(tp):
-    # o_proj of the 8B model in int4 (4096 rows x 512 int32 words) over 8 KV heads x 4 splits.
-    lines, per_program = tp.prefetch_lines(4096 * 512 * 4, 32)
-    assert (lines, per_program) == (65536, 2048)
-    lines, per_program = tp.prefetch_lines(1000, 3)  # 7 whole lines and a part: 8, 3 a program
-    assert (lines, per_program) == (8, 3) and (per_program - 1) * 3 < lines <= per_program * 3
-    # Off the GPU (and without PDL) the kernel asks for nothing: no prefetch arguments at all.
-    weights = torch.zeros(64, 32)
-    assert tp._prefetch_args(weights, 4, torch.device("cpu"), 1) == {}
-
-
-def test_decode_with_a_prefetch_tensor_gives_the_same_output_where_it_cannot_prefetch(tp):
-    q, k_cache, v_cache, meta = make_batch([9, 40], [1, 1], 4, 2, 16, 4)
-    plain = tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25)
-    other = tp.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25, prefetch=torch.ones(300))
-    assert torch.equal(plain, other)
