@@ -10,9 +10,11 @@ Softmax is online (running max and sum, in base 2), accumulation in fp32.
 
 Decode splits long contexts over several programs (flash-decoding): each
 writes a partial output and its log-sum-exp, and a small kernel combines
-them; or, given arrival counters (a decode graph's, see split_counters), the
-last split of each (token, KV head) to finish combines its heads itself, so
-a layer's attention is one kernel, not two. It also serves passes where
+them; or, given arrival counters (split_counters), the last split of each
+(token, KV head) to finish combines its heads itself, so a layer's attention is
+one kernel, not two. The decode graphs use the small kernel: on an H100 the
+8B model's int4 graph at batch 1 was 0.08-0.12 ms faster with it
+(bench/decode_graph_ab.py, BENCHMARKS.md W3). It also serves passes where
 every sequence feeds the same few tokens
 (speculative verify, the draft's catch-up): each token is then a decode
 query of its own, whose context ends at its position. The prefill kernel
