@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -125,11 +125,18 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.slot_mapping.copy_(live.slot_mapping[:1])
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
-    splits = _attention_splits(*ATTENTION_SPLITS[variant]) if variant in ATTENTION_SPLITS else nullcontext()
-    with splits, _ungated(engine.model) if variant == "ungated" else nullcontext():
-        with _no_norm() if variant == "no-norm" else _no_attention() if variant == "no-attention" else nullcontext():
-            with _folds(engine.model, *FOLDS[variant]) if variant in FOLDS else nullcontext():
-                graphs.capture()
+    with ExitStack() as changes:
+        if variant in ATTENTION_SPLITS:
+            changes.enter_context(_attention_splits(*ATTENTION_SPLITS[variant]))
+        if variant in FOLDS:
+            changes.enter_context(_folds(engine.model, *FOLDS[variant]))
+        if variant == "ungated":
+            changes.enter_context(_ungated(engine.model))
+        if variant == "no-norm":
+            changes.enter_context(_no_norm())
+        if variant == "no-attention":
+            changes.enter_context(_no_attention())
+        graphs.capture()
     return graphs
 
 

@@ -166,10 +166,8 @@ def replica_wait(before: dict[str, float], after: dict[str, float]) -> dict:
     nan for the ingress when the two readings came from different ingress replicas)."""
 
     def mean_ms(seconds: str, count: str) -> float:
-        if count not in before or count not in after:
-            return float("nan")
-        n = after[count] - before[count]
-        return (after[seconds] - before[seconds]) / n * 1e3 if n else float("nan")
+        n = _delta(before, after, count)
+        return _delta(before, after, seconds) / n * 1e3 if n else float("nan")
 
     ingress = [k.partition("{")[2] for k in after if k.startswith(INGRESS_COUNTERS[1] + "{")]
     suffix = "{" + ingress[0] if ingress else ""
@@ -185,6 +183,11 @@ def replica_wait(before: dict[str, float], after: dict[str, float]) -> dict:
         "ingress_gc_pause_ms": _delta(before, after, INGRESS_COUNTERS[2] + suffix) * 1e3,
         "ingress_gc_full_collections": _delta(before, after, INGRESS_COUNTERS[3] + suffix),
     }
+
+
+def _engine_steps(reading: dict[str, float]) -> dict[str, float]:
+    """STEP_COUNTERS out of a /metrics reading (summed over the LLM replicas)."""
+    return {key: reading[f"llm_replica_engine_{key}"] for key in STEP_COUNTERS if f"llm_replica_engine_{key}" in reading}
 
 
 def _delta(before: dict[str, float], after: dict[str, float], counter: str) -> float:
@@ -298,11 +301,10 @@ def bench_serve(
         result = level(c)
         cpu = per_request_ms(cpu_before, cpu_seconds_by_role(), result.requests)
         after = settled(probe, keys=FIRST_TOKEN_COUNTERS)
-        steps = {f"llm_replica_engine_{key}": key for key in STEP_COUNTERS}
         out.append({
             **result.summary(),
             **{f"cpu_ms_per_request_{role}": ms for role, ms in cpu.items()},
-            **step_figures(*({steps[k]: v for k, v in reading.items() if k in steps} for reading in (before, after)), result.requests),
+            **step_figures(_engine_steps(before), _engine_steps(after), result.requests),
         })
         out[-1].update(replica_wait(before, after))
         _print_level("serve", out[-1])
@@ -625,8 +627,8 @@ def report(results: dict, argv: list[str] | None) -> None:
         print("  the rest: before the ingress handler ran (HTTP proxy, routing to the ingress, its queue) and the way back out")
         print("  event-loop lag, mean ms (the wait a ready callback sees): LLM replica | one ingress replica")
         for s in variant["levels"]:
-            print(f"  c={s['concurrency']:<5} {s.get('replica_loop_lag_mean_ms', float('nan')):8.2f} | "
-                  f"{s.get('ingress_loop_lag_mean_ms', float('nan')):8.2f}")
+            print(f"  c={s['concurrency']:<5} {s.get('replica_loop_lag_mean_ms', nan):8.2f} | "
+                  f"{s.get('ingress_loop_lag_mean_ms', nan):8.2f}")
         print("  garbage collection during the level, ms stopped (full collections): LLM replicas | one ingress replica")
         for s in variant["levels"]:
             print(f"  c={s['concurrency']:<5} {s.get('replica_gc_pause_ms', nan):8.1f} ({s.get('replica_gc_full_collections', nan):.0f}) | "

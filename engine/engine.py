@@ -367,9 +367,10 @@ class LLMEngine:
 
     def _step_async(self, only_finished: bool, build: Callable[[RequestState], Any]) -> list:
         sched = self.scheduler.schedule()
+        launched = None
         if not sched.is_empty:
             self._steps.count(sched)
-        launched = None if sched.is_empty else self._launch(sched)
+            launched = self._launch(sched)
         done, self._inflight = self._inflight, launched
         return [] if done is None else self._complete(done, only_finished, build)
 

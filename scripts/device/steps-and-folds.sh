@@ -14,4 +14,4 @@ STEPS_LIST=8 LEVELS=16,64,256 ROUNDS=2 bash scripts/device/w2-steps.sh
 w3="--async-scheduling on --ppl-modes none --repeats 2 --profile --skip-kernel-check"
 TAIL=8 step w3-folds 170 python -m bench.quant --modes bf16,int4-triton-mma --decode-folds $w3 --json "$OUT/w3-folds.json"
 grep -h "decode step at batch\|^speed\|tok/s" "$OUT"/w3-folds.log | tail -n 8
-TAIL=8 step w3-unfolded 100 python -m bench.quant --modes int4-triton-mma $w3 --json "$OUT/w3-unfolded.json"
+TAIL=8 step w3-unfolded 100 python -m bench.quant --modes int4-triton-mma --no-decode-folds $w3 --json "$OUT/w3-unfolded.json"
