@@ -12,8 +12,9 @@ arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the p
 kept, so its output is wrong: a timing only); 'own-buffers' (the inputs in tensors of their own, not
 views of run_staged's one upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
 decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of 128-token
-tiles); 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most
-any attention change could save).
+tiles); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
+values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'no-attention' (attention's kernels
+left out, the queries passed on: a timing only, the most any attention change could save).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -34,7 +35,7 @@ from engine.quant.swap import GATED_PROJECTION
 
 VARIANTS = (
     "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers",
-    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "no-attention",
+    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "no-attention",
 )
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
 ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128)}
@@ -100,6 +101,19 @@ def _attention_splits(splits: int, block_n: int):
 
 
 @contextmanager
+def _late_reads():
+    """Decode attention captured with every read after its PDL wait and no L2 prefetch of its keys and values."""
+    from engine.attention import triton_paged
+
+    held = triton_paged._DECODE_EARLY_READS
+    triton_paged._DECODE_EARLY_READS = False
+    try:
+        yield
+    finally:
+        triton_paged._DECODE_EARLY_READS = held
+
+
+@contextmanager
 def _no_attention():
     """The layers' attention answers its (raw) queries without a kernel: its launches leave the graph."""
     from engine.model import llama
@@ -134,6 +148,8 @@ def _capture(engine, variant: str) -> DecodeGraphs:
             changes.enter_context(_ungated(engine.model))
         if variant == "no-norm":
             changes.enter_context(_no_norm())
+        if variant == "attn-late-reads":
+            changes.enter_context(_late_reads())
         if variant == "no-attention":
             changes.enter_context(_no_attention())
         graphs.capture()
@@ -175,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     fold_same_top = bool(torch.equal(ref.argmax(-1), unfolded.argmax(-1)))
     rope_err = float((graphs["rope-only"].logits[1].float() - unfolded).abs().max() / unfolded.abs().max())
     split_errs = {v: float((graphs[v].logits[1].float() - ref).abs().max() / ref.abs().max()) for v in ATTENTION_SPLITS}
+    late_same = torch.equal(graphs["attn-late-reads"].logits[1].float(), ref)
     result = {
         "device": device_name(device),
         "command": command_line("bench.decode_graph_ab", argv),
@@ -183,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_replay": {v: statistics.median(t) for v, t in times.items()},
         "all_ms": times,
         "combine_in_kernel_logits_equal_shipped": same,
+        "late_reads_logits_equal_shipped": late_same,
         "folded_logits_max_rel_err": fold_err,  # shipped (folded) against unfolded
         "folded_argmax_equal_unfolded": fold_same_top,
         "rope_only_logits_max_rel_err": rope_err,
@@ -191,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
     for v, ms in result["ms_per_replay"].items():
         print(f"  {v:15s} {ms:.4f} ms  (rounds: {', '.join(f'{t:.4f}' for t in times[v])})")
-    print(f"  logits of combine-in-kernel equal shipped's: {same}")
+    print(f"  logits of combine-in-kernel equal shipped's: {same}; of attn-late-reads: {late_same}")
     print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
     print(f"  rope-only against unfolded: max |diff| / max |logit| {rope_err:.2e}")
     print("  attention's split policy against shipped, max |diff| / max |logit|: "

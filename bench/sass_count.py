@@ -146,7 +146,8 @@ def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True,
     """The decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
     batch-1 step launches it: 4 query heads a KV head, head dim 128, block size 16, bf16, PDL, every
     pointer, stride and head count divisible by 16 (all but the block table's row stride, which
-    the kernel does not specialize on). rope: the new token's rotary and cache write in the kernel."""
+    the kernel does not specialize on), its reads before the PDL wait as paged_decode_attention
+    launches it. rope: the new token's rotary and cache write in the kernel."""
     from engine.attention import triton_paged as tp
 
     ints = ("num_heads", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
@@ -155,7 +156,8 @@ def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True,
            "out_ptr": "*bf16", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "qk_scale": "fp32", **{n: "i32" for n in ints}}
     consts = {"GROUP": 4, "GROUP_M": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": tp._DECODE_BLOCK_N,
               "NUM_SPLITS": num_splits, "QUERY_LEN": 1, "DOT_PRECISION": "ieee", "PDL": True,
-              "SPLITS_POW2": 1 << (num_splits - 1).bit_length()}
+              "SPLITS_POW2": 1 << (num_splits - 1).bit_length(), "EARLY_READS": tp._DECODE_EARLY_READS,
+              "PREFETCH_TOKENS": tp._DECODE_PREFETCH_TOKENS}
     if combine_in_kernel:
         sig["count_ptr"] = "*i32"
     else:

@@ -9,7 +9,9 @@ that needs nothing from it (the int4 kernel: ask the L2 for its first weights), 
 until it has completed and its writes are visible.
 
 The rule for every kernel launched with PDL: `gdc_wait` comes before its first access to memory that
-an earlier kernel writes or reads (so before every store too). `enter` is the signal that lets the
+an earlier kernel launched with PDL writes, and before every store. Reads of what no such kernel
+writes may come first: the weights, the rotary tables, the step's inputs (staged by a copy before
+the step's first kernel) and the KV cache of earlier steps (decode attention reads them there). `enter` is the signal that lets the
 next kernel be placed, then that wait. Waits chain: a kernel's wait returns after the kernel
 ahead completed, and that one completed only after its own wait returned. Kernels launched without
 PDL (torch's, cuBLAS) are ordered as always; the instructions are no-ops without it.

@@ -22,6 +22,11 @@ would give such a pass one program per (sequence, KV head), walking the
 whole context alone; split, it is about half the time at batch 1. The number of splits comes from shapes only (batch, KV heads, block
 table width), never from device values, so a decode step can be captured
 in a CUDA graph: nothing here syncs with the device.
+
+Under PDL (engine/pdl.py) a decode program does what needs nothing of the kernel ahead (qkv's
+product) before it waits: it reads its sequence's length, position, rotary row, cache slot and
+block ids, and asks the L2 for the keys and values of its first tokens, so that after the wait only
+q and the new token's own key and value are read from far away.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import triton.language as tl
 
 from engine.arrivals import last_to_arrive, reset_arrivals
 from engine.pdl import enter as pdl_enter
-from engine.pdl import launch_options
+from engine.pdl import launch_options, prefetch_l2
 
 _LOG2E = 1.4426950408889634
 
@@ -45,6 +50,11 @@ _DECODE_MAX_SPLITS = 64
 # A split of one tile still pays at batch 1: 256 tokens, 8 KV heads on the H200 took 9.3 / 7.0 / 5.6 /
 # 5.7 us with 1 / 2 / 4 / 8 splits (bench/int4_mma_sweep.py, docs/bench/w3-h200-int4-sweep.json).
 _DECODE_MIN_SPLIT_TOKENS = _DECODE_BLOCK_N
+# A decode program reads what no kernel of the step writes (its sequence's length, position, rotary
+# row, cache slot and block ids) before its PDL wait, and asks the L2 for its first tokens' keys and
+# values there: up to this many of them (two tiles; a batch of 8 long contexts then asks ~20 MB).
+_DECODE_PREFETCH_TOKENS = 2 * _DECODE_BLOCK_N
+_DECODE_EARLY_READS = True  # False: every read after the wait (bench/decode_graph_ab.py's 'attn-late-reads')
 _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
 
@@ -120,8 +130,14 @@ def _decode_kernel(
     ROPE: tl.constexpr = False,
     k_new_ptr=None, v_new_ptr=None, cos_ptr=None, sin_ptr=None, pos_ptr=None, slot_ptr=None,
     stride_nt=0, stride_nh=0, stride_table=0,
+    EARLY_READS: tl.constexpr = False, PREFETCH_TOKENS: tl.constexpr = 0,
 ):
-    pdl_enter(PDL)
+    # EARLY_READS: the step's own inputs (sequence lengths, positions, cache slots, block tables,
+    # staged by a copy before the step's first kernel and written by no kernel launched with PDL),
+    # the rotary tables and the cached keys and values of earlier steps are read before the wait
+    # for the kernel ahead (qkv's product), which only q and the new token's key and value need.
+    if not EARLY_READS:
+        pdl_enter(PDL)
     t = tl.program_id(0)  # the query token
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,15 +155,23 @@ def _decode_kernel(
     row_ok = rows < GROUP
     heads = kvh * GROUP + rows
     q_rows = q_ptr + t.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
         pos_t = tl.load(pos_ptr + t)
         cos = tl.load(cos_ptr + pos_t * stride_table + dims % HALF)  # the table's two halves are equal
         sin = tl.load(sin_ptr + pos_t * stride_table + dims % HALF)
+        slot = tl.load(slot_ptr + t)
+    if EARLY_READS:
+        if PDL:  # the new token's line too: the store after the wait updates it in the L2
+            _prefetch_kv(bt_row, start, end, k_ptr, v_ptr, kvh, stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, PREFETCH_TOKENS)
+        pdl_enter(PDL)
+    if ROPE:
         q = _rotated(q_rows, dims[None, :], row_ok[:, None], cos[None, :], sin[None, :], HALF)
         if (seq_len - 1 >= start) & (seq_len - 1 < end):  # this split reads the new position
             new = t.to(tl.int64) * stride_nt + kvh * stride_nh
-            _write_new_kv(k_new_ptr + new, v_new_ptr + new, slot_ptr + t, k_ptr, v_ptr, kvh, dims, cos, sin,
+            _write_new_kv(k_new_ptr + new, v_new_ptr + new, slot, k_ptr, v_ptr, kvh, dims, cos, sin,
                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, HALF)
             tl.debug_barrier()  # the CTA's stores land before its threads read the tile that holds them
     else:
@@ -158,7 +182,6 @@ def _decode_kernel(
     m_i = tl.full([GROUP_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_M], dtype=tl.float32)
     acc = tl.zeros([GROUP_M, HEAD_DIM], dtype=tl.float32)
-    bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
     for start_n in range(start, end, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
@@ -196,12 +219,26 @@ def _rotated(base, dims, mask, cos, sin, HALF: tl.constexpr):
 
 
 @triton.jit
-def _write_new_kv(k_new, v_new, slot_at, k_ptr, v_ptr, kvh, dims, cos, sin,
+def _prefetch_kv(bt_row, start, end, k_ptr, v_ptr, kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr):
+    """Asks the L2 for the key and value lines of this program's first TOKENS positions (of start..end)."""
+    BITS: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth
+    ROW_LINES: tl.constexpr = (HEAD_DIM * BITS // 8 + 127) // 128  # 128-byte lines of one token's row
+    line = tl.arange(0, ROW_LINES) * (1024 // BITS)  # elements from a row's start to each of its lines
+    for first in range(start, tl.minimum(end, start + TOKENS), BLOCK_N):
+        pos = tl.minimum(first + tl.arange(0, BLOCK_N), end - 1)  # past the end: the last line again
+        block = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        prefetch_l2(k_ptr + (block * stride_kb + slot * stride_kt + kvh * stride_kh)[:, None] + line[None, :])
+        prefetch_l2(v_ptr + (block * stride_vb + slot * stride_vt + kvh * stride_vh)[:, None] + line[None, :])
+
+
+@triton.jit
+def _write_new_kv(k_new, v_new, slot, k_ptr, v_ptr, kvh, dims, cos, sin,
                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                   BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr):
-    """One token's rotated key and its value, of KV head kvh, into the cache at its slot (k rounded
+    """One token's rotated key and its value, of KV head kvh, into the cache at `slot` (k rounded
     to the model dtype, then to the cache's, as rope_and_cache does); a negative slot is skipped."""
-    slot = tl.load(slot_at)
     ok = dims < tl.where(slot >= 0, 2 * HALF, 0)
     block = (slot // BLOCK_SIZE).to(tl.int64)
     offset = slot % BLOCK_SIZE
@@ -226,9 +263,10 @@ def _combine_head(mid_o_ptr, mid_lse_ptr, out_ptr, b, h, num_heads, stride_ob, s
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # empty context: every weight 0, output 0
     w = tl.exp2(lse - m)
-    # An empty split's partials are never read (weight 0): at batch 1 most splits of a graph are.
+    # Read beside the log-sum-exps, not after them: every split stores its partials, zero for an
+    # empty one (weight 0), so no load waits on another.
     o = tl.load(mid_o_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
-                mask=(split_ok & (lse > float("-inf")))[:, None], other=0.0, cache_modifier=".cg")
+                mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
     num = tl.sum(w[:, None] * o, 0)
     den = tl.sum(w, 0)
     out = num / tl.where(den > 0.0, den, 1.0)
@@ -475,6 +513,8 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype),
         count_ptr=split_counters if combine else None,
         SPLITS_POW2=triton.next_power_of_2(num_splits),
+        EARLY_READS=_DECODE_EARLY_READS,
+        PREFETCH_TOKENS=_DECODE_PREFETCH_TOKENS,
         num_warps=4,
         num_stages=3,
         **launch_options(q.device, batch),

@@ -1,9 +1,10 @@
 """engine/pdl.py: when the decode kernels launch with PDL, and the order their PTX keeps.
 
 The order is the safety rule of PDL: a kernel launched with it may run while the kernel ahead is
-still writing, so nothing but the read-only weight prefetch may touch memory before its
-`griddepcontrol.wait`. The kernels are compiled for sm_90 offline (Triton's own ptxas, no GPU), in a
-fresh process: the interpreter tests of this session switch TRITON_INTERPRET on.
+still writing, so nothing but reads of what no such kernel writes (the weights, the step's staged
+inputs, earlier steps' KV cache) may come before its `griddepcontrol.wait`, and no store. The
+kernels are compiled for sm_90 offline (Triton's own ptxas, no GPU), in a fresh process: the
+interpreter tests of this session switch TRITON_INTERPRET on.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def order(ptx):
     def first(*ops):
         return next((i for i, l in enumerate(lines) if l.startswith(ops)), None)
     return {"signal": first("griddepcontrol.launch_dependents"), "wait": first("griddepcontrol.wait"),
-            "prefetch": first("prefetch.global.L2"), "memory": first("ld.global", "st.global", "cp.async", "atom.")}
+            "prefetch": first("prefetch.global.L2"), "memory": first("ld.global", "st.global", "cp.async", "atom."),
+            "store": first("st.global", "atom.", "red."), "async_copy": first("cp.async")}
 
 out = {}
 for pdl in (True, False):
@@ -79,11 +81,16 @@ print(json.dumps(out))
 @pytest.mark.skipif(not sass_count.tools_available(), reason="no ptxas in the triton wheel")
 def test_kernels_signal_then_wait_before_any_memory_access_but_the_weight_prefetch():
     found = fresh_process_json(_PTX)
-    for name in ("mma True", "norm True", "mma ADD_RESIDUAL", "mma NORM_IN", "attention rope"):
+    for name in ("mma True", "norm True", "mma ADD_RESIDUAL", "mma NORM_IN"):
         o = found[name]
         assert o["memory"] is not None and o["signal"] < o["wait"] < o["memory"], (name, o)
     mma = found["mma True"]
     assert mma["prefetch"] is not None and mma["prefetch"] < mma["wait"]
+    # Decode attention reads the step's inputs and asks the L2 for its keys and values first (what
+    # no kernel launched with PDL writes); every store and the loop's copies of K / V come after.
+    attn = found["attention rope"]
+    assert attn["signal"] < attn["wait"] < attn["store"] and attn["wait"] < attn["async_copy"], attn
+    assert attn["memory"] < attn["prefetch"] < attn["wait"], attn
     assert found["norm True"]["prefetch"] is None
     off = found["mma False"]
     assert off["signal"] is None and off["wait"] is None and off["prefetch"] is None
