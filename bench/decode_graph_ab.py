@@ -13,8 +13,10 @@ kept, so its output is wrong: a timing only); 'own-buffers' (the inputs in tenso
 views of run_staged's one upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
 decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of 128-token
 tiles); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
-values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'no-attention' (attention's kernels
-left out, the queries passed on: a timing only, the most any attention change could save).
+values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
+ask the L2 for the first N groups of each row before their PDL wait, instead of PREFETCH_GROUPS, 8);
+'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most any
+attention change could save).
 
     python -m bench.decode_graph_ab [--mode int4-triton-mma] [--rounds 5] [--json F]
 """
@@ -35,8 +37,10 @@ from engine.quant.swap import GATED_PROJECTION
 
 VARIANTS = (
     "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers",
-    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "no-attention",
+    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "mma-prefetch-4",
+    "mma-prefetch-16", "no-attention",
 )
+MMA_PREFETCH_GROUPS = {"mma-prefetch-4": 4, "mma-prefetch-16": 16}
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
 ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128)}
 FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
@@ -114,6 +118,19 @@ def _late_reads():
 
 
 @contextmanager
+def _mma_prefetch(groups: int):
+    """The int4 products captured asking the L2 for `groups` groups of each row before their wait."""
+    from engine.quant import int4_mma
+
+    held = int4_mma.PREFETCH_GROUPS
+    int4_mma.PREFETCH_GROUPS = groups
+    try:
+        yield
+    finally:
+        int4_mma.PREFETCH_GROUPS = held
+
+
+@contextmanager
 def _no_attention():
     """The layers' attention answers its (raw) queries without a kernel: its launches leave the graph."""
     from engine.model import llama
@@ -148,6 +165,8 @@ def _capture(engine, variant: str) -> DecodeGraphs:
             changes.enter_context(_ungated(engine.model))
         if variant == "no-norm":
             changes.enter_context(_no_norm())
+        if variant in MMA_PREFETCH_GROUPS:
+            changes.enter_context(_mma_prefetch(MMA_PREFETCH_GROUPS[variant]))
         if variant == "attn-late-reads":
             changes.enter_context(_late_reads())
         if variant == "no-attention":

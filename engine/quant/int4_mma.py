@@ -425,7 +425,7 @@ def int4_mma_matmul(
     workspace: MmaWorkspace | None = None,
     config: dict | None = None,
     pdl: bool | None = None,
-    prefetch_groups: int = PREFETCH_GROUPS,
+    prefetch_groups: int | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
@@ -436,7 +436,8 @@ def int4_mma_matmul(
     batch 1 is autotuned and more rows take rows_config. A layer passes its own workspace,
     allocated once, so a captured CUDA graph owns no allocation and layers share no counters.
     `pdl` (None: engine/pdl.py's choice for m rows) launches it with programmatic dependent launch,
-    its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait.
+    its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait
+    (None: PREFETCH_GROUPS).
     `gated`: W's rows are paired (pair_gate_up_rows); returns silu(gate) * up, [M, N / 2].
     One x row only, the norm folding of the module docstring: `residual` [1, N] and the next RMSNorm's
     `norm_weight` [N] return (s = x W^T + residual, s * norm_weight) and leave the sums of squares of
@@ -467,7 +468,7 @@ def int4_mma_matmul(
             m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0), eps)
     on = use_pdl(x.device, m) if pdl is None else pdl
     common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
-                  PREFETCH_GROUPS=prefetch_groups if on else 0, GATED=gated, ADD_RESIDUAL=residual is not None,
+                  PREFETCH_GROUPS=(PREFETCH_GROUPS if prefetch_groups is None else prefetch_groups) if on else 0, GATED=gated, ADD_RESIDUAL=residual is not None,
                   NORM_IN=norm_squares is not None, SLOTS=triton.next_power_of_2(triton.cdiv(k, NORM_SLOT_ROWS)))
     if config is None and m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
