@@ -8,8 +8,7 @@ combined by a kernel of their own); 'unfolded' (decode_folds off: the rotary and
 kernel of their own, each residual add and RMSNorm too); 'norms-only', 'rope-only' (one of the two
 folds); 'no-norm' (every add_rmsnorm left out, no folds: a timing only, the most that folding the
 norms could save); 'combine-in-kernel' (shipped, with the last split of each head combining them,
-arrival counters); 'ungated' (gate_up's int4 product then the SiLU kernel; the paired row order is
-kept, so its output is wrong: a timing only); 'own-buffers' (the inputs in tensors of their own, not
+arrival counters); 'own-buffers' (the inputs in tensors of their own, not
 views of run_staged's one upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
 decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of 128-token
 tiles); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
@@ -33,10 +32,9 @@ from bench.device import back_to_back_ms, command_line, device_name, write_json
 from bench.quant import speed_config
 from engine import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
-from engine.quant.swap import GATED_PROJECTION
 
 VARIANTS = (
-    "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "ungated", "own-buffers",
+    "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "own-buffers",
     "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "mma-prefetch-4",
     "mma-prefetch-16", "no-attention",
 )
@@ -44,20 +42,6 @@ MMA_PREFETCH_GROUPS = {"mma-prefetch-4": 4, "mma-prefetch-16": 16}
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
 ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128)}
 FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
-
-
-@contextmanager
-def _ungated(model):
-    """gate_up layers answer forward_gated through their plain product and the SiLU kernel."""
-    layers = [m for n, m in model.named_modules() if n.endswith(GATED_PROJECTION) and getattr(m, "_checkpoint_rows", None) is not None]
-    held = [m._checkpoint_rows for m in layers]
-    for m in layers:
-        m._checkpoint_rows = None
-    try:
-        yield
-    finally:
-        for m, rows in zip(layers, held):
-            m._checkpoint_rows = rows
 
 
 @contextmanager
@@ -161,8 +145,6 @@ def _capture(engine, variant: str) -> DecodeGraphs:
             changes.enter_context(_attention_splits(*ATTENTION_SPLITS[variant]))
         if variant in FOLDS:
             changes.enter_context(_folds(engine.model, *FOLDS[variant]))
-        if variant == "ungated":
-            changes.enter_context(_ungated(engine.model))
         if variant == "no-norm":
             changes.enter_context(_no_norm())
         if variant in MMA_PREFETCH_GROUPS:

@@ -168,30 +168,9 @@ def kernel_check(preset: str, device: torch.device) -> list[dict]:
                 f"err {row['max_rel_err']:.2e}  {row['us']:8.1f} us  {row['weight_GBps']:7.0f} GB/s"
             )
             log(f"  kernel {name:<8} {vname:<15} {msg}")
-        if name == "gate_up" and "int4-triton-mma" in variants:
-            rows += _gated_timings(lin, variants["int4-triton-mma"], gen)
         del variants, ref_layers, int4_ref, tg, mma, lin
         free_memory()
     return rows
-
-
-def _gated_timings(lin, plain, gen: torch.Generator) -> list[dict]:
-    """gate_up at batch 1 on the mma kernel as the MLP runs it: the kernel, then silu_and_mul, against
-    the kernel with SiLU in its epilogue (paired rows)."""
-    from engine.model.fused_ops import silu_and_mul
-    from engine.quant.int4 import Int4Linear
-
-    paired = Int4Linear.from_float(lin, 128)
-    paired.to_mma_(gated=True)
-    k, n = lin.in_features, lin.out_features
-    x = torch.randn(1, k, device=lin.weight.device, dtype=torch.bfloat16, generator=gen)
-    out = []
-    for vname, call in (("int4-triton-mma, then silu", lambda: silu_and_mul(plain(x))),
-                        ("int4-triton-mma, gated", lambda: paired.forward_gated(x))):
-        us = _graph_time(call) * 1e6
-        out.append({"shape": "gate_up+silu", "K": k, "N": n, "variant": vname, "us": us})
-        log(f"  kernel gate_up+silu {vname:<27} {us:8.1f} us")
-    return out
 
 
 def _preset_shapes(preset: str) -> dict[str, tuple[int, int]]:
@@ -222,11 +201,6 @@ def int4_self_check(preset: str, device: torch.device) -> dict[str, str]:
                 problems += [f"{name}: {p}" for p in _self_check_layer(backend, *shapes[name], device)]
             except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported as such
                 problems.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
-        if backend == "triton-mma":
-            try:
-                problems += [f"gate_up, gated: {p}" for p in _self_check_gated(*shapes["gate_up"], device)]
-            except Exception as exc:  # noqa: BLE001
-                problems.append(f"gate_up, gated: {type(exc).__name__}: {exc}"[:300])
         out[backend] = "ok" if not problems else "; ".join(problems)[:600]
         log(f"  self-check int4-{backend}: {out[backend]}")
     free_memory()
@@ -243,37 +217,6 @@ def _random_int4_layer(k: int, n: int, device: torch.device):
     lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)
     lin.weight.normal_(0, 0.02, generator=gen)
     return Int4Linear.from_float(lin, 128), torch.randn(1, k, device=device, dtype=torch.bfloat16, generator=gen)
-
-
-def _self_check_gated(k: int, n: int, device: torch.device) -> list[str]:
-    """The mma kernel with silu(gate) * up in its epilogue (gate_up's rows paired): each of its
-    configs bit for bit against the plain kernel on the same paired rows, then silu_and_mul; the
-    layer's own call (autotuned) within a bf16 ulp of the unpaired layer's through silu_and_mul;
-    and its CUDA-graph replays."""
-    from engine.model.fused_ops import silu_and_mul
-    from engine.quant import int4_mma
-
-    paired, x = _random_int4_layer(k, n, device)
-    plain, _ = _random_int4_layer(k, n, device)
-    paired.to_mma_(gated=True)
-    plain.to_mma_()
-    back = torch.argsort(int4_mma.pair_gate_up_rows(n)).to(device)
-    ws = paired.mma_workspace()
-    args = (x, paired.mma_qweight, paired.scales, paired.zeros, None, 128, ws)
-    problems = []
-    for c in int4_mma._int4_mma_tuned_gated.configs:
-        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        want = silu_and_mul(int4_mma.int4_mma_matmul(*args, cfg)[:, back])
-        if not torch.equal(int4_mma.int4_mma_matmul(*args, cfg, gated=True), want):
-            problems.append(f"{cfg}: not the plain kernel's bits through silu_and_mul")
-    ref = silu_and_mul(plain(x)).float()
-    y = paired.forward_gated(x).float()
-    bound = 2.0**-7 * ref.abs() + 1e-3 * ref.abs().max()
-    if ((y - ref).abs() > bound).any():
-        problems.append(f"forward_gated off the unpaired layer's silu_and_mul by up to {float((y - ref).abs().max()):.3g}")
-    if any(not torch.equal(r.float(), y) for r in _graph_replays(lambda: paired.forward_gated(x))):
-        problems.append("forward_gated differs when replayed from a CUDA graph")
-    return problems
 
 
 def _self_check_layer(backend: str, k: int, n: int, device: torch.device) -> list[str]:

@@ -169,8 +169,6 @@ def norm_linear(
 
         return kernel.norm_linear(x, residual, norm.weight, norm.eps, linear.weight, linear.bias, gated)
     h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
-    if gated and isinstance(linear, QuantLinear):  # its kernel may apply silu-and-mul itself
-        return linear.forward_gated(h), residual
     out = linear(h)
     return (silu_and_mul(out) if gated else out), residual
 

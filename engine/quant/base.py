@@ -40,13 +40,6 @@ class QuantLinear(nn.Module):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_reference(x)
 
-    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this layer's output [gate | up] (an MLP's gate_up): a layer whose
-        kernel can apply it in its own epilogue overrides this."""
-        from engine.model.fused_ops import silu_and_mul
-
-        return silu_and_mul(self(x))
-
     def folds_residual(self, x: torch.Tensor) -> bool:
         """Whether forward_add_residual runs for x: a layer whose kernel adds the residual and leaves
         the next RMSNorm's inputs (engine/model/fused_ops.py, fold_add_norm) says so."""

@@ -17,7 +17,6 @@ step and folds the inverse into the previous operation; the format is the same.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError
@@ -91,9 +90,6 @@ class Int4Linear(QuantLinear):
         self.register_buffer("zeros", zeros)  # uint8 [N, K/group]
         self.tinygemm = False
         self.mma = False  # codes repacked for the tensor-core kernel (to_mma_, int4_mma.py)
-        # In the mma form of a gated layer (gate_up): its rows in int4_mma.pair_gate_up_rows's order,
-        # and the checkpoint's order of them back (None: rows as in the checkpoint).
-        self._checkpoint_rows: torch.Tensor | None = None
         self._workspace = None  # the Triton matvec's split-K buffers, made on first use (kernels.py)
         self._mma_workspace = None  # the same for the tensor-core kernel (int4_mma.MmaWorkspace)
 
@@ -119,10 +115,6 @@ class Int4Linear(QuantLinear):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self._in_checkpoint_order(self._dequantize_stored(dtype))
-
-    def _dequantize_stored(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [N, K] with its rows as this layer stores them (paired, in a gated mma layer)."""
         if self.tinygemm:
             raise RuntimeError("an Int4Linear in tinygemm form cannot be dequantized")
         n, k, g = self.out_features, self.in_features, self.group_size
@@ -133,33 +125,14 @@ class Int4Linear(QuantLinear):
             w = (q.to(dtype) - self.zeros.to(dtype)[..., None]) * self.scales.to(dtype)[..., None]
         return w.reshape(n, k)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        order = self._checkpoint_rows
-        if order is None:
-            return super().forward_reference(x)
-        # Paired rows (a gated mma layer past the kernel's rows): the product in the stored order,
-        # then its columns put back, [tokens, N], rather than reordering the whole weight each call.
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._dequantize_stored(x.dtype), bias).index_select(-1, order)
-
-    def packed_codes(self) -> torch.Tensor:
-        """The codes as uint8 [N, K/2] in the checkpoint's layout (even k low), whatever the form."""
-        return self._in_checkpoint_order(self._stored_codes())
-
     def _stored_codes(self) -> torch.Tensor:
+        """The codes as uint8 [N, K/2] in the checkpoint's layout (even k low), whatever the form."""
         if self.mma:
             from engine.quant.int4_mma import unpack_mma
 
             return unpack_mma(self.mma_qweight, self.group_size)
         return self.qweight
 
-    def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.bias is None else self._in_checkpoint_order(self.bias).to(dtype)
-
-    def _in_checkpoint_order(self, rows: torch.Tensor) -> torch.Tensor:
-        """A per-row tensor of this layer (codes, scales, zeros, bias) with its rows as the checkpoint has them."""
-        order = self._checkpoint_rows
-        return rows if order is None else rows.index_select(0, order.to(rows.device))
 
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         if self.tinygemm:
@@ -206,35 +179,21 @@ class Int4Linear(QuantLinear):
         )
 
     @torch.no_grad()
-    def to_mma_(self, rows_per_chunk: int = 8192, gated: bool = False) -> None:
+    def to_mma_(self, rows_per_chunk: int = 8192) -> None:
         """Repacks the codes for int4_mma's kernel (a permutation of the nibbles within each group:
         same bytes) and frees the checkpoint layout. dequantize() still works (it unpacks), but
         the state_dict now holds mma_qweight, not qweight: do not save the layer afterwards.
-        Rows go a chunk at a time, so the repacking's temporaries stay small (lm_head).
-
-        gated (an MLP's gate_up, [gate | up] rows): the rows are also paired for the kernel's
-        SiLU epilogue (forward_gated); forward() and dequantize() still answer in the checkpoint's
-        row order. Layers whose halves do not fit the pairing stay unpaired."""
-        from engine.quant.int4_mma import GATE_PAIR_ROWS, pack_mma, pair_gate_up_rows
+        Rows go a chunk at a time, so the repacking's temporaries stay small (lm_head)."""
+        from engine.quant.int4_mma import pack_mma
 
         if self.tinygemm or self.mma:
             raise RuntimeError(f"this Int4Linear is already repacked ({self.extra_repr()})")
-        order = None
-        if gated and self.out_features % (2 * GATE_PAIR_ROWS) == 0:
-            order = pair_gate_up_rows(self.out_features).to(self.qweight.device)
-            self.scales = self.scales.index_select(0, order)
-            self.zeros = self.zeros.index_select(0, order)
-            if self.bias is not None:
-                self.bias = self.bias.index_select(0, order)
         words = torch.empty(self.out_features, self.in_features // 8, dtype=torch.int32, device=self.qweight.device)
         for r in range(0, self.out_features, rows_per_chunk):
-            rows = self.qweight[r : r + rows_per_chunk] if order is None else self.qweight.index_select(0, order[r : r + rows_per_chunk])
-            words[r : r + rows_per_chunk] = pack_mma(rows, self.group_size)
+            words[r : r + rows_per_chunk] = pack_mma(self.qweight[r : r + rows_per_chunk], self.group_size)
         self.qweight = None
         self.register_buffer("mma_qweight", words)
         self.mma = True
-        if order is not None:
-            self._checkpoint_rows = torch.argsort(order)
 
     def mma_workspace(self):
         """int4_mma.MmaWorkspace on the weights' device: made at load (swap.set_backend_), before
@@ -251,28 +210,12 @@ class Int4Linear(QuantLinear):
 
         if x.shape[0] > KERNEL_MAX_ROWS or x.dtype not in OFFSET:
             return self.forward_reference(x)
-        y = int4_mma_matmul(x, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace())
-        order = self._checkpoint_rows
-        return y if order is None else y.index_select(1, order.to(y.device))
-
-    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this gate_up layer's output: on CUDA, paired rows and few enough of
-        them, in the mma kernel's epilogue (no SiLU kernel of its own); otherwise as any layer."""
-        from engine.quant.int4_mma import OFFSET, int4_mma_matmul
-
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self._checkpoint_rows is None or not x2.is_cuda or x2.shape[0] > KERNEL_MAX_ROWS or x2.dtype not in OFFSET:
-            return super().forward_gated(x)
-        y = int4_mma_matmul(
-            x2, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace(), gated=True
-        )
-        return y.reshape(*lead, self.out_features // 2)
+        return int4_mma_matmul(x, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace())
 
     def folds_residual(self, x: torch.Tensor) -> bool:
         from engine.quant.int4_mma import NORM_SLOT_ROWS
 
-        return self._mma_one_row(x) and self._checkpoint_rows is None and self.out_features % NORM_SLOT_ROWS == 0
+        return self._mma_one_row(x) and self.out_features % NORM_SLOT_ROWS == 0
 
     def folds_norm(self, x: torch.Tensor) -> bool:
         from engine.quant.int4_mma import NORM_SLOT_ROWS
@@ -301,19 +244,18 @@ class Int4Linear(QuantLinear):
 
     def forward_normed(self, weighted: torch.Tensor, squares: torch.Tensor, eps: float, gated: bool) -> torch.Tensor:
         """This layer's output for rmsnorm(s) from forward_add_residual's (s * norm weight, sums of
-        squares of s): the product scaled by 1 / RMS(s) in the kernel; gated: silu(gate) * up."""
+        squares of s): the product scaled by 1 / RMS(s) in the kernel; gated: then silu(gate) * up."""
         from engine.quant.int4_mma import int4_mma_matmul
 
-        paired = self._checkpoint_rows is not None
-        if gated and not paired:  # rows that could not pair: the product, then the SiLU kernel
-            from engine.model.fused_ops import silu_and_mul
-
-            return silu_and_mul(self.forward_normed(weighted, squares, eps, False))
         y = int4_mma_matmul(
             weighted, self.mma_qweight, self.scales, self.zeros, self.bias, self.group_size, self.mma_workspace(),
-            gated=gated, norm_squares=squares, eps=eps,
+            norm_squares=squares, eps=eps,
         )
-        return y if gated or not paired else y.index_select(1, self._checkpoint_rows.to(y.device))
+        if gated:
+            from engine.model.fused_ops import silu_and_mul
+
+            return silu_and_mul(y)
+        return y
 
     # ----- PyTorch's own int4 kernel (tinygemm), a runtime-only form --------------------
 
@@ -347,5 +289,4 @@ class Int4Linear(QuantLinear):
 
     def extra_repr(self) -> str:
         form = ", tinygemm" if self.tinygemm else ", mma" if self.mma else ""
-        form += ", gated rows paired" if self._checkpoint_rows is not None else ""
         return super().extra_repr() + f", group_size={self.group_size}" + form

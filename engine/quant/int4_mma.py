@@ -42,11 +42,9 @@ PDL (engine/pdl.py, Hopper, launches of at most 8 rows): each program first asks
 lines of its first PREFETCH_GROUPS groups of every row (the weights are no kernel's output), lets
 the next kernel be placed, and only then waits for the kernel ahead, whose output is x.
 
-Gated (gate_up of an MLP): silu(gate) * up in the kernel's epilogue, so the step has no SiLU kernel of its
-own. The layer's rows are paired at load (pair_gate_up_rows): each block of BLOCK_N = 2 * GATE_PAIR_ROWS
-rows holds GATE_PAIR_ROWS gate rows and the up rows of the same outputs, so one program has both sums
-of each of its outputs. Roundings as the unfused path (gate_up's output in x's dtype, then
-silu_and_mul). Whole sums only (no split): gate_up has rows enough to fill the SMs without one.
+No SiLU epilogue for gate_up: a gated form (gate and up rows paired in each row block, silu(gate) *
+up stored) made the 8B int4 graph 0.009-0.017 ms slower than this product and the SiLU kernel in
+four same-process A/Bs on H100s (BENCHMARKS.md, W3), and was taken out.
 
 Norm folding (one x row; engine/model/fused_ops.py, fold_add_norm). A decoder layer's RMSNorms sit
 between an int4 product that ends a residual branch (o_proj, down_proj) and one that starts the next
@@ -87,8 +85,6 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)  # 512 and up: a step of 8 groups would no
 # Groups of each row that a program asks the L2 for before it waits for the kernel ahead (PDL only;
 # a power of two). W3 on the H200: 417.5 tok/s with 8, 412.1 with none, 402.0 with 16 (BENCHMARKS.md).
 PREFETCH_GROUPS = 8
-# Gated layers: gate rows (and as many up rows) per block of 2 * GATE_PAIR_ROWS rows (BLOCK_N).
-GATE_PAIR_ROWS = 32
 # Rows of y per sum of squares that an ADD_RESIDUAL launch leaves for the next one's RMSNorm: the
 # smallest row block (MMA_MIN_BLOCK_N), so the sums' layout is the same whatever config was tuned.
 NORM_SLOT_ROWS = 16
@@ -120,17 +116,6 @@ def unpack_mma(words: torch.Tensor, group: int) -> torch.Tensor:
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-def pair_gate_up_rows(n: int) -> torch.Tensor:
-    """The row order of a gated layer [gate (n/2 rows) | up (n/2 rows)] for the gated kernel:
-    new row r is old row order[r]; each block of 2 * GATE_PAIR_ROWS holds GATE_PAIR_ROWS gate rows,
-    then the up rows of the same outputs. None fits unless n/2 is a multiple of GATE_PAIR_ROWS."""
-    half = n // 2
-    if n % 2 or half % GATE_PAIR_ROWS:
-        raise ValueError(f"a gated layer needs 2 x a multiple of {GATE_PAIR_ROWS} rows, not {n}")
-    gate = torch.arange(half).view(-1, GATE_PAIR_ROWS)
-    return torch.stack([gate, gate + half], dim=1).reshape(n)
-
-
 # ----- kernel ----------------------------------------------------------------------------
 
 
@@ -157,31 +142,15 @@ def _chunk_dots(d, w, x_ptr, b_off, b_mask, magic, gc,
 
 
 @triton.jit
-def _store_gated(out, y_ptr, rows, pid_n, M, N_OUT, stride_ym, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
-    """y[rows, outputs of row block pid_n] = silu(gate) * up from out [BLOCK_N, ROWS]: its first half
-    of rows the gate sums, its second half the up sums of the same outputs (pair_gate_up_rows)."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    dt = y_ptr.dtype.element_ty
-    # As the unfused path: gate_up's output rounded to y's dtype, then silu_and_mul's own roundings.
-    pair = tl.permute(tl.reshape(out.to(dt).to(tl.float32), [2, HALF, ROWS]), (1, 2, 0))
-    gate, up = tl.split(pair)  # [HALF, ROWS] each
-    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    offs = pid_n * HALF + tl.arange(0, HALF)
-    y_off = rows[None, :] * stride_ym + offs[:, None]
-    tl.store(y_ptr + y_off, (act * up).to(dt), mask=(offs < N_OUT)[:, None] & (rows < M)[None, :])
-
-
-@triton.jit
 def _int4_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, magic_ptr, res_ptr, nw_ptr, t_ptr, sq_out_ptr, sq_in_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, eps,
     GROUP: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, STEP_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0, GATED: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH_GROUPS: tl.constexpr = 0,
     ADD_RESIDUAL: tl.constexpr = False, NORM_IN: tl.constexpr = False, SLOTS: tl.constexpr = 1,
 ):
     """y = x W^T for int4 W in pack_mma's layout; program (row block, k split, block of x rows).
-    GATED: W's rows paired as pair_gate_up_rows makes them, y = silu(gate) * up [M, N / 2].
 
     A step covers STEP_GROUPS groups, loaded in chunks of CHUNK codes a row (registers); its dots
     fill the 16 accumulator columns, then the scales and zeros of its groups are applied.
@@ -272,7 +241,8 @@ def _int4_mma_kernel(
         else:
             if HAS_BIAS:
                 out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            _store_rows(out, y_ptr, rows, offs_n, n_mask, pid_n, M, N, stride_ym, BLOCK_N, ROWS, GATED)
+            y_off = rows[None, :] * stride_ym + offs_n[:, None]
+            tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
     else:
         # One x row (the host allows a split only then): the other rows' columns are zero.
         partial = tl.sum(acc, axis=1)
@@ -287,17 +257,6 @@ def _int4_mma_kernel(
             else:
                 tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
             reset_arrivals(count_ptr + pid_n)
-
-
-@triton.jit
-def _store_rows(out, y_ptr, rows, offs_n, n_mask, pid_n, M, N, stride_ym,
-                BLOCK_N: tl.constexpr, ROWS: tl.constexpr, GATED: tl.constexpr):
-    """y of this row block for its x rows, from out [BLOCK_N, ROWS] (GATED: silu(gate) * up)."""
-    if GATED:
-        _store_gated(out, y_ptr, rows, pid_n, M, N // 2, stride_ym, BLOCK_N, ROWS)
-    else:
-        y_off = rows[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < M)[None, :])
 
 
 @triton.jit
@@ -382,8 +341,6 @@ def _autotuned(configs: list[tuple[int, int, int, int, int]]):
 
 
 _int4_mma_tuned = _autotuned(_MMA_CONFIGS)
-# Gated layers: whole sums (no split) in row blocks of one gate / up pair (gate_up's own winners).
-_int4_mma_tuned_gated = _autotuned([c for c in _MMA_CONFIGS if c[0] == 2 * GATE_PAIR_ROWS and c[2] == 1])
 
 
 def rows_config(m: int, group: int) -> dict:
@@ -426,7 +383,6 @@ def int4_mma_matmul(
     config: dict | None = None,
     pdl: bool | None = None,
     prefetch_groups: int | None = None,
-    gated: bool = False,
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_squares: torch.Tensor | None = None,
@@ -438,7 +394,6 @@ def int4_mma_matmul(
     `pdl` (None: engine/pdl.py's choice for m rows) launches it with programmatic dependent launch,
     its programs asking the L2 for their first `prefetch_groups` groups of each row before they wait
     (None: PREFETCH_GROUPS).
-    `gated`: W's rows are paired (pair_gate_up_rows); returns silu(gate) * up, [M, N / 2].
     One x row only, the norm folding of the module docstring: `residual` [1, N] and the next RMSNorm's
     `norm_weight` [N] return (s = x W^T + residual, s * norm_weight) and leave the sums of squares of
     s in workspace.squares; `norm_squares` (such sums of the s whose t is x, from the kernel ahead)
@@ -449,12 +404,10 @@ def int4_mma_matmul(
         raise ValueError(f"the int4 mma kernel takes group sizes {SUPPORTED_GROUPS}, not {group}")
     m, k = x.shape
     n = words.shape[0]
-    if gated and n % (2 * GATE_PAIR_ROWS):
-        raise ValueError(f"a gated int4 mma layer needs a multiple of {2 * GATE_PAIR_ROWS} rows, not {n}")
-    _check_norm_folding(x, n, gated, residual, norm_weight, norm_squares)
+    _check_norm_folding(x, n, residual, norm_weight, norm_squares)
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
     ws = workspace if workspace is not None else MmaWorkspace.for_rows(n, x.device)
@@ -468,14 +421,14 @@ def int4_mma_matmul(
             m, n, k, x.stride(0), words.stride(0), scales.stride(0), y.stride(0), eps)
     on = use_pdl(x.device, m) if pdl is None else pdl
     common = dict(GROUP=group, OFFSET=OFFSET[x.dtype], HAS_BIAS=bias is not None, PDL=on, launch_pdl=on,
-                  PREFETCH_GROUPS=(PREFETCH_GROUPS if prefetch_groups is None else prefetch_groups) if on else 0, GATED=gated, ADD_RESIDUAL=residual is not None,
+                  PREFETCH_GROUPS=(PREFETCH_GROUPS if prefetch_groups is None else prefetch_groups) if on else 0, ADD_RESIDUAL=residual is not None,
                   NORM_IN=norm_squares is not None, SLOTS=triton.next_power_of_2(triton.cdiv(k, NORM_SLOT_ROWS)))
     if config is None and m == 1:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], 1)  # noqa: E731
-        (_int4_mma_tuned_gated if gated else _int4_mma_tuned)[grid](*args, **common)
+        _int4_mma_tuned[grid](*args, **common)
         return (y, t) if residual is not None else y
     cfg = dict(config) if config is not None else rows_config(m, group)
-    _check_config(cfg, m, group, gated)
+    _check_config(cfg, m, group)
     rows = MMA_COLUMNS // cfg["STEP_GROUPS"]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1), triton.cdiv(m, rows))
     tiles = dict(BLOCK_N=cfg["BLOCK_N"], STEP_GROUPS=cfg["STEP_GROUPS"], SPLIT_K=cfg.get("SPLIT_K", 1))
@@ -486,7 +439,7 @@ def int4_mma_matmul(
     return (y, t) if residual is not None else y
 
 
-def _check_norm_folding(x: torch.Tensor, n: int, gated: bool, residual: torch.Tensor | None,
+def _check_norm_folding(x: torch.Tensor, n: int, residual: torch.Tensor | None,
                         norm_weight: torch.Tensor | None, norm_squares: torch.Tensor | None) -> None:
     m, k = x.shape
     if (residual is None) != (norm_weight is None):
@@ -498,18 +451,16 @@ def _check_norm_folding(x: torch.Tensor, n: int, gated: bool, residual: torch.Te
     if residual is not None:
         if norm_weight.shape != (n,) or norm_weight.stride(0) != 1:
             raise ValueError(f"the RMSNorm weight after an int4 mma product is [{n}], contiguous, not {tuple(norm_weight.shape)}")
-        if gated or residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(-1) != 1 or n % NORM_SLOT_ROWS:
+        if residual.shape != (1, n) or residual.dtype != x.dtype or residual.stride(-1) != 1 or n % NORM_SLOT_ROWS:
             raise ValueError(f"a residual for an int4 mma product is [1, {n}] in {x.dtype}, contiguous, "
-                             f"N a multiple of {NORM_SLOT_ROWS}, not gated; got {tuple(residual.shape)}")
+                             f"N a multiple of {NORM_SLOT_ROWS}; got {tuple(residual.shape)}")
     if norm_squares is not None and (k % NORM_SLOT_ROWS or norm_squares.numel() < k // NORM_SLOT_ROWS):
         raise ValueError(f"an RMSNorm folded into an int4 mma product needs K a multiple of {NORM_SLOT_ROWS} "
                          f"and {k // NORM_SLOT_ROWS} sums of squares, got K {k}, {norm_squares.numel()}")
 
 
-def _check_config(cfg: dict, m: int, group: int, gated: bool = False) -> None:
+def _check_config(cfg: dict, m: int, group: int) -> None:
     split, step = cfg.get("SPLIT_K", 1), cfg["STEP_GROUPS"]
-    if gated and (split != 1 or cfg["BLOCK_N"] != 2 * GATE_PAIR_ROWS):
-        raise ValueError(f"int4 mma config {cfg}: a gated layer takes row blocks of {2 * GATE_PAIR_ROWS}, no split")
     if split > 1 and (m != 1 or split > MMA_MAX_SPLIT):
         raise ValueError(f"int4 mma config {cfg}: a split needs one x row and at most {MMA_MAX_SPLIT} slices")
     if cfg["BLOCK_N"] < MMA_MIN_BLOCK_N or MMA_COLUMNS % step or not _fits(step, 1, group, 1):

@@ -21,9 +21,6 @@ from engine.quant.int4 import Int4Linear
 from engine.quant.int8 import Int8Embedding, Int8Linear
 
 QUANT_LINEAR = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
-# The MLP's [gate | up] projection, whose output only ever goes through silu_and_mul (the model
-# calls its forward_gated): the int4 mma kernel applies that in its epilogue.
-GATED_PROJECTION = "gate_up_proj"
 
 
 def untie_lm_head_(model: nn.Module) -> None:
@@ -112,7 +109,7 @@ def set_backend_(model: nn.Module, backend: str) -> None:
     once at load: tinygemm's and the mma kernel's repacking happen here, never per call, so a
     captured CUDA graph replays only the matmul."""
     repacked = False
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.use_triton = resolve_backend("fp8", backend) == "triton"
         elif isinstance(module, Int4Linear) and not (module.tinygemm or module.mma):
@@ -120,7 +117,7 @@ def set_backend_(model: nn.Module, backend: str) -> None:
             if int4 == "torch" and _tinygemm_suits(module, explicit=backend == "torch"):
                 module.to_tinygemm_()
             elif int4 == "triton-mma" and module.mma_supported():
-                module.to_mma_(gated=name.rpartition(".")[2] == GATED_PROJECTION)
+                module.to_mma_()
                 module.mma_workspace()
                 repacked = True
             elif module.qweight.is_cuda:

@@ -21,7 +21,7 @@ from engine.config import QuantConfig  # noqa: E402
 from engine.model.dense import forward_full_sequence  # noqa: E402
 from engine.model.loader import load_model  # noqa: E402
 from engine.quant.int4 import Int4Linear  # noqa: E402
-from engine.quant.swap import GATED_PROJECTION, quantize_model_  # noqa: E402
+from engine.quant.swap import quantize_model_  # noqa: E402
 from tests.triton_interpreter import exact_bf16_dot, interpreted_module  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -47,7 +47,6 @@ def mma(monkeypatch):
     exact_bf16_dot(monkeypatch)
     module = interpreted_module("engine.quant.int4_mma", "_int4_mma_kernel")
     monkeypatch.setattr(module, "_int4_mma_tuned", PinnedConfig(module, {"BLOCK_N": 16, "STEP_GROUPS": 1, "SPLIT_K": 2}))
-    monkeypatch.setattr(module, "_int4_mma_tuned_gated", PinnedConfig(module, {"BLOCK_N": 64, "STEP_GROUPS": 2, "SPLIT_K": 1}))
     monkeypatch.setattr(Int4Linear, "_mma_one_row", lambda self, x: self.mma and x.shape[0] == 1)
     return module
 
@@ -55,9 +54,9 @@ def mma(monkeypatch):
 def int4_mma_model(checkpoint):
     model = load_model(str(checkpoint), "bfloat16", "cpu").model
     quantize_model_(model, QuantConfig(method="int4", group_size=64, awq=False))
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, Int4Linear):
-            module.to_mma_(gated=name.endswith(GATED_PROJECTION))
+            module.to_mma_()
     return model
 
 

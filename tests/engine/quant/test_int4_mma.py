@@ -210,71 +210,6 @@ def test_layer_repacking_keeps_the_weight(mma):
     assert not q.mma_supported()  # a CPU tensor (and no qweight any more)
 
 
-# ----- the gated form (gate_up: silu(gate) * up in the epilogue) ------------------------------
-
-
-def test_pairing_puts_each_gate_row_beside_its_up_row(mma):
-    order = mma.pair_gate_up_rows(128)  # 64 gate rows, 64 up rows: two blocks of 32 + 32
-    expected = list(range(0, 32)) + list(range(64, 96)) + list(range(32, 64)) + list(range(96, 128))
-    assert order.tolist() == expected
-    with pytest.raises(ValueError, match="multiple of 32"):
-        mma.pair_gate_up_rows(96)
-
-
-@pytest.fixture
-def silu(monkeypatch):
-    return interpreted_module("engine.model.triton_ops", "_silu_and_mul_kernel").silu_and_mul
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gated_kernel_equals_the_plain_kernel_then_silu_and_mul(mma, silu, dtype, m, bias):
-    # The plain kernel on the same paired rows and tiles gives the same sums; put back in
-    # [gate | up] order and through silu_and_mul, they must give the epilogue's very bits (both
-    # under the interpreter, whose fp16 dot is not exact, so the rows stay where they were).
-    q = layer(384, 128, 128, dtype, bias)
-    order = mma.pair_gate_up_rows(128)
-    args = (mma.pack_mma(q.qweight[order], 128), q.scales[order], q.zeros[order], None if q.bias is None else q.bias[order])
-    x = torch.randn(m, 384).to(dtype)
-    cfg = {"BLOCK_N": 64, "STEP_GROUPS": 4}
-    plain = mma.int4_mma_matmul(x, *args, 128, None, cfg)[:, torch.argsort(order)]
-    gated = mma.int4_mma_matmul(x, *args, 128, None, cfg, gated=True)
-    assert gated.shape == (m, 64)
-    assert torch.equal(gated, silu(plain))
-    check(plain, q.forward_reference(x.float()))
-
-
-def test_gated_kernel_rejects_what_it_cannot_pair(mma):
-    q = layer(256, 64, 64, torch.bfloat16)
-    words = mma.pack_mma(q.qweight, 64)
-    x = torch.randn(1, 256).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="row blocks of 64"):
-        mma.int4_mma_matmul(x, words, q.scales, q.zeros, None, 64, None, {"BLOCK_N": 16, "STEP_GROUPS": 4}, gated=True)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        mma.int4_mma_matmul(x, words[:48], q.scales[:48], q.zeros[:48], None, 64, gated=True)
-    assert all(c.kwargs["BLOCK_N"] == 64 and c.kwargs["SPLIT_K"] == 1 for c in mma._int4_mma_tuned_gated.configs)
-
-
-def test_gated_layer_keeps_the_checkpoint_order(mma):
-    q = layer(384, 128, 128, torch.bfloat16)
-    before, codes = q.dequantize(), q.qweight.clone()
-    x = torch.randn(3, 384).to(torch.bfloat16)
-    y = q(x)
-    q.to_mma_(rows_per_chunk=48, gated=True)  # chunks of rows that cut through the pairs
-    assert "gated rows paired" in q.extra_repr()
-    assert torch.equal(q.packed_codes(), codes) and torch.equal(q.dequantize(), before)
-    assert torch.equal(q(x), y)  # the CPU runs the reference in the checkpoint's order
-    gate, up = y.chunk(2, dim=-1)
-    assert torch.equal(q.forward_gated(x), torch.nn.functional.silu(gate) * up)  # the CPU's silu_and_mul
-
-
-def test_a_gated_layer_that_cannot_pair_stays_unpaired(mma):
-    q = layer(384, 96, 128, torch.bfloat16)  # halves of 48 rows: no whole pairs of 32
-    q.to_mma_(gated=True)
-    assert "paired" not in q.extra_repr()
-
-
 # ----- RMSNorm folded into the products (one x row) ----------------------------------------
 
 NORM_CONFIGS = [
@@ -319,20 +254,6 @@ def test_a_folded_norm_scales_the_product_by_the_rms_of_x(mma, cfg, bias):
     w = q.dequantize(torch.float32)
     ref = rstd * (x.float() @ w.T) + (0 if q.bias is None else q.bias.float())
     check(y, ref)
-
-
-def test_a_gated_layer_folds_the_norm_before_its_silu(mma, silu):
-    q = layer(384, 128, 128, torch.bfloat16, bias=False)
-    order = mma.pair_gate_up_rows(128)
-    args = (mma.pack_mma(q.qweight[order], 128), q.scales[order], q.zeros[order], None)
-    x = (3 * torch.randn(1, 384)).to(torch.bfloat16)
-    squares = (x.float() ** 2).reshape(24, 16).sum(1)
-    rstd = torch.rsqrt((x.float() ** 2).mean() + 1e-5)
-    cfg = {"BLOCK_N": 64, "STEP_GROUPS": 4}
-    gated = mma.int4_mma_matmul(x, *args, 128, None, cfg, gated=True, norm_squares=squares, eps=1e-5)
-    ref = silu((rstd * (x.float() @ q.dequantize(torch.float32).T)).to(torch.bfloat16))
-    assert gated.shape == (1, 64)
-    torch.testing.assert_close(gated.float(), ref.float(), rtol=2**-6, atol=1e-3 * ref.float().abs().max().item())
 
 
 def test_norm_folding_rejects_what_it_cannot_fold(mma):
