@@ -44,7 +44,7 @@ the next kernel be placed, and only then waits for the kernel ahead, whose outpu
 
 No SiLU epilogue for gate_up: a gated form (gate and up rows paired in each row block, silu(gate) *
 up stored) made the 8B int4 graph 0.009-0.017 ms slower than this product and the SiLU kernel in
-four same-process A/Bs on H100s (BENCHMARKS.md, W3), and was taken out.
+three same-process A/Bs on H100s (BENCHMARKS.md, W3), and was taken out.
 
 Norm folding (one x row; engine/model/fused_ops.py, fold_add_norm). A decoder layer's RMSNorms sit
 between an int4 product that ends a residual branch (o_proj, down_proj) and one that starts the next
