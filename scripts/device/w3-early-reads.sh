@@ -8,14 +8,14 @@
 set -uo pipefail
 source scripts/device/steps.sh
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-# W3's report runs are on the H100; elsewhere (an H200) only bf16 and int4 side by side.
-case "$gpu" in *H100*) default=bf16,int4-torch,int4-triton-mma,int8,fp8 ;; *) default=bf16,int4-triton-mma ;; esac
+# W3's report runs are on the H100; elsewhere (an H200) the check and the A/B only.
+case "$gpu" in *H100*) default=bf16,int4-torch,int4-triton-mma,int8,fp8 ;; *) default=none ;; esac
 modes="${1:-$default}"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 TAIL=10 step engine-check 110 python bench/engine_check.py --cases graphs,steps+folds+preempt
-TAIL=24 step w3 210 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
+[ "$modes" = none ] || TAIL=24 step w3 210 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
   --profile --json "$OUT/w3.json"
-python - "$OUT/w3.json" <<'PY'
+[ "$modes" = none ] || python - "$OUT/w3.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 for k, v in d["speed"].items():
