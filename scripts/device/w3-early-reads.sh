@@ -23,4 +23,4 @@ for k, v in d["speed"].items():
           round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
 PY
 TAIL=20 step graph-ab 150 python -m bench.decode_graph_ab --rounds 3 --json "$OUT/graph-ab.json"
-TAIL=12 step spec-chain 90 python bench/spec_chain_check.py
+TAIL=12 step spec-chain 70 python bench/spec_chain_check.py
