@@ -9,7 +9,7 @@ set -uo pipefail
 source scripts/device/steps.sh
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 # W3's report runs are on the H100; elsewhere (an H200) bf16 and int4 only.
-case "$gpu" in *H100*) default=bf16,int4-triton-mma,int8,fp8 ;; *) default=bf16,int4-triton-mma ;; esac
+case "$gpu" in *H100*) default=bf16,int4-triton-mma ;; *) default=bf16,int4-triton-mma ;; esac
 modes="${1:-$default}"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 TAIL=10 step engine-check 110 python bench/engine_check.py --cases graphs,steps+folds+preempt
