@@ -133,7 +133,6 @@ class Int4Linear(QuantLinear):
             return unpack_mma(self.mma_qweight, self.group_size)
         return self.qweight
 
-
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         if self.tinygemm:
             y = torch.ops.aten._weight_int4pack_mm(
