@@ -8,10 +8,10 @@ combined by a kernel of their own); 'unfolded' (decode_folds off: the rotary and
 kernel of their own, each residual add and RMSNorm too); 'norms-only', 'rope-only' (one of the two
 folds); 'no-norm' (every add_rmsnorm left out, no folds: a timing only, the most that folding the
 norms could save); 'combine-in-kernel' (shipped, with the last split of each head combining them,
-arrival counters); 'own-buffers' (the inputs in tensors of their own, not
-views of run_staged's one upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
-decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of 128-token
-tiles); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
+arrival counters); 'own-buffers' (the inputs in tensors of their own, not views of run_staged's one
+upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
+decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of
+128-token tiles); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
 values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
 ask the L2 for the first N groups of each row before their PDL wait, instead of PREFETCH_GROUPS, 8);
 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most any
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from contextlib import ExitStack, contextmanager
+from unittest import mock
 
 import torch
 
@@ -44,21 +45,9 @@ ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-s
 FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
 
 
-@contextmanager
-def _no_norm():
-    """add_rmsnorm answers (x, the residual) without a kernel: its launches leave the graph."""
-    from engine.model import fused_ops, llama
-
-    held = fused_ops.add_rmsnorm
-
-    def skipped(x, residual, weight, eps):
-        return x, (x if residual is None else residual)
-
-    fused_ops.add_rmsnorm = llama.add_rmsnorm = skipped
-    try:
-        yield
-    finally:
-        fused_ops.add_rmsnorm = llama.add_rmsnorm = held
+def _skipped_norm(x, residual, weight, eps):
+    """add_rmsnorm's answer (x, the residual) without a kernel: 'no-norm' leaves its launches out."""
+    return x, (x if residual is None else residual)
 
 
 @contextmanager
@@ -74,57 +63,24 @@ def _folds(model, norms: bool, rope: bool):
             layer.fold_norms, layer.fold_rope = n, r
 
 
-@contextmanager
-def _attention_splits(splits: int, block_n: int):
-    """Decode attention captured with `splits` programs per (sequence, KV head) and tiles of block_n."""
+def _patches(variant: str) -> list[tuple[object, str, object]]:
+    """(module, attribute, value): the engine's module-level switches that the variant is captured with."""
     from engine.attention import triton_paged
-
-    held = triton_paged.decode_num_splits, triton_paged._DECODE_BLOCK_N
-    triton_paged.decode_num_splits = lambda *args: splits
-    triton_paged._DECODE_BLOCK_N = block_n
-    try:
-        yield
-    finally:
-        triton_paged.decode_num_splits, triton_paged._DECODE_BLOCK_N = held
-
-
-@contextmanager
-def _late_reads():
-    """Decode attention captured with every read after its PDL wait and no L2 prefetch of its keys and values."""
-    from engine.attention import triton_paged
-
-    held = triton_paged._DECODE_EARLY_READS
-    triton_paged._DECODE_EARLY_READS = False
-    try:
-        yield
-    finally:
-        triton_paged._DECODE_EARLY_READS = held
-
-
-@contextmanager
-def _mma_prefetch(groups: int):
-    """The int4 products captured asking the L2 for `groups` groups of each row before their wait."""
+    from engine.model import fused_ops, llama
     from engine.quant import int4_mma
 
-    held = int4_mma.PREFETCH_GROUPS
-    int4_mma.PREFETCH_GROUPS = groups
-    try:
-        yield
-    finally:
-        int4_mma.PREFETCH_GROUPS = held
-
-
-@contextmanager
-def _no_attention():
-    """The layers' attention answers its (raw) queries without a kernel: its launches leave the graph."""
-    from engine.model import llama
-
-    held = llama.paged_attention
-    llama.paged_attention = lambda q, *args, **kwargs: q
-    try:
-        yield
-    finally:
-        llama.paged_attention = held
+    if variant in ATTENTION_SPLITS:
+        splits, block_n = ATTENTION_SPLITS[variant]
+        return [(triton_paged, "decode_num_splits", lambda *args: splits), (triton_paged, "_DECODE_BLOCK_N", block_n)]
+    if variant in MMA_PREFETCH_GROUPS:
+        return [(int4_mma, "PREFETCH_GROUPS", MMA_PREFETCH_GROUPS[variant])]
+    if variant == "attn-late-reads":
+        return [(triton_paged, "_DECODE_EARLY_READS", False)]
+    if variant == "no-norm":
+        return [(fused_ops, "add_rmsnorm", _skipped_norm), (llama, "add_rmsnorm", _skipped_norm)]
+    if variant == "no-attention":  # the layers' attention answers its (raw) queries without a kernel
+        return [(llama, "paged_attention", lambda q, *args, **kwargs: q)]
+    return []
 
 
 def _capture(engine, variant: str) -> DecodeGraphs:
@@ -141,18 +97,10 @@ def _capture(engine, variant: str) -> DecodeGraphs:
     graphs.seq_lens.copy_(live.seq_lens[:1])
     graphs.block_tables.copy_(live.block_tables[:1])
     with ExitStack() as changes:
-        if variant in ATTENTION_SPLITS:
-            changes.enter_context(_attention_splits(*ATTENTION_SPLITS[variant]))
         if variant in FOLDS:
             changes.enter_context(_folds(engine.model, *FOLDS[variant]))
-        if variant == "no-norm":
-            changes.enter_context(_no_norm())
-        if variant in MMA_PREFETCH_GROUPS:
-            changes.enter_context(_mma_prefetch(MMA_PREFETCH_GROUPS[variant]))
-        if variant == "attn-late-reads":
-            changes.enter_context(_late_reads())
-        if variant == "no-attention":
-            changes.enter_context(_no_attention())
+        for module, name, value in _patches(variant):
+            changes.enter_context(mock.patch.object(module, name, value))
         graphs.capture()
     return graphs
 

@@ -1,0 +1,21 @@
+"""bench/decode_graph_ab.py: every variant's switches name what the engine has (a renamed switch
+fails here, on the CPU, rather than on the GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import decode_graph_ab as ab
+
+
+@pytest.mark.parametrize("variant", ab.VARIANTS)
+def test_each_variant_patches_attributes_the_engine_has(variant):
+    for module, name, value in ab._patches(variant):
+        assert hasattr(module, name), (variant, module.__name__, name)
+        assert type(getattr(module, name)) is type(value) or callable(value), (variant, name)
+
+
+def test_the_variant_tables_name_only_known_variants():
+    for table in (ab.MMA_PREFETCH_GROUPS, ab.ATTENTION_SPLITS, ab.FOLDS):
+        assert set(table) <= set(ab.VARIANTS)
+    assert ab._patches("shipped") == [] and ab._patches("attn-late-reads")[0][2] is False
