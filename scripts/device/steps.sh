@@ -1,4 +1,4 @@
-# Sourced by the device scripts: $OUT made, the repo on PYTHONPATH, step() and with_ray().
+# Sourced by the device scripts: $OUT made, the repo on PYTHONPATH, step(), with_ray() and w3_report().
 # step NAME SECONDS COMMAND...: runs COMMAND bounded in time, its log in $OUT/NAME.log, then prints
 # its exit status and the log's last ${TAIL:-30} lines (Triton's warnings left out).
 OUT="${OUT:-/tmp/out}"
@@ -17,4 +17,17 @@ step() {
 with_ray() {
   mkdir -p /tmp/site && tar -xJf .raybundle/ray-serve-py312.tar.xz -C /tmp/site || return 1
   export PYTHONPATH="/tmp/site:$PYTHONPATH" PATH="/tmp/site/bin:$PATH"
+}
+# w3_report SECONDS MODES: W3 of MODES (the report's command) into $OUT/w3.json, then each mode's
+# tok/s, step and graph times and first greedy tokens.
+w3_report() {
+  TAIL=24 step w3 "$1" python -m bench.quant --modes "$2" --async-scheduling on --ppl-modes none --repeats 2 \
+    --profile --json "$OUT/w3.json"
+  python - "$OUT/w3.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k, v in d["speed"].items():
+    print(k, round(v["tok_s"], 1), "step", round(v["profile"]["wall_ms_per_step"], 3), "graph",
+          round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
+PY
 }

@@ -8,15 +8,7 @@ set -uo pipefail
 source scripts/device/steps.sh
 modes="${1:-bf16,int4-torch,int4-triton-mma,int8,fp8}"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=24 step w3 200 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
-  --profile --json "$OUT/w3.json"
-python - "$OUT/w3.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for k, v in d["speed"].items():
-    print(k, round(v["tok_s"], 1), "step", round(v["profile"]["wall_ms_per_step"], 3), "graph",
-          round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
-PY
+w3_report 200 "$modes"
 TAIL=14 step fold-ab 130 python -m bench.decode_graph_ab --rounds 3 --json "$OUT/fold-ab.json"
 TAIL=10 step engine-check 130 python bench/engine_check.py --cases graphs,graphs-unfolded,steps+folds+preempt
 TAIL=8 step w1 100 python -m bench.throughput --peers none --variants graphs-async --json "$OUT/w1.json"

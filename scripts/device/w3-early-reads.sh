@@ -12,15 +12,7 @@ set -uo pipefail
 source scripts/device/steps.sh
 modes="${1:-bf16,int4-torch,int4-triton-mma,int8,fp8}"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=24 step w3 210 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
-  --profile --json "$OUT/w3.json"
-python - "$OUT/w3.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for k, v in d["speed"].items():
-    print(k, round(v["tok_s"], 1), "step", round(v["profile"]["wall_ms_per_step"], 3), "graph",
-          round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
-PY
+w3_report 210 "$modes"
 TAIL=10 step engine-check 130 python bench/engine_check.py --cases graphs,steps+folds+preempt
 TAIL=20 step graph-ab 150 python -m bench.decode_graph_ab --rounds 3 --json "$OUT/graph-ab.json"
 TAIL=12 step spec-chain 70 python bench/spec_chain_check.py

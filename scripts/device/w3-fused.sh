@@ -13,16 +13,8 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 # The host's CPUs (for W2's CPU plan): SMT siblings, sockets, model.
 lscpu | grep -i "model name\|thread(s) per core\|core(s) per socket\|socket(s)\|^CPU(s)\|MHz"
 for c in 0 7 8 15; do echo "cpu$c siblings $(cat /sys/devices/system/cpu/cpu$c/topology/thread_siblings_list 2>/dev/null)"; done
-TAIL=24 step w3 200 python -m bench.quant --modes "$modes" --async-scheduling on --ppl-modes none --repeats 2 \
-  --profile --json "$OUT/w3.json"
+w3_report 200 "$modes"
 grep -h "self-check\|kernel gate_up\|first tokens\|^speed" "$OUT/w3.log"
-python - "$OUT/w3.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for k, v in d["speed"].items():
-    print(k, round(v["tok_s"], 1), "step", round(v["profile"]["wall_ms_per_step"], 3), "graph",
-          round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
-PY
 TAIL=16 step engine-check 130 python bench/engine_check.py
 # W1 (the decode graphs' staged inputs at up to 256 sequences), ours alone.
 TAIL=12 step w1 110 python -m bench.throughput --peers none --variants graphs-async --json "$OUT/w1.json"
