@@ -122,11 +122,11 @@ def settled(probe, every_s: float = 0.25, tries: int = 12, keys: tuple[str, ...]
     return last
 
 
+# EngineStats' step counters, as the engine gives them and (prefixed llm_replica_engine_) in /metrics.
+STEP_COUNTERS = ("steps_total", "prompt_steps_total", "step_seqs_total")
 # Counters of /metrics that a level's summary reads the change of: the LLM replicas' summed; the
 # ingress ones are per ingress replica (a scrape is answered by one of several), so they are read
 # under the answering replica's label and count only when both readings came from the same one.
-# EngineStats' step counters, as the engine gives them and (prefixed llm_replica_engine_) in /metrics.
-STEP_COUNTERS = ("steps_total", "prompt_steps_total", "step_seqs_total")
 FIRST_TOKEN_COUNTERS = ("llm_replica_first_token_wait_seconds_total", "llm_replica_first_tokens_total")
 SERVE_COUNTERS = (
     *FIRST_TOKEN_COUNTERS,

@@ -26,7 +26,7 @@ from engine.quant import apply_quantization
 from engine.runner import DeviceTokens, ModelRunner
 from engine.sampler import PendingSample, Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceIds
 from engine.spec.chain import LaunchedVerdict, SpecChain
 from engine.spec.draft import DraftModel, DraftProposer
@@ -89,7 +89,7 @@ class StepCounters:
     prompt_steps: int = 0  # steps that computed prompt tokens (a new arrival's prefill, or a chunk of it)
     seqs: int = 0
 
-    def count(self, sched) -> None:
+    def count(self, sched: SchedulerOutput) -> None:
         self.steps += 1
         self.seqs += len(sched.scheduled)
         self.prompt_steps += sched.computes_prompt
