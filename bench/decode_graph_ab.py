@@ -10,8 +10,10 @@ folds); 'no-norm' (every add_rmsnorm left out, no folds: a timing only, the most
 norms could save); 'combine-in-kernel' (shipped, with the last split of each head combining them,
 arrival counters); 'own-buffers' (the inputs in tensors of their own, not views of run_staged's one
 upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
-decode_num_splits' choice, 4 here: 1 needs no combine kernel) and 'attn-2x128' (2 splits of
-128-token tiles); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
+decode_num_splits' choice, 4 here: 1 needs no combine kernel), 'attn-2x128' (2 splits of
+128-token tiles) and 'attn-1x256' (one program a KV head, one 256-token tile, no combine kernel);
+'attn-preload', 'attn-1x256-preload' (each program's first tile of keys and values read before the
+PDL wait, _DECODE_PRELOAD); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
 values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
 ask the L2 for the first N groups of each row before their PDL wait, instead of PREFETCH_GROUPS, 8);
 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most any
@@ -36,12 +38,14 @@ from engine.cuda_graphs import DecodeGraphs
 
 VARIANTS = (
     "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "own-buffers",
-    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "mma-prefetch-4",
-    "mma-prefetch-16", "no-attention",
+    "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "attn-preload", "attn-1x256",
+    "attn-1x256-preload", "mma-prefetch-4", "mma-prefetch-16", "no-attention",
 )
 MMA_PREFETCH_GROUPS = {"mma-prefetch-4": 4, "mma-prefetch-16": 16}
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
-ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128)}
+ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128),
+                    "attn-1x256": (1, 256), "attn-1x256-preload": (1, 256)}
+PRELOADED = ("attn-preload", "attn-1x256-preload")  # decode attention's first tile read before its PDL wait
 FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
 
 
@@ -69,9 +73,13 @@ def _patches(variant: str) -> list[tuple[object, str, object]]:
     from engine.model import fused_ops, llama
     from engine.quant import int4_mma
 
+    preload = [(triton_paged, "_DECODE_PRELOAD", True)] if variant in PRELOADED else []
     if variant in ATTENTION_SPLITS:
         splits, block_n = ATTENTION_SPLITS[variant]
-        return [(triton_paged, "decode_num_splits", lambda *args: splits), (triton_paged, "_DECODE_BLOCK_N", block_n)]
+        return preload + [(triton_paged, "decode_num_splits", lambda *args: splits),
+                          (triton_paged, "_DECODE_BLOCK_N", block_n)]
+    if preload:
+        return preload
     if variant in MMA_PREFETCH_GROUPS:
         return [(int4_mma, "PREFETCH_GROUPS", MMA_PREFETCH_GROUPS[variant])]
     if variant == "attn-late-reads":
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     rope_err = float((graphs["rope-only"].logits[1].float() - unfolded).abs().max() / unfolded.abs().max())
     split_errs = {v: float((graphs[v].logits[1].float() - ref).abs().max() / ref.abs().max()) for v in ATTENTION_SPLITS}
     late_same = torch.equal(graphs["attn-late-reads"].logits[1].float(), ref)
+    preload_same = torch.equal(graphs["attn-preload"].logits[1].float(), ref)
     result = {
         "device": device_name(device),
         "command": command_line("bench.decode_graph_ab", argv),
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "all_ms": times,
         "combine_in_kernel_logits_equal_shipped": same,
         "late_reads_logits_equal_shipped": late_same,
+        "preload_logits_equal_shipped": preload_same,
         "folded_logits_max_rel_err": fold_err,  # shipped (folded) against unfolded
         "folded_argmax_equal_unfolded": fold_same_top,
         "rope_only_logits_max_rel_err": rope_err,
@@ -158,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode graph at batch 1, {args.mode}, context {result['context']} on {result['device']}:")
     for v, ms in result["ms_per_replay"].items():
         print(f"  {v:15s} {ms:.4f} ms  (rounds: {', '.join(f'{t:.4f}' for t in times[v])})")
-    print(f"  logits of combine-in-kernel equal shipped's: {same}; of attn-late-reads: {late_same}")
+    print(f"  logits of combine-in-kernel equal shipped's: {same}; of attn-late-reads: {late_same}; "
+          f"of attn-preload: {preload_same}")
     print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
     print(f"  rope-only against unfolded: max |diff| / max |logit| {rope_err:.2e}")
     print("  attention's split policy against shipped, max |diff| / max |logit|: "

@@ -55,8 +55,46 @@ _DECODE_MIN_SPLIT_TOKENS = _DECODE_BLOCK_N
 # values there: up to this many of them (two tiles; a batch of 8 long contexts then asks ~20 MB).
 _DECODE_PREFETCH_TOKENS = 2 * _DECODE_BLOCK_N
 _DECODE_EARLY_READS = True  # False: every read after the wait (bench/decode_graph_ab.py's 'attn-late-reads')
+# With the rotary in the kernel (it then writes the new token's key and value itself, and no kernel
+# ahead writes the cache), each program reads its first tile of keys and values into registers
+# before the wait too, so that after it only q and the new token's row are fetched.
+_DECODE_PRELOAD = False
 _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
+
+
+@triton.jit
+def _load_kv_tile(bt_row, pos, pos_ok, k_ptr, v_ptr, kvh, dims, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                  stride_vh, BLOCK_SIZE: tl.constexpr):
+    """The cached keys and values [tile, D] of KV head kvh at positions `pos` (zero where not pos_ok)."""
+    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    k = tl.load(
+        k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
+        mask=pos_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
+        mask=pos_ok[:, None],
+        other=0.0,
+    )
+    return k, v
+
+
+@triton.jit
+def _fold_tile(q, m_i, l_i, acc, visible, k, v, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One tile of keys k and values v [tile, D] for the rows of q: their scores where `visible`
+    [rows, tile], folded into the running max m_i, sum l_i and output acc (online softmax, base 2).
+    Returns the new (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -65,29 +103,11 @@ def _attend_tile(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One tile of cached positions `pos` (those with pos_ok exist) for the rows of q: their scores
-    where `visible` [rows, tile], folded into the running max m_i, sum l_i and output acc (online
-    softmax, base 2). Returns the new (m_i, l_i, acc)."""
-    block = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-    slot = pos % BLOCK_SIZE
-    k = tl.load(
-        k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + dims[None, :],
-        mask=pos_ok[:, None],
-        other=0.0,
-    )
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + dims[None, :],
-        mask=pos_ok[:, None],
-        other=0.0,
-    )
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    """One tile of cached positions `pos` (those with pos_ok exist), read from the cache and folded
+    in (_fold_tile). Returns the new (m_i, l_i, acc)."""
+    k, v = _load_kv_tile(bt_row, pos, pos_ok, k_ptr, v_ptr, kvh, dims, stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh, BLOCK_SIZE)
+    return _fold_tile(q, m_i, l_i, acc, visible, k, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the table's width moves with the batch
@@ -131,6 +151,7 @@ def _decode_kernel(
     k_new_ptr=None, v_new_ptr=None, cos_ptr=None, sin_ptr=None, pos_ptr=None, slot_ptr=None,
     stride_nt=0, stride_nh=0, stride_table=0,
     EARLY_READS: tl.constexpr = False, PREFETCH_TOKENS: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = False,  # ROPE and EARLY_READS only: the first tile's K/V read before the wait
 ):
     # EARLY_READS: the step's own inputs (sequence lengths, positions, cache slots, block tables,
     # staged by a copy before the step's first kernel and written by no kernel launched with PDL),
@@ -162,18 +183,28 @@ def _decode_kernel(
         cos = tl.load(cos_ptr + pos_t * stride_table + dims % HALF)  # the table's two halves are equal
         sin = tl.load(sin_ptr + pos_t * stride_table + dims % HALF)
         slot = tl.load(slot_ptr + t)
+    # The loop's first tile: read here when PRELOAD (the cache's rows of earlier steps; the new
+    # token's row, stale until this kernel writes it, is replaced below), else in the loop.
+    first = start + BLOCK_N if PRELOAD else start
+    if PRELOAD:
+        pos0 = start + tl.arange(0, BLOCK_N)
+        ok0 = pos0 < end
+        k0, v0 = _load_kv_tile(bt_row, pos0, ok0, k_ptr, v_ptr, kvh, dims, stride_kb, stride_kt, stride_kh,
+                               stride_vb, stride_vt, stride_vh, BLOCK_SIZE)
     if EARLY_READS:
         if PDL:  # the new token's line too: the store after the wait updates it in the L2
-            _prefetch_kv(bt_row, start, end, k_ptr, v_ptr, kvh, stride_kb, stride_kt, stride_kh,
+            _prefetch_kv(bt_row, first, end, k_ptr, v_ptr, kvh, stride_kb, stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, BLOCK_SIZE, HEAD_DIM, BLOCK_N, PREFETCH_TOKENS)
         pdl_enter(PDL)
     if ROPE:
         q = _rotated(q_rows, dims[None, :], row_ok[:, None], cos[None, :], sin[None, :], HALF)
+        new = t.to(tl.int64) * stride_nt + kvh * stride_nh
+        k_new = _rotated(k_new_ptr + new, dims, dims < 2 * HALF, cos, sin, HALF).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(v_new_ptr + new + dims).to(v_ptr.dtype.element_ty)
         if (seq_len - 1 >= start) & (seq_len - 1 < end):  # this split reads the new position
-            new = t.to(tl.int64) * stride_nt + kvh * stride_nh
-            _write_new_kv(k_new_ptr + new, v_new_ptr + new, slot, k_ptr, v_ptr, kvh, dims, cos, sin,
-                          stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, BLOCK_SIZE, HALF)
-            tl.debug_barrier()  # the CTA's stores land before its threads read the tile that holds them
+            _write_new_kv(k_new, v_new, slot, k_ptr, v_ptr, kvh, dims, stride_kb, stride_kt, stride_kh,
+                          stride_vb, stride_vt, stride_vh, BLOCK_SIZE)
+            tl.debug_barrier()  # the CTA's stores land before its threads read a tile that holds them
     else:
         q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
@@ -182,7 +213,12 @@ def _decode_kernel(
     m_i = tl.full([GROUP_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_M], dtype=tl.float32)
     acc = tl.zeros([GROUP_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    if PRELOAD:  # as the cache holds it after the write above (a skipped slot, < 0, is not written)
+        is_new = ((pos0 == seq_len - 1) & (slot >= 0))[:, None]
+        k0 = tl.where(is_new, k_new[None, :], k0)
+        v0 = tl.where(is_new, v_new[None, :], v0)
+        m_i, l_i, acc = _fold_tile(q, m_i, l_i, acc, ok0[None, :], k0, v0, qk_scale, DOT_PRECISION)
+    for start_n in range(first, end, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
         m_i, l_i, acc = _attend_tile(
@@ -234,20 +270,16 @@ def _prefetch_kv(bt_row, start, end, k_ptr, v_ptr, kvh, stride_kb, stride_kt, st
 
 
 @triton.jit
-def _write_new_kv(k_new, v_new, slot, k_ptr, v_ptr, kvh, dims, cos, sin,
-                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                  BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr):
-    """One token's rotated key and its value, of KV head kvh, into the cache at `slot` (k rounded
-    to the model dtype, then to the cache's, as rope_and_cache does); a negative slot is skipped."""
-    ok = dims < tl.where(slot >= 0, 2 * HALF, 0)
+def _write_new_kv(k, v, slot, k_ptr, v_ptr, kvh, dims, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                  stride_vh, BLOCK_SIZE: tl.constexpr):
+    """One token's rotated key k and its value v [D] (in the cache's dtype: k rounded to the model
+    dtype first, as rope_and_cache does), of KV head kvh, into the cache at `slot`; a negative slot
+    is skipped."""
+    ok = dims < tl.where(slot >= 0, k.shape[0], 0)
     block = (slot // BLOCK_SIZE).to(tl.int64)
     offset = slot % BLOCK_SIZE
-    k = _rotated(k_new, dims, dims < 2 * HALF, cos, sin, HALF)
-    k_dst = k_ptr + block * stride_kb + offset * stride_kt + kvh * stride_kh + dims
-    tl.store(k_dst, k.to(k_ptr.dtype.element_ty), mask=ok)
-    v = tl.load(v_new + dims)
-    v_dst = v_ptr + block * stride_vb + offset * stride_vt + kvh * stride_vh + dims
-    tl.store(v_dst, v.to(v_ptr.dtype.element_ty), mask=ok)
+    tl.store(k_ptr + block * stride_kb + offset * stride_kt + kvh * stride_kh + dims, k, mask=ok)
+    tl.store(v_ptr + block * stride_vb + offset * stride_vt + kvh * stride_vh + dims, v, mask=ok)
 
 
 @triton.jit
@@ -514,9 +546,10 @@ def paged_decode_attention(
         count_ptr=split_counters if combine else None,
         SPLITS_POW2=triton.next_power_of_2(num_splits),
         EARLY_READS=_DECODE_EARLY_READS,
+        PRELOAD=_DECODE_PRELOAD and _DECODE_EARLY_READS and rope is not None,
         PREFETCH_TOKENS=_DECODE_PREFETCH_TOKENS,
-        num_warps=4,
-        num_stages=3,
+        num_warps=4 if _DECODE_BLOCK_N <= 128 else 8,
+        num_stages=3 if _DECODE_BLOCK_N <= 128 else 1,  # the loop's copies in flight must fit shared memory
         **launch_options(q.device, batch),
         **(rope.kernel_args() if rope is not None else {}),
     )

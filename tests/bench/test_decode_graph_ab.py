@@ -16,6 +16,13 @@ def test_each_variant_patches_attributes_the_engine_has(variant):
 
 
 def test_the_variant_tables_name_only_known_variants():
-    for table in (ab.MMA_PREFETCH_GROUPS, ab.ATTENTION_SPLITS, ab.FOLDS):
+    for table in (ab.MMA_PREFETCH_GROUPS, ab.ATTENTION_SPLITS, ab.FOLDS, ab.PRELOADED):
         assert set(table) <= set(ab.VARIANTS)
     assert ab._patches("shipped") == [] and ab._patches("attn-late-reads")[0][2] is False
+
+
+def test_preloaded_variants_switch_the_preload_on_beside_their_split_policy():
+    names = {v: [name for _, name, _ in ab._patches(v)] for v in ab.PRELOADED}
+    assert names["attn-preload"] == ["_DECODE_PRELOAD"]
+    assert names["attn-1x256-preload"] == ["_DECODE_PRELOAD", "decode_num_splits", "_DECODE_BLOCK_N"]
+    assert "_DECODE_PRELOAD" not in [name for _, name, _ in ab._patches("attn-1x256")]

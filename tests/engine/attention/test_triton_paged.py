@@ -251,8 +251,13 @@ def rotary_tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_with_rope_equals_rope_and_cache_then_decode(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits, dtype):
+@pytest.mark.parametrize("preload", [False, True])
+def test_decode_with_rope_equals_rope_and_cache_then_decode(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits,
+                                                            dtype, preload, monkeypatch):
     # The raw q, k, v as views of one qkv output; the new token of each sequence at position seq_len - 1.
+    # preload: each split's first tile read before the new key and value are written (the stale row
+    # replaced); the new position falls in a first tile (5, 17; 70 split) and in a later one (70, 1 split).
+    monkeypatch.setattr(tp, "_DECODE_PRELOAD", preload)
     ops = interpreted_module("engine.model.triton_ops", "_rope_and_cache_kernel")
     seq_lens = [1, 17, 70, 64, 5]
     _, k_cache, v_cache, meta = make_batch(seq_lens, [1] * 5, num_heads, num_kv_heads, head_dim, block_size, dtype)
