@@ -142,12 +142,14 @@ def decode_attention_usage(num_splits: int = 4, combine_in_kernel: bool = True, 
     return resource_usage(decode_attention_kernel(num_splits, combine_in_kernel, rope).asm["cubin"])
 
 
-def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False):
+def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True, rope: bool = False,
+                            preload: bool = False):
     """The decode attention kernel (engine/attention/triton_paged.py) as the 8B model's
     batch-1 step launches it: 4 query heads a KV head, head dim 128, block size 16, bf16, PDL, every
     pointer, stride and head count divisible by 16 (all but the block table's row stride, which
     the kernel does not specialize on), its reads before the PDL wait as paged_decode_attention
-    launches it. rope: the new token's rotary and cache write in the kernel."""
+    launches it. rope: the new token's rotary and cache write in the kernel; preload (with rope):
+    the first tile of keys and values read before the wait."""
     from engine.attention import triton_paged as tp
 
     ints = ("num_heads", "stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
@@ -157,7 +159,7 @@ def decode_attention_kernel(num_splits: int = 4, combine_in_kernel: bool = True,
     consts = {"GROUP": 4, "GROUP_M": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_N": tp._DECODE_BLOCK_N,
               "NUM_SPLITS": num_splits, "QUERY_LEN": 1, "DOT_PRECISION": "ieee", "PDL": True,
               "SPLITS_POW2": 1 << (num_splits - 1).bit_length(), "EARLY_READS": tp._DECODE_EARLY_READS,
-              "PREFETCH_TOKENS": tp._DECODE_PREFETCH_TOKENS}
+              "PREFETCH_TOKENS": tp._DECODE_PREFETCH_TOKENS, "PRELOAD": preload and rope}
     if combine_in_kernel:
         sig["count_ptr"] = "*i32"
     else:

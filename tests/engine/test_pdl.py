@@ -57,7 +57,8 @@ def order(ptx):
         return next((i for i, l in enumerate(lines) if l.startswith(ops)), None)
     return {"signal": first("griddepcontrol.launch_dependents"), "wait": first("griddepcontrol.wait"),
             "prefetch": first("prefetch.global.L2"), "memory": first("ld.global", "st.global", "cp.async", "atom."),
-            "store": first("st.global", "atom.", "red."), "async_copy": first("cp.async")}
+            "store": first("st.global", "atom.", "red."), "async_copy": first("cp.async"),
+            "reads_before_wait": sum(l.startswith("ld.global") for l in lines[:first("griddepcontrol.wait") or 0])}
 
 out = {}
 for pdl in (True, False):
@@ -69,6 +70,7 @@ for fold in ("ADD_RESIDUAL", "NORM_IN"):  # the norm folding's epilogues
               "EVEN": True, "PDL": True, "PREFETCH_GROUPS": int4_mma.PREFETCH_GROUPS, fold: True, "SLOTS": 256}
     out[f"mma {fold}"] = order(compile_sm90(int4_mma._int4_mma_kernel, MMA_SIGNATURE, consts, 4, 2).asm["ptx"])
 out["attention rope"] = order(decode_attention_kernel(4, True, rope=True).asm["ptx"])
+out["attention preload"] = order(decode_attention_kernel(4, False, rope=True, preload=True).asm["ptx"])
 norm_sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
             "stride_x": "i32", "stride_res": "i32", "stride_out": "i32", "stride_res_out": "i32", "n_cols": "i32",
             "eps": "fp32"}
@@ -91,6 +93,9 @@ def test_kernels_signal_then_wait_before_any_memory_access_but_the_weight_prefet
     attn = found["attention rope"]
     assert attn["signal"] < attn["wait"] < attn["store"] and attn["wait"] < attn["async_copy"], attn
     assert attn["memory"] < attn["prefetch"] < attn["wait"], attn
+    # Preloaded, the first tile's keys and values are read before the wait too; still no store.
+    pre = found["attention preload"]
+    assert pre["signal"] < pre["wait"] < pre["store"] and pre["reads_before_wait"] > attn["reads_before_wait"], pre
     assert found["norm True"]["prefetch"] is None
     off = found["mma False"]
     assert off["signal"] is None and off["wait"] is None and off["prefetch"] is None
