@@ -198,13 +198,17 @@ def _decode_kernel(
         pdl_enter(PDL)
     if ROPE:
         q = _rotated(q_rows, dims[None, :], row_ok[:, None], cos[None, :], sin[None, :], HALF)
-        new = t.to(tl.int64) * stride_nt + kvh * stride_nh
-        k_new = _rotated(k_new_ptr + new, dims, dims < 2 * HALF, cos, sin, HALF).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(v_new_ptr + new + dims).to(v_ptr.dtype.element_ty)
         if (seq_len - 1 >= start) & (seq_len - 1 < end):  # this split reads the new position
+            new = t.to(tl.int64) * stride_nt + kvh * stride_nh
+            k_new = _rotated(k_new_ptr + new, dims, dims < 2 * HALF, cos, sin, HALF).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(v_new_ptr + new + dims).to(v_ptr.dtype.element_ty)
             _write_new_kv(k_new, v_new, slot, k_ptr, v_ptr, kvh, dims, stride_kb, stride_kt, stride_kh,
                           stride_vb, stride_vt, stride_vh, BLOCK_SIZE)
             tl.debug_barrier()  # the CTA's stores land before its threads read a tile that holds them
+            if PRELOAD:  # the first tile as the cache now holds it (a skipped slot, < 0, is not written)
+                is_new = ((pos0 == seq_len - 1) & (slot >= 0))[:, None]
+                k0 = tl.where(is_new, k_new[None, :], k0)
+                v0 = tl.where(is_new, v_new[None, :], v0)
     else:
         q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
@@ -213,10 +217,7 @@ def _decode_kernel(
     m_i = tl.full([GROUP_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_M], dtype=tl.float32)
     acc = tl.zeros([GROUP_M, HEAD_DIM], dtype=tl.float32)
-    if PRELOAD:  # as the cache holds it after the write above (a skipped slot, < 0, is not written)
-        is_new = ((pos0 == seq_len - 1) & (slot >= 0))[:, None]
-        k0 = tl.where(is_new, k_new[None, :], k0)
-        v0 = tl.where(is_new, v_new[None, :], v0)
+    if PRELOAD:
         m_i, l_i, acc = _fold_tile(q, m_i, l_i, acc, ok0[None, :], k0, v0, qk_scale, DOT_PRECISION)
     for start_n in range(first, end, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)
