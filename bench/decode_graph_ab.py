@@ -12,8 +12,9 @@ arrival counters); 'own-buffers' (the inputs in tensors of their own, not views 
 upload buffer); 'attn-N-split(s)' (decode attention's splits forced to N instead of
 decode_num_splits' choice, 4 here: 1 needs no combine kernel), 'attn-2x128' (2 splits of
 128-token tiles) and 'attn-1x256' (one program a KV head, one 256-token tile, no combine kernel);
-'attn-preload', 'attn-1x256-preload' (each program's first tile of keys and values read before the
-PDL wait, _DECODE_PRELOAD); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
+'attn-wide' (_DECODE_PRELOAD on: each program's first tile of keys and values read before the PDL
+wait, tiles and a split's least share 256 tokens, so one program a KV head here) and
+'attn-preload' (the same with 64-token tiles: the shipped splits); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
 values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
 ask the L2 for the first N groups of each row before their PDL wait, instead of PREFETCH_GROUPS, 8);
 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most any
@@ -39,13 +40,14 @@ from engine.cuda_graphs import DecodeGraphs
 VARIANTS = (
     "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "own-buffers",
     "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "attn-preload", "attn-1x256",
-    "attn-1x256-preload", "mma-prefetch-4", "mma-prefetch-16", "no-attention",
+    "attn-wide", "mma-prefetch-4", "mma-prefetch-16", "no-attention",
 )
 MMA_PREFETCH_GROUPS = {"mma-prefetch-4": 4, "mma-prefetch-16": 16}
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
 ATTENTION_SPLITS = {"attn-1-split": (1, 64), "attn-2-splits": (2, 64), "attn-8-splits": (8, 64), "attn-2x128": (2, 128),
-                    "attn-1x256": (1, 256), "attn-1x256-preload": (1, 256)}
-PRELOADED = ("attn-preload", "attn-1x256-preload")  # decode attention's first tile read before its PDL wait
+                    "attn-1x256": (1, 256)}
+# Decode attention's first tile read before its PDL wait (_DECODE_PRELOAD): tiles of this many tokens.
+PRELOADED = {"attn-preload": 64, "attn-wide": 256}
 FOLDS = {"unfolded": (False, False), "norms-only": (True, False), "rope-only": (False, True), "no-norm": (False, False)}
 
 
@@ -73,13 +75,11 @@ def _patches(variant: str) -> list[tuple[object, str, object]]:
     from engine.model import fused_ops, llama
     from engine.quant import int4_mma
 
-    preload = [(triton_paged, "_DECODE_PRELOAD", True)] if variant in PRELOADED else []
     if variant in ATTENTION_SPLITS:
         splits, block_n = ATTENTION_SPLITS[variant]
-        return preload + [(triton_paged, "decode_num_splits", lambda *args: splits),
-                          (triton_paged, "_DECODE_BLOCK_N", block_n)]
-    if preload:
-        return preload
+        return [(triton_paged, "decode_num_splits", lambda *args, **kwargs: splits), (triton_paged, "_DECODE_BLOCK_N", block_n)]
+    if variant in PRELOADED:
+        return [(triton_paged, "_DECODE_PRELOAD", True), (triton_paged, "_DECODE_PRELOAD_BLOCK_N", PRELOADED[variant])]
     if variant in MMA_PREFETCH_GROUPS:
         return [(int4_mma, "PREFETCH_GROUPS", MMA_PREFETCH_GROUPS[variant])]
     if variant == "attn-late-reads":

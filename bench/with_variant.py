@@ -2,7 +2,7 @@
 what a variant that won the graph A/B gives end to end before it becomes a default. Its figures are
 the variant's, not the shipped build's (the JSON names the variant).
 
-    python -m bench.with_variant attn-1x256-preload bench.quant --modes int4-triton-mma --ppl-modes none
+    python -m bench.with_variant attn-wide bench.quant --modes int4-triton-mma --ppl-modes none
 """
 
 from __future__ import annotations

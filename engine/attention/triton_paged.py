@@ -39,7 +39,7 @@ import triton.language as tl
 
 from engine.arrivals import last_to_arrive, reset_arrivals
 from engine.pdl import enter as pdl_enter
-from engine.pdl import launch_options, prefetch_l2
+from engine.pdl import PDL_MAX_ROWS, launch_options, prefetch_l2
 
 _LOG2E = 1.4426950408889634
 
@@ -55,10 +55,14 @@ _DECODE_MIN_SPLIT_TOKENS = _DECODE_BLOCK_N
 # values there: up to this many of them (two tiles; a batch of 8 long contexts then asks ~20 MB).
 _DECODE_PREFETCH_TOKENS = 2 * _DECODE_BLOCK_N
 _DECODE_EARLY_READS = True  # False: every read after the wait (bench/decode_graph_ab.py's 'attn-late-reads')
-# With the rotary in the kernel (it then writes the new token's key and value itself, and no kernel
-# ahead writes the cache), each program reads its first tile of keys and values into registers
-# before the wait too, so that after it only q and the new token's row are fetched.
+# Launches of a few sequences (at most PDL_MAX_ROWS) with the rotary in the kernel (it then writes
+# the new token's key and value itself, and no kernel ahead writes the cache) may read their first
+# tile of keys and values into registers before the wait too, so that after it only q and the new
+# token's row are fetched. Their tile is then _DECODE_PRELOAD_BLOCK_N tokens, and so is a split's
+# least share: a context up to that long is one program a KV head and needs no combine kernel.
+# Off until a device run shows it faster (bench/decode_graph_ab.py's 'attn-wide', 'attn-preload').
 _DECODE_PRELOAD = False
+_DECODE_PRELOAD_BLOCK_N = 256
 _PREFILL_BLOCK_M = 128  # rows per program: query tokens x padded group heads
 _PREFILL_BLOCK_N = 64
 
@@ -438,14 +442,15 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter on the CPU: act like an H100
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      min_split_tokens: int = _DECODE_MIN_SPLIT_TOKENS) -> int:
     """How many programs share one (sequence, KV head): enough for ~2 waves on the GPU.
 
     Shapes only, so the same answer at CUDA-graph capture and replay.
     """
     programs = batch * num_kv_heads
     want = -(-2 * num_sms // programs)
-    by_len = max(1, max_seq_len // _DECODE_MIN_SPLIT_TOKENS)
+    by_len = max(1, max_seq_len // min_split_tokens)
     return max(1, min(want, by_len, _DECODE_MAX_SPLITS))
 
 
@@ -511,9 +516,11 @@ def paged_decode_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
+    preload = _DECODE_PRELOAD and _DECODE_EARLY_READS and rope is not None and batch <= PDL_MAX_ROWS
+    block_n = _DECODE_PRELOAD_BLOCK_N if preload else _DECODE_BLOCK_N
     if num_splits is None:
         max_seq_len = block_tables.shape[1] * block_size  # an upper bound, from shapes only
-        num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _num_sms(q.device))
+        num_splits = decode_num_splits(batch, num_kv_heads, max_seq_len, _num_sms(q.device), min_split_tokens=block_n)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     combine = num_splits > 1 and split_counters is not None
@@ -540,17 +547,17 @@ def paged_decode_attention(
         GROUP_M=max(_DECODE_MIN_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_N=_DECODE_BLOCK_N,
+        BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         QUERY_LEN=query_len,
         DOT_PRECISION=_dot_precision(q.dtype),
         count_ptr=split_counters if combine else None,
         SPLITS_POW2=triton.next_power_of_2(num_splits),
         EARLY_READS=_DECODE_EARLY_READS,
-        PRELOAD=_DECODE_PRELOAD and _DECODE_EARLY_READS and rope is not None,
+        PRELOAD=preload,
         PREFETCH_TOKENS=_DECODE_PREFETCH_TOKENS,
-        num_warps=4 if _DECODE_BLOCK_N <= 128 else 8,
-        num_stages=3 if _DECODE_BLOCK_N <= 128 else 1,  # the loop's copies in flight must fit shared memory
+        num_warps=4 if block_n <= 128 else 8,
+        num_stages=3 if block_n <= 128 else 1,  # the loop's copies in flight must fit shared memory
         **launch_options(q.device, batch),
         **(rope.kernel_args() if rope is not None else {}),
     )

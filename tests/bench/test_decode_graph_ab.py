@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import decode_graph_ab as ab
+from engine.attention import triton_paged
 
 
 @pytest.mark.parametrize("variant", ab.VARIANTS)
@@ -21,8 +22,8 @@ def test_the_variant_tables_name_only_known_variants():
     assert ab._patches("shipped") == [] and ab._patches("attn-late-reads")[0][2] is False
 
 
-def test_preloaded_variants_switch_the_preload_on_beside_their_split_policy():
-    names = {v: [name for _, name, _ in ab._patches(v)] for v in ab.PRELOADED}
-    assert names["attn-preload"] == ["_DECODE_PRELOAD"]
-    assert names["attn-1x256-preload"] == ["_DECODE_PRELOAD", "decode_num_splits", "_DECODE_BLOCK_N"]
+def test_preloaded_variants_switch_the_preload_on_with_their_tile():
+    for variant, tile in ab.PRELOADED.items():
+        assert ab._patches(variant)[1:] == [(triton_paged, "_DECODE_PRELOAD_BLOCK_N", tile)]
+        assert ab._patches(variant)[0][1:] == ("_DECODE_PRELOAD", True)
     assert "_DECODE_PRELOAD" not in [name for _, name, _ in ab._patches("attn-1x256")]

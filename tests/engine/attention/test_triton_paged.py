@@ -207,6 +207,9 @@ def test_decode_num_splits_heuristic(tp):
     assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=256, num_sms=132) == 4
     assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=100, num_sms=132) == 1
     assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=16, num_sms=132) == 1
+    # Preloaded launches' wide tiles: a split's share is at least one of them.
+    assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=272, num_sms=132, min_split_tokens=256) == 1
+    assert tp.decode_num_splits(batch=1, num_kv_heads=8, max_seq_len=4096, num_sms=132, min_split_tokens=256) == 16
 
 
 @pytest.mark.parametrize("head_dim", [24, 8])
@@ -251,13 +254,17 @@ def rotary_tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("preload", [False, True])
+@pytest.mark.parametrize("preload_tile", [None, 256, 16])
 def test_decode_with_rope_equals_rope_and_cache_then_decode(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits,
-                                                            dtype, preload, monkeypatch):
+                                                            dtype, preload_tile, monkeypatch):
     # The raw q, k, v as views of one qkv output; the new token of each sequence at position seq_len - 1.
-    # preload: each split's first tile read before the new key and value are written (the stale row
-    # replaced); the new position falls in a first tile (5, 17; 70 split) and in a later one (70, 1 split).
-    monkeypatch.setattr(tp, "_DECODE_PRELOAD", preload)
+    # preload_tile: each split's first tile (of that many tokens) read before the new key and value
+    # are written, the stale row replaced; with 16 the new position also falls in later tiles. The
+    # unfused call then walks tiles of the same length: the same sums in the same order.
+    if preload_tile is not None:
+        monkeypatch.setattr(tp, "_DECODE_PRELOAD", True)
+        monkeypatch.setattr(tp, "_DECODE_PRELOAD_BLOCK_N", preload_tile)
+        monkeypatch.setattr(tp, "_DECODE_BLOCK_N", preload_tile)
     ops = interpreted_module("engine.model.triton_ops", "_rope_and_cache_kernel")
     seq_lens = [1, 17, 70, 64, 5]
     _, k_cache, v_cache, meta = make_batch(seq_lens, [1] * 5, num_heads, num_kv_heads, head_dim, block_size, dtype)
