@@ -14,7 +14,9 @@ decode_num_splits' choice, 4 here: 1 needs no combine kernel), 'attn-2x128' (2 s
 128-token tiles) and 'attn-1x256' (one program a KV head, one 256-token tile, no combine kernel);
 'attn-wide' (_DECODE_PRELOAD on: each program's first tile of keys and values read before the PDL
 wait, tiles and a split's least share 256 tokens, so one program a KV head here) and
-'attn-preload' (the same with 64-token tiles: the shipped splits); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
+'attn-preload' (the same with 64-token tiles: the shipped splits); 'mma-no-split' (the int4 products
+tuned among the configs without split-K only: the tuner times each product alone, the graph chains
+them under PDL, where a split's last-arriving sum may cost more than it does alone); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
 values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
 ask the L2 for the first N groups of each row before their PDL wait, instead of PREFETCH_GROUPS, 8);
 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most any
@@ -40,7 +42,7 @@ from engine.cuda_graphs import DecodeGraphs
 VARIANTS = (
     "shipped", "unfolded", "norms-only", "rope-only", "no-norm", "combine-in-kernel", "own-buffers",
     "attn-1-split", "attn-2-splits", "attn-8-splits", "attn-2x128", "attn-late-reads", "attn-preload", "attn-1x256",
-    "attn-wide", "mma-prefetch-4", "mma-prefetch-16", "no-attention",
+    "attn-wide", "mma-no-split", "mma-prefetch-4", "mma-prefetch-16", "no-attention",
 )
 MMA_PREFETCH_GROUPS = {"mma-prefetch-4": 4, "mma-prefetch-16": 16}
 # Decode attention's split policy forced: (splits per (sequence, KV head), tokens per tile).
@@ -82,6 +84,8 @@ def _patches(variant: str) -> list[tuple[object, str, object]]:
         return [(triton_paged, "_DECODE_PRELOAD", True), (triton_paged, "_DECODE_PRELOAD_BLOCK_N", PRELOADED[variant])]
     if variant in MMA_PREFETCH_GROUPS:
         return [(int4_mma, "PREFETCH_GROUPS", MMA_PREFETCH_GROUPS[variant])]
+    if variant == "mma-no-split":  # autotuned among the batch-1 configs without split-K only
+        return [(int4_mma, "_int4_mma_tuned", int4_mma._autotuned([c for c in int4_mma._MMA_CONFIGS if c[2] == 1]))]
     if variant == "attn-late-reads":
         return [(triton_paged, "_DECODE_EARLY_READS", False)]
     if variant == "no-norm":

@@ -2,8 +2,9 @@
 # One device call for decode attention's first tile of keys and values read before its PDL wait
 # (_DECODE_PRELOAD, off as shipped; with 256-token tiles a context up to 256 is one program a KV head
 # and needs no combine kernel): W3 of bf16 and int4 as shipped, the decode graph's same-process A/B
-# (attn-wide, attn-preload, attn-1x256 beside the shipped graph), then W3's int4 run again under whichever of those
-# three the A/B found fastest, if any beat the shipped graph; then the engine's greedy tokens
+# (attn-wide, attn-preload, attn-1x256 and mma-no-split, the int4 products without split-K, beside the
+# shipped graph), then W3's int4 run again under whichever of those four the A/B found fastest, if any
+# beat the shipped graph; then the engine's greedy tokens
 # against Hugging Face with the decode graphs. About 9 minutes.
 #   run: bash scripts/device/w3-preload.sh
 set -uo pipefail
@@ -14,12 +15,12 @@ TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds 3 --json "$OU
 best=$(python - "$OUT/graph-ab.json" <<'PY'
 import json, sys
 ms = json.load(open(sys.argv[1]))["ms_per_replay"]
-tried = {v: ms[v] for v in ("attn-wide", "attn-preload", "attn-1x256") if v in ms}
+tried = {v: ms[v] for v in ("attn-wide", "attn-preload", "attn-1x256", "mma-no-split") if v in ms}
 best = min(tried, key=tried.get) if tried else None
 print(best if best and tried[best] < ms["shipped"] else "")
 PY
 )
-echo "=== fastest attention variant ahead of shipped: ${best:-none}"
+echo "=== fastest variant ahead of shipped: ${best:-none}"
 if [ -n "$best" ]; then
   TAIL=16 step w3-variant 110 python -m bench.with_variant "$best" bench.quant --modes int4-triton-mma \
     --async-scheduling on --ppl-modes none --repeats 2 --profile --skip-kernel-check --json "$OUT/w3-variant.json"

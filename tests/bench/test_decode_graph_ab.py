@@ -27,3 +27,12 @@ def test_preloaded_variants_switch_the_preload_on_with_their_tile():
         assert ab._patches(variant)[1:] == [(triton_paged, "_DECODE_PRELOAD_BLOCK_N", tile)]
         assert ab._patches(variant)[0][1:] == ("_DECODE_PRELOAD", True)
     assert "_DECODE_PRELOAD" not in [name for _, name, _ in ab._patches("attn-1x256")]
+
+
+def test_mma_no_split_tunes_only_configs_without_split_k():
+    from engine.quant import int4_mma
+
+    ((module, name, tuned),) = ab._patches("mma-no-split")
+    assert module is int4_mma and name == "_int4_mma_tuned"
+    splits = {config.kwargs["SPLIT_K"] for config in tuned.configs}
+    assert splits == {1} and len(tuned.configs) == sum(c[2] == 1 for c in int4_mma._MMA_CONFIGS)
