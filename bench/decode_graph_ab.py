@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     fold_err = float((ref - unfolded).abs().max() / unfolded.abs().max())
     fold_same_top = bool(torch.equal(ref.argmax(-1), unfolded.argmax(-1)))
     rope_err = float((graphs["rope-only"].logits[1].float() - unfolded).abs().max() / unfolded.abs().max())
-    split_errs = {v: float((graphs[v].logits[1].float() - ref).abs().max() / ref.abs().max()) for v in ATTENTION_SPLITS}
+    split_errs = {v: float((graphs[v].logits[1].float() - ref).abs().max() / ref.abs().max())
+                  for v in (*ATTENTION_SPLITS, "attn-wide", "mma-no-split")}
     late_same = torch.equal(graphs["attn-late-reads"].logits[1].float(), ref)
     preload_same = torch.equal(graphs["attn-preload"].logits[1].float(), ref)
     result = {
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"of attn-preload: {preload_same}")
     print(f"  shipped (folded) against unfolded: max |diff| / max |logit| {fold_err:.2e}, same argmax {fold_same_top}")
     print(f"  rope-only against unfolded: max |diff| / max |logit| {rope_err:.2e}")
-    print("  attention's split policy against shipped, max |diff| / max |logit|: "
+    print("  attention's split policy (and mma-no-split) against shipped, max |diff| / max |logit|: "
           + ", ".join(f"{v} {e:.2e}" for v, e in split_errs.items()))
     if args.json:
         write_json(result, args.json)
