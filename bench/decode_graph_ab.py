@@ -16,8 +16,9 @@ decode_num_splits' choice, 4 here: 1 needs no combine kernel), 'attn-2x128' (2 s
 wait, tiles and a split's least share 256 tokens, so one program a KV head here) and
 'attn-preload' (the same with 64-token tiles: the shipped splits); 'mma-no-split' (the int4 products
 tuned among the configs without split-K only: the tuner times each product alone, the graph chains
-them under PDL, where a split's last-arriving sum may cost more than it does alone); 'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and
-values only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
+them under PDL, where a split's last-arriving sum may cost more than it does alone);
+'attn-late-reads' (decode attention reads its step inputs and asks the L2 for its keys and values
+only after its PDL wait, as before 2026-12-07 18:00 UTC); 'mma-prefetch-N' (the int4 products
 ask the L2 for the first N groups of each row before their PDL wait, instead of PREFETCH_GROUPS, 8);
 'no-attention' (attention's kernels left out, the queries passed on: a timing only, the most any
 attention change could save).

@@ -26,7 +26,10 @@ in a CUDA graph: nothing here syncs with the device.
 Under PDL (engine/pdl.py) a decode program does what needs nothing of the kernel ahead (qkv's
 product) before it waits: it reads its sequence's length, position, rotary row, cache slot and
 block ids, and asks the L2 for the keys and values of its first tokens, so that after the wait only
-q and the new token's own key and value are read from far away.
+q and the new token's own key and value are read from far away. With _DECODE_PRELOAD (off until a
+device run shows it faster) a launch of a few sequences reads its first tile of keys and values
+into registers there too, in tiles long enough that a short context needs no split and no combine
+kernel.
 """
 
 from __future__ import annotations
