@@ -38,7 +38,9 @@ import torch
 
 from bench.kept import kept_ratio
 from bench.process_cpu import SERVE_ROLES, cpu_seconds_by_role, per_request_ms
-from bench.stream_levels import LevelResult, client_procs_for, client_share, merge_shares, record_request, run_level
+from bench.stream_levels import (
+    WAY_OUT, LevelResult, client_procs_for, client_share, merge_shares, record_request, run_level,
+)
 from deployments.ray_env import missing_serve_settings
 from engine.cpu_affinity import CpuPlan, pin_process, visible_gpu_index
 
@@ -625,6 +627,11 @@ def report(results: dict, argv: list[str] | None) -> None:
                   f"   routing = {router:.1f} until the request router ran + {route - router:.1f} after;"
                   f" the replica's acceptance back in the ingress at {accepted:.1f}")
         print("  the rest: before the ingress handler ran (HTTP proxy, routing to the ingress, its queue) and the way back out")
+        print("  a stream's way out (means, ms; the end-timing comment): engine's finish -> last output on the replica"
+              " | -> the ingress's last write | -> [DONE] at the client")
+        for s in variant["levels"]:
+            print(f"  c={s['concurrency']:<5} " + " | ".join(
+                f"{s.get(f'server_{name}_mean_ms', nan):8.2f}" for name, _, _ in WAY_OUT))
         print("  event-loop lag, mean ms (the wait a ready callback sees): LLM replica | one ingress replica")
         for s in variant["levels"]:
             print(f"  c={s['concurrency']:<5} {s.get('replica_loop_lag_mean_ms', nan):8.2f} | "

@@ -97,7 +97,7 @@ def client_share(base_url: str, model: str, prompts: list[list[int]], concurrenc
 
 
 async def stream_one(session, model: str, prompt: list[int], output_len: int, result: LevelResult) -> None:
-    from deployments.server_timing import parse_server_timing
+    from deployments.server_timing import parse_end_timing, parse_server_timing
 
     body = {
         "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
@@ -111,9 +111,14 @@ async def stream_one(session, model: str, prompt: list[int], output_len: int, re
             result.server_ms.setdefault(name, []).append(ms)
         arrivals: list[float] = []
         completion_tokens = 0
+        end: dict[str, float] = {}
         async for raw in resp.content:  # one line at a time
             line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if line == "data: [DONE]":
+                record_way_out(result, end, time.time())
+                continue
+            if not line.startswith("data: "):
+                end = parse_end_timing(line) or end
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -122,6 +127,18 @@ async def stream_one(session, model: str, prompt: list[int], output_len: int, re
                 arrivals.append(time.perf_counter())
     # Tokens come from the usage chunk: a text chunk can carry several tokens, or none yet.
     record_request(result, start, arrivals, completion_tokens)
+
+
+# The way out of a stream's end (server_timing.format_end_timing), as server_ms entries: engine's finish
+# -> its last output on the replica -> the ingress's last write -> the client's receipt of [DONE].
+WAY_OUT = (("out_replica", "engine", "replica"), ("out_ingress", "replica", "ingress"), ("out_client", "ingress", "client"))
+
+
+def record_way_out(result: LevelResult, end: dict[str, float], received_unix_s: float) -> None:
+    marks = {**end, "client": received_unix_s}
+    for name, since, until in WAY_OUT:
+        if since in marks and until in marks:
+            result.server_ms.setdefault(name, []).append((marks[until] - marks[since]) * 1e3)
 
 
 def merge_shares(concurrency: int, parts: list[tuple[LevelResult, float, float]]) -> LevelResult:

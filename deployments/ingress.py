@@ -42,7 +42,7 @@ from deployments.metrics import IngressMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from deployments.ray_env import set_switch_interval
 from deployments.serving import ChatShaper, CompletionShaper, Prompts, load_ingress_tokenizer, sampling_params
-from deployments.server_timing import add_handler_time, format_server_timing
+from deployments.server_timing import add_handler_time, format_end_timing, format_server_timing
 from engine.cpu_affinity import pin_process
 from engine.errors import InvalidRequestError, RequestAbortedError
 
@@ -300,6 +300,7 @@ class OpenAIIngress:
                 self._metrics.observe_finished(total, time.monotonic() - start)
                 if include_usage:
                     pending.append(_sse(usage_chunk(total)))
+                pending.append(format_end_timing(total.timing, time.time()))
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # headers are out: report in-band, as OpenAI does

@@ -44,6 +44,15 @@ logger = logging.getLogger("ray.serve")
 PREFIX_INDEX_ACTOR = "prefix_index"
 
 
+def _stamp_finish(timing: RequestTiming, out: RequestOutput) -> None:
+    """The request's end on the wall clock: when the engine finished it (its metrics hold the
+    system-wide monotonic clock, the same in the engine core's process) and now, here."""
+    now_unix, now = time.time(), time.monotonic()
+    timing.replica_finished_unix_s = now_unix
+    if out.metrics is not None and out.metrics.finished_time is not None:
+        timing.engine_finished_unix_s = now_unix - (now - out.metrics.finished_time)
+
+
 @serve.deployment(name="LLMServer")
 class LLMServer:
     def __init__(self, config: AppConfig, draft: DeploymentHandle | None = None) -> None:
@@ -179,6 +188,8 @@ class LLMServer:
                         pending = delta
                     else:
                         pending.merge(delta)
+                    if out.finished:
+                        _stamp_finish(timing, out)
                     if out.finished or stream_interval_s is not None:
                         if out.finished or not first_sent:
                             pending.timing = timing

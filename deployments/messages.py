@@ -58,6 +58,10 @@ class RequestTiming:
     inter_token_latencies_s: list[float] = field(default_factory=list)
     arrived_unix_s: float | None = None  # wall clock, so the ingress can tell how long routing took
     router_unix_s: float | None = None  # GenerateRequest.router_unix_s, handed back
+    # With the last output (wall clock): the engine finished the request; its last output reached the
+    # replica's handler. The ingress hands both on to the client (server_timing.format_end_timing).
+    engine_finished_unix_s: float | None = None
+    replica_finished_unix_s: float | None = None
 
 
 @dataclass

@@ -14,11 +14,20 @@ response being ready (so handler - ingress is reading the body from the HTTP
 proxy, validating and tokenizing it). A client's own time to first token
 minus `handler` was spent before the handler ran (the HTTP proxy, the
 ingress's queue) and on the way back out.
+
+A stream's way out is told at its end, in an SSE comment line just before
+`data: [DONE]` (clients skip comment lines, the SSE rule):
+
+    : end-timing engine=1733600000.101 replica=1733600000.102 ingress=1733600000.104
+
+(wall clock, seconds): when the engine finished the request, when its last
+output reached the LLM replica's handler and when the ingress wrote the last
+chunk; a client sets its own receipt of [DONE] against them.
 """
 
 from __future__ import annotations
 
-from deployments.messages import GenerateOutput
+from deployments.messages import GenerateOutput, RequestTiming
 
 
 def format_server_timing(
@@ -36,6 +45,26 @@ def format_server_timing(
         if timing.time_to_first_token_s is not None:
             parts.append(f"replica;dur={timing.time_to_first_token_s * 1e3:.1f}")
     return ", ".join(parts)
+
+
+END_TIMING = ": end-timing "
+
+
+def format_end_timing(timing: RequestTiming | None, ingress_unix_s: float) -> str:
+    """The SSE comment line (with its blank line) that ends a stream's last write, before [DONE]."""
+    marks = {}
+    if timing is not None:
+        marks = {"engine": timing.engine_finished_unix_s, "replica": timing.replica_finished_unix_s}
+    marks["ingress"] = ingress_unix_s
+    return END_TIMING + " ".join(f"{name}={t:.6f}" for name, t in marks.items() if t is not None) + "\n\n"
+
+
+def parse_end_timing(line: str) -> dict[str, float]:
+    """': end-timing engine=1.5 ingress=2.0' -> {'engine': 1.5, 'ingress': 2.0}; {} for any other line."""
+    if not line.startswith(END_TIMING.rstrip()):
+        return {}
+    pairs = (item.partition("=") for item in line[len(END_TIMING):].split())
+    return {name: float(value) for name, _, value in pairs if value}
 
 
 def parse_server_timing(header: str) -> dict[str, float]:

@@ -66,6 +66,9 @@ def test_serve_throughput_runs_direct_and_each_serve_variant(tmp_path):
         assert level["replica_first_tokens"] == 4 and 0 < level["replica_ttft_mean_ms"] <= level["ttft_mean_ms"]
         # ... and where the clients' TTFT went, from the Server-Timing headers.
         assert 0 < level["server_ingress_mean_ms"] <= level["server_handler_mean_ms"] <= level["ttft_mean_ms"]
+        # ... and each stream's way out, from the comment before [DONE] (one host's clocks, 1 ms rounding).
+        assert all(level[f"server_{name}_mean_ms"] >= -1.0 for name in ("out_replica", "out_ingress", "out_client"))
+    assert "a stream's way out" in done.stdout
 
 
 

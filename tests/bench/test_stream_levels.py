@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bench.stream_levels import LevelResult, client_procs_for, merge_shares, record_request, run_level
+from bench.stream_levels import LevelResult, client_procs_for, merge_shares, record_request, record_way_out, run_level
 
 
 def test_record_and_merge_shares():
@@ -20,6 +20,17 @@ def test_record_and_merge_shares():
     assert total.ttft_s == [0.5] and total.itl_s == [0.25]
     summary = total.summary()
     assert summary["tok_s"] == 1.25 and summary["server_ingress_mean_ms"] == 5.0 and summary["server_route_mean_ms"] == 1.0
+
+
+def test_way_out_of_a_stream_from_its_end_timing():
+    result = LevelResult(1)
+    record_way_out(result, {"engine": 10.0, "replica": 10.002, "ingress": 10.0065}, received_unix_s=10.010)
+    record_way_out(result, {"ingress": 20.0}, received_unix_s=20.004)  # no timing from the replica
+    record_way_out(result, {}, received_unix_s=30.0)  # no comment at all: nothing recorded
+    assert result.server_ms.keys() == {"out_replica", "out_ingress", "out_client"}
+    assert [round(ms, 3) for ms in result.server_ms["out_replica"]] == [2.0]
+    assert [round(ms, 3) for ms in result.server_ms["out_ingress"]] == [4.5]
+    assert [round(ms, 3) for ms in result.server_ms["out_client"]] == [3.5, 4.0]
 
 
 def test_run_level_caps_concurrency_and_counts_failures():

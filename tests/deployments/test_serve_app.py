@@ -19,7 +19,7 @@ import pytest
 
 from deploy_helpers import ServeCluster, app_args
 
-from deployments.server_timing import parse_server_timing
+from deployments.server_timing import parse_end_timing, parse_server_timing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -121,7 +121,9 @@ def test_completion_stream_equals_unary(client: httpx.Client, reference) -> None
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         timing = parse_server_timing(r.headers["server-timing"])
-        events = sse_events(r.iter_lines())
+        lines = [line for line in r.iter_lines() if line]
+        received = time.time()
+    events = sse_events(iter(lines))
     # Where the time to first token went: routing to the replica plus the replica's own
     # wait make up the ingress's wait, which the handler's time contains (clocks of one
     # machine; 1 ms of rounding room).
@@ -133,6 +135,12 @@ def test_completion_stream_equals_unary(client: httpx.Client, reference) -> None
     assert timing["router"] <= timing["accepted"] + 1.0 and timing["accepted"] <= timing["ingress"] + 1.0
     assert timing["ingress"] <= timing["handler"] + 1.0
     assert events[-1] == "[DONE]"
+    # The way out, in a comment line just before [DONE]: the engine's finish, then the last output
+    # on the replica, then the last write of the ingress, then the client (1 ms of rounding room).
+    assert lines[-1] == "data: [DONE]"
+    end = parse_end_timing(lines[-2])
+    assert list(end) == ["engine", "replica", "ingress"], lines[-2]
+    assert end["engine"] <= end["replica"] + 1e-3 <= end["ingress"] + 2e-3 <= received + 3e-3
     chunks = events[:-1]
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == len(expected.token_ids)

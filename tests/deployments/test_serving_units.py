@@ -132,6 +132,16 @@ def test_chunk_interval_grows_with_open_streams(open_streams: int, min_interval_
     assert chunk_interval_s(open_streams, min_interval_s, 2000.0) == pytest.approx(expected)
 
 
+def test_end_timing_comment_round_trip():
+    from deployments.server_timing import format_end_timing, parse_end_timing
+
+    line = format_end_timing(RequestTiming(engine_finished_unix_s=10.25, replica_finished_unix_s=10.5), 11.0)
+    assert line == ": end-timing engine=10.250000 replica=10.500000 ingress=11.000000\n\n"
+    assert parse_end_timing(line.strip()) == {"engine": 10.25, "replica": 10.5, "ingress": 11.0}
+    assert format_end_timing(None, 11.0) == ": end-timing ingress=11.000000\n\n"  # no timing from the replica
+    assert parse_end_timing('data: {"id": 1}') == {} and parse_end_timing(": keep-alive") == {}
+
+
 def test_server_timing_header_round_trip():
     from deployments.server_timing import add_handler_time, format_server_timing, parse_server_timing
 
