@@ -253,8 +253,9 @@ def rotary_tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("preload_tile", [None, 256, 16])
+# preload_tile in fp16 only (the rounding that could differ; each interpreted case costs ~1 s of CI).
+@pytest.mark.parametrize("dtype,preload_tile", [(torch.float32, None), (torch.float16, None), (torch.float16, 16),
+                                                (torch.float16, 256)])
 def test_decode_with_rope_equals_rope_and_cache_then_decode(tp, num_heads, num_kv_heads, head_dim, block_size, num_splits,
                                                             dtype, preload_tile, monkeypatch):
     # The raw q, k, v as views of one qkv output; the new token of each sequence at position seq_len - 1.
