@@ -1,4 +1,4 @@
-# Sourced by the device scripts: $OUT made, the repo on PYTHONPATH, step(), with_ray() and w3_report().
+# Sourced by the device scripts: $OUT made, the repo on PYTHONPATH, step(), with_ray(), w3_report() and w2_report().
 # step NAME SECONDS COMMAND...: runs COMMAND bounded in time, its log in $OUT/NAME.log, then prints
 # its exit status and the log's last ${TAIL:-30} lines (Triton's warnings left out).
 OUT="${OUT:-/tmp/out}"
@@ -30,4 +30,13 @@ for k, v in d["speed"].items():
     print(k, round(v["tok_s"], 1), "step", round(v["profile"]["wall_ms_per_step"], 3), "graph",
           round(v["profile"]["graph_replay_ms_per_step"], 3), "first tokens", v["first_tokens"])
 PY
+}
+# w2_report SECONDS TAIL: the W2 report run (levels ${LEVELS:-16,64,256}, ${ROUNDS:-2} rounds, each
+# interleaved with the direct engine) into $OUT/w2.json and w2.log, then the last TAIL lines of its
+# report without Ray's log lines. Needs with_ray first.
+w2_report() {
+  timeout "$1" python bench/serve_throughput.py --concurrency "${LEVELS:-16,64,256}" --interleave --rounds "${ROUNDS:-2}" \
+    --serve-set ingress_direct_http.port=18000 --json "$OUT/w2.json" >"$OUT/w2.log" 2>&1
+  echo "=== w2: exit $?"
+  grep -v "INFO\|WARNING\|raylet\|nanobind\|leaked\|^\s*$" "$OUT/w2.log" | tail -n "$2"
 }

@@ -8,7 +8,4 @@ set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 with_ray || exit 1
-timeout 540 python bench/serve_throughput.py --concurrency "${LEVELS:-16,64,256}" --interleave --rounds "${ROUNDS:-2}" \
-  --serve-set ingress_direct_http.port=18000 --json "$OUT/w2.json" >"$OUT/w2.log" 2>&1
-echo "=== w2: exit $?"
-grep -v "INFO\|WARNING\|raylet\|nanobind\|leaked\|^\s*$" "$OUT/w2.log" | tail -n 48
+w2_report 540 48
