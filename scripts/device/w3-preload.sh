@@ -5,13 +5,13 @@
 # (attn-wide, attn-preload, attn-1x256 and mma-no-split, the int4 products without split-K, beside the
 # shipped graph), then W3's int4 run again under whichever of those four the A/B found fastest, if any
 # beat the shipped graph; then the engine's greedy tokens
-# against Hugging Face with the decode graphs. About 9 minutes.
+# against Hugging Face with the decode graphs. About 9 minutes; AB_ROUNDS=2 CHECK=0 for about 7.
 #   run: bash scripts/device/w3-preload.sh
 set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 w3_report 150 bf16,int4-triton-mma
-TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds 3 --json "$OUT/graph-ab.json"
+TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-3}" --json "$OUT/graph-ab.json"
 best=$(python - "$OUT/graph-ab.json" <<'PY'
 import json, sys
 ms = json.load(open(sys.argv[1]))["ms_per_replay"]
@@ -25,4 +25,4 @@ if [ -n "$best" ]; then
   TAIL=16 step w3-variant 110 python -m bench.with_variant "$best" bench.quant --modes int4-triton-mma \
     --async-scheduling on --ppl-modes none --repeats 2 --profile --skip-kernel-check --json "$OUT/w3-variant.json"
 fi
-TAIL=10 step engine-check 90 python bench/engine_check.py --cases graphs
+[ "${CHECK:-1}" = 0 ] || TAIL=10 step engine-check 90 python bench/engine_check.py --cases graphs
