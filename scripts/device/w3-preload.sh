@@ -11,7 +11,8 @@ set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 w3_report 150 bf16,int4-triton-mma
-TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-3}" --json "$OUT/graph-ab.json"
+TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-3}" \
+  --variants attn-preload,attn-1x256,attn-wide,mma-no-split --json "$OUT/graph-ab.json"
 best=$(python - "$OUT/graph-ab.json" <<'PY'
 import json, sys
 ms = json.load(open(sys.argv[1]))["ms_per_replay"]

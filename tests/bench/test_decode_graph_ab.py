@@ -36,3 +36,10 @@ def test_mma_no_split_tunes_only_configs_without_split_k():
     assert module is int4_mma and name == "_int4_mma_tuned"
     splits = {config.kwargs["SPLIT_K"] for config in tuned.configs}
     assert splits == {1} and len(tuned.configs) == sum(c[2] == 1 for c in int4_mma._MMA_CONFIGS)
+
+
+def test_chosen_variants_keep_the_table_order_and_always_the_shipped_graph():
+    assert ab.chosen_variants(None) == list(ab.VARIANTS)
+    assert ab.chosen_variants("attn-wide, attn-preload") == ["shipped", "attn-preload", "attn-wide"]
+    with pytest.raises(SystemExit, match="attn-nope"):
+        ab.chosen_variants("attn-nope")
