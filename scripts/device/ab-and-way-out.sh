@@ -7,7 +7,6 @@
 set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-2}" \
-  --variants attn-preload,attn-1x256,attn-wide,mma-no-split --json "$OUT/graph-ab.json"
+preload_ab 200
 with_ray || exit 1
 w2_report 330 48

@@ -1,4 +1,5 @@
-# Sourced by the device scripts: $OUT made, the repo on PYTHONPATH, step(), with_ray(), w3_report() and w2_report().
+# Sourced by the device scripts: $OUT made, the repo on PYTHONPATH, step(), with_ray(), w3_report(), w2_report(),
+# preload_ab() and ab_winner().
 # step NAME SECONDS COMMAND...: runs COMMAND bounded in time, its log in $OUT/NAME.log, then prints
 # its exit status and the log's last ${TAIL:-30} lines (Triton's warnings left out).
 OUT="${OUT:-/tmp/out}"
@@ -39,4 +40,20 @@ w2_report() {
     --serve-set ingress_direct_http.port=18000 --json "$OUT/w2.json" >"$OUT/w2.log" 2>&1
   echo "=== w2: exit $?"
   grep -v "INFO\|WARNING\|raylet\|nanobind\|leaked\|^\s*$" "$OUT/w2.log" | tail -n "$2"
+}
+# preload_ab SECONDS: the decode graph's same-process A/B (${AB_ROUNDS:-2} rounds) of decode attention's
+# preload variants and the int4 products without split-K, beside the shipped graph, into $OUT/graph-ab.json.
+preload_ab() {
+  TAIL=24 step graph-ab "$1" python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-2}" \
+    --variants attn-preload,attn-1x256,attn-wide,mma-no-split --json "$OUT/graph-ab.json"
+}
+# ab_winner: the variant of $OUT/graph-ab.json with the shortest graph if it beat the shipped one, else "shipped".
+ab_winner() {
+  python - "$OUT/graph-ab.json" <<'PY'
+import json, sys
+ms = json.load(open(sys.argv[1]))["ms_per_replay"]
+tried = {v: t for v, t in ms.items() if v != "shipped"}
+best = min(tried, key=tried.get) if tried else None
+print(best if best and tried[best] < ms["shipped"] else "shipped")
+PY
 }

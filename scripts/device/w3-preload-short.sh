@@ -6,16 +6,8 @@
 set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-TAIL=24 step graph-ab 130 python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-2}" \
-  --variants attn-preload,attn-1x256,attn-wide,mma-no-split --json "$OUT/graph-ab.json"
-best=$(python - "$OUT/graph-ab.json" <<'PY'
-import json, sys
-ms = json.load(open(sys.argv[1]))["ms_per_replay"]
-tried = {v: t for v, t in ms.items() if v != "shipped"}
-best = min(tried, key=tried.get) if tried else None
-print(best if best and tried[best] < ms["shipped"] else "shipped")
-PY
-)
+preload_ab 130
+best=$(ab_winner)
 echo "=== W3 under: $best"
 run=(python -m bench.with_variant "$best" bench.quant)
 [ "$best" = shipped ] && run=(python -m bench.quant)

@@ -11,18 +11,10 @@ set -uo pipefail
 source scripts/device/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 w3_report 150 bf16,int4-triton-mma
-TAIL=24 step graph-ab 200 python -m bench.decode_graph_ab --rounds "${AB_ROUNDS:-3}" \
-  --variants attn-preload,attn-1x256,attn-wide,mma-no-split --json "$OUT/graph-ab.json"
-best=$(python - "$OUT/graph-ab.json" <<'PY'
-import json, sys
-ms = json.load(open(sys.argv[1]))["ms_per_replay"]
-tried = {v: ms[v] for v in ("attn-wide", "attn-preload", "attn-1x256", "mma-no-split") if v in ms}
-best = min(tried, key=tried.get) if tried else None
-print(best if best and tried[best] < ms["shipped"] else "")
-PY
-)
-echo "=== fastest variant ahead of shipped: ${best:-none}"
-if [ -n "$best" ]; then
+AB_ROUNDS="${AB_ROUNDS:-3}" preload_ab 200
+best=$(ab_winner)
+echo "=== fastest variant ahead of shipped: $best"
+if [ "$best" != shipped ]; then
   TAIL=16 step w3-variant 110 python -m bench.with_variant "$best" bench.quant --modes int4-triton-mma \
     --async-scheduling on --ppl-modes none --repeats 2 --profile --skip-kernel-check --json "$OUT/w3-variant.json"
 fi
