@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true",
         help="each variant: where one batch-1 step's time goes (GPU time per kernel, host functions by cProfile)",
     )
+    p.add_argument("--profile-steps", type=int, default=24, help="with --profile: decode steps in each measured run")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.interleave and args.remote:
@@ -212,7 +213,7 @@ def run_variant(args, variant: str, workloads: dict, temps: list[float], propose
             runs = [timed_run(engine, groups, params) for _ in range(args.runs)]
             results[f"b{batch}_t{temp:g}"] = median_run(variant, batch, temp, runs)
     if args.profile and 1 in workloads:
-        results["profile_b1"] = profile_b1(variant, engine, workloads)
+        results["profile_b1"] = profile_b1(variant, engine, workloads, args.profile_steps)
     del engine
     free_memory()
     return results
@@ -239,7 +240,7 @@ def run_interleaved(args, variants: list[str], workloads: dict, temps: list[floa
                 results[variant][f"b{batch}_t{temp:g}"] = median_run(variant, batch, temp, runs[variant])
     if args.profile and 1 in workloads:
         for variant, engine in engines.items():
-            results[variant]["profile_b1"] = profile_b1(variant, engine, workloads)
+            results[variant]["profile_b1"] = profile_b1(variant, engine, workloads, args.profile_steps)
     engines.clear()
     free_memory()
     return results
@@ -262,9 +263,9 @@ def median_run(variant: str, batch: int, temp: float, runs: list[dict]) -> dict:
     return best
 
 
-def profile_b1(variant: str, engine: LLMEngine, workloads: dict) -> dict:
+def profile_b1(variant: str, engine: LLMEngine, workloads: dict, steps: int) -> dict:
     k = int(split_fusion(variant)[0].partition(":")[2] or 0)
-    profile = profile_decode(engine, workloads[1][0], steps=24, top=16, tokens_per_step=k + 1, host_top=24)
+    profile = profile_decode(engine, workloads[1][0], steps=steps, top=16, tokens_per_step=k + 1, host_top=24)
     print(f"  {variant}: one batch-1 step, temperature 0")
     print_profile(profile)
     return profile

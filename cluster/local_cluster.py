@@ -204,7 +204,7 @@ class LocalCluster:
             if node.proc.poll() is not None:
                 raise RehearsalError(f"`ray start` of {node.spec.name} exited ({node.proc.returncode}):\n{tail(node.log)}")
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 4.0) -> None:
         """SIGTERM to each `ray start --block` (it stops its node), then SIGKILL to what is left of their sessions."""
         sessions = [n.proc.pid for n in self._nodes]
         for node in reversed(self._nodes):

@@ -26,6 +26,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _ctrl_c_stops_it() -> None:
+    """In the child: SIGINT back to Python's default. A pytest started in the background by a
+    non-interactive shell (CI's, for one) ignores SIGINT, and its children inherit that: `serve run`
+    then never saw the Ctrl-C and was killed after the full grace time."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
@@ -42,7 +49,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = (folder / "serve_run.log").open("w")
     serve = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen(
-        [str(serve), "run", str(path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [str(serve), "run", str(path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_ctrl_c_stops_it,
     )
     url = f"http://127.0.0.1:{port}"
     try:

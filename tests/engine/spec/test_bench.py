@@ -37,7 +37,7 @@ def test_speculative_bench_profiles_one_batch_1_step_per_variant(tmp_path):
         [
             "--device", "cpu", "--dtype", "float32", "--output-len", "4", "--prompt-tokens", "16",
             "--batch-sizes", "1", "--batch1-prompts", "1", "--temperatures", "0", "--runs", "1",
-            "--variants", "draft:2", "--profile",
+            "--variants", "draft:2", "--profile", "--profile-steps", "3",
         ]
     )
     profile = results["variants"]["draft:2"]["profile_b1"]
