@@ -168,32 +168,24 @@ def test_duplicate_request_id_while_streaming_is_refused(shared, run):
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
 
 
-def test_cached_block_hashes_come_from_the_core(client, llama_ckpt, make_engine):
+def test_cached_block_hashes_and_their_changes_come_from_the_core(client, llama_ckpt, make_engine):
+    """The whole list, then the changes as diffs (one core of its own: both need an empty cache first)."""
     engine = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS)
     engine.generate([PROMPTS[3]], GREEDY)
-
-    async def main():
-        await collect(client, PROMPTS[3], GREEDY, "cache-me")
-        return await client.cached_block_hashes()
-
-    hashes = asyncio.run(main())
-    assert len(hashes) >= len(PROMPTS[3]) // 4
-    assert sorted(hashes) == sorted(engine.cached_block_hashes())
-
-
-def test_cached_block_changes_come_from_the_core_as_diffs(client, llama_ckpt, make_engine):
-    engine = make_engine(llama_ckpt, block_size=4, num_blocks=NUM_BLOCKS)
-    engine.generate([PROMPTS[3]], GREEDY)
+    first = engine.cached_block_hashes()
     engine.generate([PROMPTS[0]], GREEDY)
 
     async def main():
         await collect(client, PROMPTS[3], GREEDY, "cache-me")
+        hashes = await client.cached_block_hashes()
         whole = await client.cached_block_changes(True)
         await collect(client, PROMPTS[0], GREEDY, "cache-me-too")
-        return whole, await client.cached_block_changes(), await client.cached_block_changes()
+        return hashes, whole, await client.cached_block_changes(), await client.cached_block_changes()
 
-    whole, diff, none = asyncio.run(main())
-    assert whole.full and len(whole.added) >= len(PROMPTS[3]) // 4
+    hashes, whole, diff, none = asyncio.run(main())
+    assert len(hashes) >= len(PROMPTS[3]) // 4
+    assert sorted(hashes) == sorted(first)
+    assert whole.full and sorted(whole.added) == sorted(first)
     assert not diff.full and diff.added and not set(diff.added) & set(whole.added)
     assert sorted(set(whole.added) - set(diff.removed) | set(diff.added)) == sorted(engine.cached_block_hashes())
     assert none.added == [] and none.removed == [] and not none.full
