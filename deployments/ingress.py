@@ -118,7 +118,11 @@ def _sse(body: dict[str, Any] | str) -> str:
 class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, config: AppConfig) -> None:
         # gRPC passes each request and chunk by value: no object-store round trip per message.
-        self._llm = llm.options(_by_reference=config.handle_transport == "ray")
+        # Plain pickle for them (our messages are module-level dataclasses): Serve's default,
+        # cloudpickle, took 3.4x as long per chunk, on the LLM replica's loop (BENCHMARKS.md, W2).
+        self._llm = llm.options(
+            _by_reference=config.handle_transport == "ray", request_serialization="pickle", response_serialization="pickle"
+        )
         self._llm_stream = self._llm.options(stream=True)
         self._config = config
         set_switch_interval(config.gil_switch_interval_s)
