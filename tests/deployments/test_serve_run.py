@@ -7,6 +7,7 @@ shows overload answered by quick 503s rather than a growing queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,11 +27,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _ctrl_c_stops_it() -> None:
-    """In the child: SIGINT back to Python's default. A pytest started in the background by a
-    non-interactive shell (CI's, for one) ignores SIGINT, and its children inherit that: `serve run`
-    then never saw the Ctrl-C and was killed after the full grace time."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def _children_hear_ctrl_c() -> Iterator[None]:
+    """A pytest started in the background by a non-interactive shell (CI's, for one) ignores SIGINT,
+    and a child inherits an ignored signal: `serve run` then never saw the Ctrl-C and was killed after
+    the full grace time. A handler of ours is reset to the default in a child at exec: set one while
+    the child starts (no preexec_fn: this process runs Ray's threads)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +55,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster
     log = (folder / "serve_run.log").open("w")
     serve = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen(
-        [str(serve), "run", str(path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=_ctrl_c_stops_it,
-    )
+    with _children_hear_ctrl_c():
+        proc = subprocess.Popen(
+            [str(serve), "run", str(path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 150
